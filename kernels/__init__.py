@@ -1,0 +1,1 @@
+"""Pallas SSD kernels (installed as ssm_jax.kernels)."""

@@ -1,0 +1,490 @@
+"""Mamba-2 in Flax NNX, numerically matching the public state-spaces / Hugging Face checkpoints.
+
+Layer (PAPER.md section 1): ``in_proj -> [z, xBC, dt]``; ``xBC = silu(causal depthwise conv(xBC))``
+split into ``x, B, C``; ``dt = softplus(dt + dt_bias)``; SSD scan with ``A = -exp(A_log)`` and skip
+``D``; gated grouped RMSNorm ``norm(y * silu(z))``; ``out_proj``. Blocks are pre-norm with the
+residual stream kept in float32; the LM head is tied to the embedding unless configured otherwise.
+
+Every call can carry a cache (streaming / generation), ``segment_ids`` (packed documents: the
+conv and the SSM state restart where the id changes) and a ``mitigation`` (applied to every layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ssm_jax import mitigations as mitigations_lib
+from ssm_jax.ssd import IMPLS, document_ids, ssd
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config:
+    """Sizes and options of a Mamba-2 language model (defaults: the public 130m checkpoint)."""
+
+    d_model: int = 768
+    n_layer: int = 24
+    vocab_size: int = 50277
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    dt_limit: Tuple[float, float] = (0.0, float("inf"))
+    A_init_range: Tuple[float, float] = (1.0, 16.0)
+    pad_vocab_size_multiple: int = 16
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    residual_in_fp32: bool = True
+    conv_bias: bool = True
+    proj_bias: bool = False
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    ssd_impl: str = "auto"
+    remat: bool = False
+
+    def __post_init__(self):
+        positive = ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups",
+                    "chunk_size", "pad_vocab_size_multiple")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Mamba2Config.{name} must be a positive int, got {value!r}")
+        if self.d_inner % self.headdim:
+            raise ValueError(
+                f"Mamba2Config: expand * d_model = {self.d_inner} must be a multiple of headdim = {self.headdim}"
+            )
+        if self.nheads % self.ngroups:
+            raise ValueError(f"Mamba2Config: heads ({self.nheads}) must be a multiple of ngroups ({self.ngroups})")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"Mamba2Config.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+        if self.ssd_impl not in IMPLS:
+            raise ValueError(f"Mamba2Config.ssd_impl must be one of {IMPLS}, got {self.ssd_impl!r}")
+        if not (0 < self.dt_min <= self.dt_max):
+            raise ValueError(f"Mamba2Config: need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.ngroups * self.d_state
+
+    @property
+    def d_in_proj(self) -> int:
+        return 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def state_size(self) -> int:
+        """Elements of the SSM state of the whole model, ``layers * heads * headdim * d_state``."""
+        return self.n_layer * self.nheads * self.headdim * self.d_state
+
+    @property
+    def jnp_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def jnp_param_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    def replace(self, **changes) -> "Mamba2Config":
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Caches
+# --------------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MixerCache:
+    """Per-layer inference state.
+
+    Attributes:
+      conv_state: ``(batch, conv_dim, d_conv)`` the last ``d_conv`` raw (pre-conv) xBC columns.
+      ssm_state: ``(batch, heads, headdim, d_state)`` float32 SSM state.
+      window: for the sliding-window mitigation only, the last ``window - 1`` SSD inputs
+        (``x (b, w, h, p)``, ``dt (b, w, h)``, ``B (b, w, g, n)``): the windowed output needs them, and
+        memory stays O(window) however long the stream.
+    """
+
+    conv_state: Array
+    ssm_state: Array
+    window: Optional[Tuple[Array, Array, Array]] = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Small functional pieces (shared with inference, diagnostics and sequence parallelism)
+# --------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Array, weight: Array, eps: float, out_dtype) -> Array:
+    """RMSNorm over the last axis computed in float32."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    return (xf * weight.astype(jnp.float32)).astype(out_dtype)
+
+
+def gated_rms_norm(y: Array, z: Array, weight: Array, group_size: int, eps: float, out_dtype) -> Array:
+    """``RMSNorm_grouped(y * silu(z)) * weight`` in float32 (norm after gating, one norm per group)."""
+    yf = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+    grouped = yf.reshape(yf.shape[:-1] + (yf.shape[-1] // group_size, group_size))
+    grouped = grouped * jax.lax.rsqrt(jnp.mean(jnp.square(grouped), axis=-1, keepdims=True) + eps)
+    return (grouped.reshape(yf.shape) * weight.astype(jnp.float32)).astype(out_dtype)
+
+
+def causal_conv1d(
+    xBC: Array, weight: Array, bias: Optional[Array], prefix: Optional[Array] = None, doc: Optional[Array] = None
+) -> Array:
+    """Depthwise causal convolution.
+
+    Args:
+      xBC: ``(batch, seqlen, channels)`` raw columns.
+      weight: ``(width, channels)``; ``out[t] = sum_k weight[k] * xBC[t - (width - 1) + k]``.
+      bias: ``(channels,)`` or None.
+      prefix: ``(batch, width - 1, channels)`` raw columns before position 0 (a cache or the previous
+        sequence shard), or None for zeros.
+      doc: ``(batch, seqlen)`` document ids (see :func:`ssm_jax.ssd.document_ids`); taps that reach into
+        another document read zero. The prefix belongs to document 0.
+    """
+    width = weight.shape[0]
+    b, l, ch = xBC.shape
+    if prefix is None:
+        prefix = jnp.zeros((b, width - 1, ch), xBC.dtype)
+    padded = jnp.concatenate([prefix.astype(xBC.dtype), xBC], axis=1)  # (b, width - 1 + l, ch)
+    padded_doc = None
+    if doc is not None:
+        padded_doc = jnp.concatenate([jnp.zeros((b, width - 1), doc.dtype), doc], axis=1)
+    out = jnp.zeros((b, l, ch), jnp.float32)
+    for k in range(width):
+        tap = padded[:, k : k + l].astype(jnp.float32)
+        if padded_doc is not None and k < width - 1:
+            tap = jnp.where((padded_doc[:, k : k + l] == doc)[..., None], tap, 0.0)
+        out = out + tap * weight[k].astype(jnp.float32)
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return out.astype(xBC.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class SSMInputs:
+    """What one mixer feeds its SSD scan (and what diagnostics read)."""
+
+    x: Array  # (batch, seqlen, heads, headdim)
+    dt: Array  # (batch, seqlen, heads) float32, after softplus and clamping
+    A: Array  # (heads,) float32, negative
+    B: Array  # (batch, seqlen, groups, d_state)
+    C: Array  # (batch, seqlen, groups, d_state)
+    z: Array  # (batch, seqlen, d_inner) gate
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------
+
+
+def _uniform_fan_in(fan_in: int):
+    """PyTorch's default Linear / Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Mamba2Mixer(nnx.Module):
+    """The Mamba-2 mixer (SSD layer) with the official initialisation."""
+
+    def __init__(self, config: Mamba2Config, *, layer_idx: int = 0, rngs: nnx.Rngs):
+        self.config = config
+        self.layer_idx = layer_idx
+        cfg = config
+        pdt = cfg.jnp_param_dtype
+        self.in_proj = nnx.Linear(
+            cfg.d_model, cfg.d_in_proj, use_bias=cfg.proj_bias, kernel_init=_uniform_fan_in(cfg.d_model),
+            bias_init=nnx.initializers.zeros, param_dtype=pdt, dtype=cfg.jnp_dtype, rngs=rngs,
+        )
+        conv_init = _uniform_fan_in(cfg.d_conv)
+        self.conv_weight = nnx.Param(conv_init(rngs.params(), (cfg.d_conv, cfg.conv_dim), jnp.float32).astype(pdt))
+        self.conv_bias = (
+            nnx.Param(conv_init(rngs.params(), (cfg.conv_dim,), jnp.float32).astype(pdt)) if cfg.conv_bias else None
+        )
+        # dt ~ log-uniform in [dt_min, dt_max] (floored); dt_bias = softplus^{-1}(dt).
+        u = jax.random.uniform(rngs.params(), (cfg.nheads,), jnp.float32)
+        dt = jnp.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = jnp.maximum(dt, cfg.dt_init_floor)
+        self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(pdt))
+        A = jax.random.uniform(rngs.params(), (cfg.nheads,), jnp.float32, *cfg.A_init_range)
+        self.A_log = nnx.Param(jnp.log(A).astype(pdt))
+        self.D = nnx.Param(jnp.ones((cfg.nheads,), pdt))
+        self.norm_weight = nnx.Param(jnp.ones((cfg.d_inner,), pdt))
+        self.out_proj = nnx.Linear(
+            cfg.d_inner, cfg.d_model, use_bias=cfg.proj_bias, bias_init=nnx.initializers.zeros,
+            kernel_init=_scaled(_uniform_fan_in(cfg.d_inner), 1.0 / math.sqrt(cfg.n_layer)),
+            param_dtype=pdt, dtype=cfg.jnp_dtype, rngs=rngs,
+        )
+
+    def init_cache(self, batch_size: int) -> MixerCache:
+        cfg = self.config
+        return MixerCache(
+            conv_state=jnp.zeros((batch_size, cfg.conv_dim, cfg.d_conv), cfg.jnp_dtype),
+            ssm_state=jnp.zeros((batch_size, cfg.nheads, cfg.headdim, cfg.d_state), jnp.float32),
+        )
+
+    def ssm_inputs(
+        self, u: Array, *, conv_prefix: Optional[Array] = None, doc: Optional[Array] = None
+    ) -> Tuple[SSMInputs, Array]:
+        """Projects ``u (batch, seqlen, d_model)`` to the SSD inputs; also returns the raw xBC columns."""
+        cfg = self.config
+        zxbcdt = self.in_proj(u.astype(cfg.jnp_dtype))  # (b, l, d_in_proj)
+        z, xBC_raw, dt = jnp.split(zxbcdt, [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
+        bias = None if self.conv_bias is None else self.conv_bias[...]
+        xBC = jax.nn.silu(causal_conv1d(xBC_raw, self.conv_weight[...], bias, conv_prefix, doc).astype(jnp.float32))
+        xBC = xBC.astype(cfg.jnp_dtype)
+        x, B, C = jnp.split(xBC, [cfg.d_inner, cfg.d_inner + cfg.ngroups * cfg.d_state], axis=-1)
+        b, l = u.shape[:2]
+        dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+        lo, hi = cfg.dt_limit
+        if lo > 0.0 or hi < float("inf"):
+            dt = jnp.clip(dt, lo, hi)
+        inputs = SSMInputs(
+            x=x.reshape(b, l, cfg.nheads, cfg.headdim),
+            dt=dt,
+            A=-jnp.exp(self.A_log[...].astype(jnp.float32)),
+            B=B.reshape(b, l, cfg.ngroups, cfg.d_state),
+            C=C.reshape(b, l, cfg.ngroups, cfg.d_state),
+            z=z,
+        )
+        return inputs, xBC_raw
+
+    def __call__(
+        self,
+        u: Array,
+        *,
+        cache: Optional[MixerCache] = None,
+        segment_ids: Optional[Array] = None,
+        mitigation: Optional[mitigations_lib.Mitigation] = None,
+        impl: Optional[str] = None,
+    ) -> Tuple[Array, Optional[MixerCache]]:
+        """``u (batch, seqlen, d_model) -> (out (batch, seqlen, d_model), new cache or None)``."""
+        cfg = self.config
+        impl = impl or cfg.ssd_impl
+        doc = document_ids(segment_ids, u.shape[:2])
+        conv_prefix = None if cache is None else jnp.swapaxes(cache.conv_state[:, :, 1:], 1, 2)
+        inputs, xBC_raw = self.ssm_inputs(u, conv_prefix=conv_prefix, doc=doc)
+        window = None if mitigation is None else mitigation.window
+
+        if cache is not None and window is not None:
+            y, new_window = _windowed_stream_ssd(inputs, self.D[...], cache, mitigation, segment_ids, cfg, impl)
+            ssm_state = cache.ssm_state
+        else:
+            y, ssm_state = ssd(
+                inputs.x, inputs.dt, inputs.A, inputs.B, inputs.C,
+                D=self.D[...].astype(jnp.float32),
+                chunk_size=cfg.chunk_size,
+                initial_state=None if cache is None else cache.ssm_state,
+                segment_ids=segment_ids,
+                mitigation=mitigation,
+                impl=_streaming_impl(impl, mitigation, cache),
+            )
+            new_window = None
+        b, l = u.shape[:2]
+        y = gated_rms_norm(
+            y.reshape(b, l, cfg.d_inner), inputs.z, self.norm_weight[...], cfg.d_inner // cfg.ngroups, cfg.norm_eps,
+            cfg.jnp_dtype,
+        )
+        out = self.out_proj(y)
+        if cache is None:
+            return out, None
+        all_raw = jnp.concatenate([jnp.swapaxes(cache.conv_state, 1, 2), xBC_raw.astype(cache.conv_state.dtype)], axis=1)
+        conv_state = jnp.swapaxes(all_raw[:, -cfg.d_conv :], 1, 2)
+        return out, MixerCache(conv_state=conv_state, ssm_state=ssm_state.astype(jnp.float32), window=new_window)
+
+
+def _streaming_impl(impl: str, mitigation: Optional[mitigations_lib.Mitigation], cache) -> str:
+    """State normalisation is per step in streaming (exact), so cached calls with it run the recurrence."""
+    if cache is not None and mitigation is not None and mitigation.max_norm is not None:
+        return "recurrent"
+    return impl
+
+
+def _windowed_stream_ssd(
+    inputs: SSMInputs, D: Array, cache: MixerCache, mitigation, segment_ids, cfg: Mamba2Config, impl: str
+):
+    """Sliding-window SSD over ``[last window-1 inputs ; this chunk]``: exact and O(window) memory."""
+    window = mitigation.window
+    b, l = inputs.x.shape[:2]
+    keep = window - 1
+    if cache.window is None:
+        prev_x = jnp.zeros((b, keep) + inputs.x.shape[2:], inputs.x.dtype)
+        prev_dt = jnp.zeros((b, keep, cfg.nheads), jnp.float32)
+        prev_B = jnp.zeros((b, keep) + inputs.B.shape[2:], inputs.B.dtype)
+    else:
+        prev_x, prev_dt, prev_B = cache.window
+        if prev_x.shape[1] != keep:
+            raise ValueError(
+                f"the cache holds a window of {prev_x.shape[1] + 1} tokens but mitigation.window = {window}; "
+                "start a new cache when changing the window"
+            )
+    x = jnp.concatenate([prev_x.astype(inputs.x.dtype), inputs.x], axis=1)
+    dt = jnp.concatenate([prev_dt, inputs.dt], axis=1)
+    B = jnp.concatenate([prev_B.astype(inputs.B.dtype), inputs.B], axis=1)
+    C = jnp.concatenate([jnp.zeros_like(prev_B, dtype=inputs.C.dtype), inputs.C], axis=1)
+    seg = None
+    if segment_ids is not None:
+        seg = jnp.concatenate([jnp.broadcast_to(segment_ids[:, :1], (b, keep)), segment_ids], axis=1)
+    y, _ = ssd(x, dt, inputs.A, B, C, D=D.astype(jnp.float32), chunk_size=cfg.chunk_size, segment_ids=seg,
+               mitigation=mitigation, impl=impl)
+    if seg is not None:
+        # Inputs of earlier documents must not be read again once a reset passed: zero their weight.
+        last_doc = document_ids(seg, seg.shape)[:, -keep:] if keep else None
+        if keep:
+            dt = dt.at[:, -keep:].set(jnp.where((last_doc == last_doc[:, -1:])[..., None], dt[:, -keep:], 0.0))
+    new_window = (x[:, -keep:], dt[:, -keep:], B[:, -keep:]) if keep else (x[:, :0], dt[:, :0], B[:, :0])
+    return y[:, keep:], new_window
+
+
+def _scaled(init, factor: float):
+    def scaled(key, shape, dtype=jnp.float32):
+        return init(key, shape, dtype) * factor
+
+    return scaled
+
+
+class Mamba2Block(nnx.Module):
+    """Pre-norm residual block: ``residual += mixer(rms_norm(residual))`` with a float32 residual."""
+
+    def __init__(self, config: Mamba2Config, *, layer_idx: int = 0, rngs: nnx.Rngs):
+        self.config = config
+        self.norm_weight = nnx.Param(jnp.ones((config.d_model,), config.jnp_param_dtype))
+        self.mixer = Mamba2Mixer(config, layer_idx=layer_idx, rngs=rngs)
+
+    def __call__(self, residual: Array, *, cache=None, segment_ids=None, mitigation=None, impl=None):
+        cfg = self.config
+        hidden = rms_norm(residual, self.norm_weight[...], cfg.norm_eps, cfg.jnp_dtype)
+        out, cache = self.mixer(hidden, cache=cache, segment_ids=segment_ids, mitigation=mitigation, impl=impl)
+        residual_dtype = jnp.float32 if cfg.residual_in_fp32 else cfg.jnp_dtype
+        return residual.astype(residual_dtype) + out.astype(residual_dtype), cache
+
+
+class Mamba2LM(nnx.Module):
+    """Mamba-2 language model: embedding, ``n_layer`` blocks, final RMSNorm, (tied) LM head.
+
+    ``model(input_ids) -> logits (batch, seqlen, padded_vocab_size)`` (the vocabulary is padded to a
+    multiple of ``pad_vocab_size_multiple``, as in the public checkpoints).
+    """
+
+    def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs):
+        self.config = config
+        pdt = config.jnp_param_dtype
+        self.embedding = nnx.Param(
+            (0.02 * jax.random.normal(rngs.params(), (config.padded_vocab_size, config.d_model), jnp.float32)).astype(pdt)
+        )
+        self.layers = nnx.List([Mamba2Block(config, layer_idx=i, rngs=rngs) for i in range(config.n_layer)])
+        self.norm_f_weight = nnx.Param(jnp.ones((config.d_model,), pdt))
+        if not config.tie_embeddings:
+            self.lm_head = nnx.Param(
+                (0.02 * jax.random.normal(rngs.params(), (config.padded_vocab_size, config.d_model))).astype(pdt)
+            )
+
+    def init_cache(self, batch_size: int) -> List[MixerCache]:
+        return [block.mixer.init_cache(batch_size) for block in self.layers]
+
+    def hidden_states(
+        self,
+        input_ids: Array,
+        *,
+        cache: Optional[Sequence[MixerCache]] = None,
+        segment_ids: Optional[Array] = None,
+        mitigation: Optional[mitigations_lib.Mitigation] = None,
+        impl: Optional[str] = None,
+    ) -> Tuple[Array, Optional[List[MixerCache]]]:
+        """Final-normed hidden states ``(batch, seqlen, d_model)`` and the new cache (when one is given)."""
+        cfg = self.config
+        _check_input_ids(input_ids, cfg)
+        mitigation = mitigations_lib.resolve(mitigation)
+        if cache is not None and len(cache) != cfg.n_layer:
+            raise ValueError(f"`cache` has {len(cache)} layers, the model has {cfg.n_layer}")
+        residual = jnp.take(self.embedding[...], input_ids, axis=0).astype(cfg.jnp_dtype)
+        new_cache = []
+        for i, block in enumerate(self.layers):
+            layer_mitigation = None if mitigation is None else mitigation.for_layer(i)
+            layer_cache = None if cache is None else cache[i]
+            call = _remat_block if cfg.remat and cache is None else _call_block
+            residual, layer_cache = call(block, residual, layer_cache, segment_ids, layer_mitigation, impl)
+            new_cache.append(layer_cache)
+        hidden = rms_norm(residual, self.norm_f_weight[...], cfg.norm_eps, cfg.jnp_dtype)
+        return hidden, (new_cache if cache is not None else None)
+
+    def logits_from_hidden(self, hidden: Array) -> Array:
+        head = self.embedding[...] if self.config.tie_embeddings else self.lm_head[...]
+        return jnp.einsum("bld,vd->blv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: Array,
+        *,
+        segment_ids: Optional[Array] = None,
+        mitigation: Optional[mitigations_lib.Mitigation] = None,
+        impl: Optional[str] = None,
+    ) -> Array:
+        """``input_ids (batch, seqlen) -> logits (batch, seqlen, padded_vocab_size)`` in float32."""
+        hidden, _ = self.hidden_states(input_ids, segment_ids=segment_ids, mitigation=mitigation, impl=impl)
+        return self.logits_from_hidden(hidden)
+
+    def forward_with_cache(
+        self,
+        input_ids: Array,
+        cache: Sequence[MixerCache],
+        *,
+        segment_ids: Optional[Array] = None,
+        mitigation: Optional[mitigations_lib.Mitigation] = None,
+        impl: Optional[str] = None,
+    ) -> Tuple[Array, List[MixerCache]]:
+        """Continues from ``cache``: returns the logits of ``input_ids`` and the cache after them."""
+        hidden, new_cache = self.hidden_states(
+            input_ids, cache=cache, segment_ids=segment_ids, mitigation=mitigation, impl=impl
+        )
+        return self.logits_from_hidden(hidden), new_cache
+
+
+def _call_block(block, residual, cache, segment_ids, mitigation, impl):
+    return block(residual, cache=cache, segment_ids=segment_ids, mitigation=mitigation, impl=impl)
+
+
+@nnx.remat(static_argnums=(5,))
+def _remat_block(block, residual, cache, segment_ids, mitigation, impl):
+    return block(residual, cache=cache, segment_ids=segment_ids, mitigation=mitigation, impl=impl)
+
+
+def _check_input_ids(input_ids: Any, cfg: Mamba2Config) -> None:
+    if getattr(input_ids, "ndim", None) != 2:
+        raise ValueError(f"`input_ids` must be (batch, seqlen), got shape {getattr(input_ids, 'shape', None)}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"`input_ids` must be integers, got dtype {input_ids.dtype}")
