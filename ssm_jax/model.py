@@ -301,8 +301,9 @@ class Mamba2Mixer(nnx.Module):
         window = None if mitigation is None else mitigation.window
 
         if cache is not None and window is not None:
-            y, new_window = _windowed_stream_ssd(inputs, self.D[...], cache, mitigation, segment_ids, cfg, impl)
-            ssm_state = cache.ssm_state
+            y, ssm_state, new_window = _windowed_stream_ssd(
+                inputs, self.D[...], cache, mitigation, segment_ids, cfg, impl
+            )
         else:
             y, ssm_state = ssd(
                 inputs.x, inputs.dt, inputs.A, inputs.B, inputs.C,
@@ -337,7 +338,11 @@ def _streaming_impl(impl: str, mitigation: Optional[mitigations_lib.Mitigation],
 def _windowed_stream_ssd(
     inputs: SSMInputs, D: Array, cache: MixerCache, mitigation, segment_ids, cfg: Mamba2Config, impl: str
 ):
-    """Sliding-window SSD over ``[last window-1 inputs ; this chunk]``: exact and O(window) memory."""
+    """Sliding-window SSD over ``[last window-1 inputs ; this chunk]``: exact and O(window) memory.
+
+    Returns the chunk's output, the windowed state after it (what diagnostics see as the SSM state) and
+    the new input window.
+    """
     window = mitigation.window
     b, l = inputs.x.shape[:2]
     keep = window - 1
@@ -359,15 +364,15 @@ def _windowed_stream_ssd(
     seg = None
     if segment_ids is not None:
         seg = jnp.concatenate([jnp.broadcast_to(segment_ids[:, :1], (b, keep)), segment_ids], axis=1)
-    y, _ = ssd(x, dt, inputs.A, B, C, D=D.astype(jnp.float32), chunk_size=cfg.chunk_size, segment_ids=seg,
-               mitigation=mitigation, impl=impl)
+    y, windowed_state = ssd(x, dt, inputs.A, B, C, D=D.astype(jnp.float32), chunk_size=cfg.chunk_size,
+                            segment_ids=seg, mitigation=mitigation, impl=impl)
     if seg is not None:
         # Inputs of earlier documents must not be read again once a reset passed: zero their weight.
         last_doc = document_ids(seg, seg.shape)[:, -keep:] if keep else None
         if keep:
             dt = dt.at[:, -keep:].set(jnp.where((last_doc == last_doc[:, -1:])[..., None], dt[:, -keep:], 0.0))
     new_window = (x[:, -keep:], dt[:, -keep:], B[:, -keep:]) if keep else (x[:, :0], dt[:, :0], B[:, :0])
-    return y[:, keep:], new_window
+    return y[:, keep:], windowed_state, new_window
 
 
 def _scaled(init, factor: float):
