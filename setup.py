@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["ssm_jax", "ssm_jax.data", "ssm_jax.kernels"],
+    packages=["ssm_jax", "ssm_jax.data", "ssm_jax.parallel", "ssm_jax.kernels"],
     package_dir={"ssm_jax": "ssm_jax", "ssm_jax.kernels": "kernels"},
     package_data={"ssm_jax.data": ["*.json", "*.jsonl.gz", "*.txt"]},
     include_package_data=True,

@@ -159,7 +159,8 @@ def gated_rms_norm(y: Array, z: Array, weight: Array, group_size: int, eps: floa
 
 
 def causal_conv1d(
-    xBC: Array, weight: Array, bias: Optional[Array], prefix: Optional[Array] = None, doc: Optional[Array] = None
+    xBC: Array, weight: Array, bias: Optional[Array], prefix: Optional[Array] = None,
+    padded_doc: Optional[Array] = None,
 ) -> Array:
     """Depthwise causal convolution.
 
@@ -169,26 +170,31 @@ def causal_conv1d(
       bias: ``(channels,)`` or None.
       prefix: ``(batch, width - 1, channels)`` raw columns before position 0 (a cache or the previous
         sequence shard), or None for zeros.
-      doc: ``(batch, seqlen)`` document ids (see :func:`ssm_jax.ssd.document_ids`); taps that reach into
-        another document read zero. The prefix belongs to document 0.
+      padded_doc: ``(batch, width - 1 + seqlen)`` document ids of ``[prefix; xBC]``; taps that reach into
+        another document read zero (packed documents). None: one document.
     """
     width = weight.shape[0]
     b, l, ch = xBC.shape
     if prefix is None:
         prefix = jnp.zeros((b, width - 1, ch), xBC.dtype)
     padded = jnp.concatenate([prefix.astype(xBC.dtype), xBC], axis=1)  # (b, width - 1 + l, ch)
-    padded_doc = None
-    if doc is not None:
-        padded_doc = jnp.concatenate([jnp.zeros((b, width - 1), doc.dtype), doc], axis=1)
     out = jnp.zeros((b, l, ch), jnp.float32)
     for k in range(width):
         tap = padded[:, k : k + l].astype(jnp.float32)
         if padded_doc is not None and k < width - 1:
-            tap = jnp.where((padded_doc[:, k : k + l] == doc)[..., None], tap, 0.0)
+            same = padded_doc[:, k : k + l] == padded_doc[:, width - 1 :]
+            tap = jnp.where(same[..., None], tap, 0.0)
         out = out + tap * weight[k].astype(jnp.float32)
     if bias is not None:
         out = out + bias.astype(jnp.float32)
     return out.astype(xBC.dtype)
+
+
+def doc_with_prefix(doc: Optional[Array], width: int) -> Optional[Array]:
+    """Document ids of ``[prefix; sequence]`` when the prefix continues the sequence's first document."""
+    if doc is None:
+        return None
+    return jnp.concatenate([jnp.zeros((doc.shape[0], width - 1), doc.dtype), doc], axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,23 +263,29 @@ class Mamba2Mixer(nnx.Module):
             ssm_state=jnp.zeros((batch_size, cfg.nheads, cfg.headdim, cfg.d_state), jnp.float32),
         )
 
-    def ssm_inputs(
-        self, u: Array, *, conv_prefix: Optional[Array] = None, doc: Optional[Array] = None
-    ) -> Tuple[SSMInputs, Array]:
-        """Projects ``u (batch, seqlen, d_model)`` to the SSD inputs; also returns the raw xBC columns."""
+    def project(self, u: Array) -> Tuple[Array, Array, Array]:
+        """``u (batch, seqlen, d_model) -> z (b, l, d_inner), raw xBC (b, l, conv_dim), raw dt (b, l, heads)``."""
         cfg = self.config
         zxbcdt = self.in_proj(u.astype(cfg.jnp_dtype))  # (b, l, d_in_proj)
-        z, xBC_raw, dt = jnp.split(zxbcdt, [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
+        z, xBC_raw, dt_raw = jnp.split(zxbcdt, [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
+        return z, xBC_raw, dt_raw
+
+    def ssm_inputs_from_projection(
+        self, z: Array, xBC_raw: Array, dt_raw: Array, *, conv_prefix: Optional[Array] = None,
+        padded_doc: Optional[Array] = None,
+    ) -> SSMInputs:
+        """Causal conv + SiLU, the split into ``x, B, C``, and ``dt = softplus(dt + dt_bias)`` (clamped)."""
+        cfg = self.config
         bias = None if self.conv_bias is None else self.conv_bias[...]
-        xBC = jax.nn.silu(causal_conv1d(xBC_raw, self.conv_weight[...], bias, conv_prefix, doc).astype(jnp.float32))
-        xBC = xBC.astype(cfg.jnp_dtype)
+        xBC = causal_conv1d(xBC_raw, self.conv_weight[...], bias, conv_prefix, padded_doc)
+        xBC = jax.nn.silu(xBC.astype(jnp.float32)).astype(cfg.jnp_dtype)
         x, B, C = jnp.split(xBC, [cfg.d_inner, cfg.d_inner + cfg.ngroups * cfg.d_state], axis=-1)
-        b, l = u.shape[:2]
-        dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+        b, l = xBC_raw.shape[:2]
+        dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
         lo, hi = cfg.dt_limit
         if lo > 0.0 or hi < float("inf"):
             dt = jnp.clip(dt, lo, hi)
-        inputs = SSMInputs(
+        return SSMInputs(
             x=x.reshape(b, l, cfg.nheads, cfg.headdim),
             dt=dt,
             A=-jnp.exp(self.A_log[...].astype(jnp.float32)),
@@ -281,7 +293,24 @@ class Mamba2Mixer(nnx.Module):
             C=C.reshape(b, l, cfg.ngroups, cfg.d_state),
             z=z,
         )
-        return inputs, xBC_raw
+
+    def ssm_inputs(
+        self, u: Array, *, conv_prefix: Optional[Array] = None, segment_ids: Optional[Array] = None
+    ) -> SSMInputs:
+        """The SSD inputs of ``u (batch, seqlen, d_model)`` (what diagnostics read)."""
+        z, xBC_raw, dt_raw = self.project(u)
+        padded_doc = doc_with_prefix(document_ids(segment_ids, u.shape[:2]), self.config.d_conv)
+        return self.ssm_inputs_from_projection(z, xBC_raw, dt_raw, conv_prefix=conv_prefix, padded_doc=padded_doc)
+
+    def output(self, y: Array, z: Array) -> Array:
+        """Gated grouped RMSNorm and ``out_proj``: ``y (b, l, heads, headdim), z (b, l, d_inner) -> (b, l, d_model)``."""
+        cfg = self.config
+        b, l = y.shape[:2]
+        y = gated_rms_norm(
+            y.reshape(b, l, cfg.d_inner), z, self.norm_weight[...], cfg.d_inner // cfg.ngroups, cfg.norm_eps,
+            cfg.jnp_dtype,
+        )
+        return self.out_proj(y)
 
     def __call__(
         self,
@@ -291,13 +320,26 @@ class Mamba2Mixer(nnx.Module):
         segment_ids: Optional[Array] = None,
         mitigation: Optional[mitigations_lib.Mitigation] = None,
         impl: Optional[str] = None,
+        sequence_axis: Optional[str] = None,
     ) -> Tuple[Array, Optional[MixerCache]]:
-        """``u (batch, seqlen, d_model) -> (out (batch, seqlen, d_model), new cache or None)``."""
+        """``u (batch, seqlen, d_model) -> (out (batch, seqlen, d_model), new cache or None)``.
+
+        ``sequence_axis``: inside ``shard_map`` with the sequence split over that mesh axis, the conv reads
+        the previous shard's last columns and the SSD state passes between shards
+        (:mod:`ssm_jax.parallel.sequence`).
+        """
         cfg = self.config
         impl = impl or cfg.ssd_impl
-        doc = document_ids(segment_ids, u.shape[:2])
+        if sequence_axis is not None:
+            if cache is not None:
+                raise ValueError("`cache` (streaming) and `sequence_axis` (sequence sharding) cannot be combined")
+            from ssm_jax.parallel import sequence as sequence_parallel
+
+            return sequence_parallel.mixer_in_shard(self, u, segment_ids, mitigation, impl, sequence_axis), None
+        z, xBC_raw, dt_raw = self.project(u)
         conv_prefix = None if cache is None else jnp.swapaxes(cache.conv_state[:, :, 1:], 1, 2)
-        inputs, xBC_raw = self.ssm_inputs(u, conv_prefix=conv_prefix, doc=doc)
+        padded_doc = doc_with_prefix(document_ids(segment_ids, u.shape[:2]), cfg.d_conv)
+        inputs = self.ssm_inputs_from_projection(z, xBC_raw, dt_raw, conv_prefix=conv_prefix, padded_doc=padded_doc)
         window = None if mitigation is None else mitigation.window
 
         if cache is not None and window is not None:
@@ -315,12 +357,7 @@ class Mamba2Mixer(nnx.Module):
                 impl=_streaming_impl(impl, mitigation, cache),
             )
             new_window = None
-        b, l = u.shape[:2]
-        y = gated_rms_norm(
-            y.reshape(b, l, cfg.d_inner), inputs.z, self.norm_weight[...], cfg.d_inner // cfg.ngroups, cfg.norm_eps,
-            cfg.jnp_dtype,
-        )
-        out = self.out_proj(y)
+        out = self.output(y, inputs.z)
         if cache is None:
             return out, None
         all_raw = jnp.concatenate([jnp.swapaxes(cache.conv_state, 1, 2), xBC_raw.astype(cache.conv_state.dtype)], axis=1)
@@ -390,10 +427,11 @@ class Mamba2Block(nnx.Module):
         self.norm_weight = nnx.Param(jnp.ones((config.d_model,), config.jnp_param_dtype))
         self.mixer = Mamba2Mixer(config, layer_idx=layer_idx, rngs=rngs)
 
-    def __call__(self, residual: Array, *, cache=None, segment_ids=None, mitigation=None, impl=None):
+    def __call__(self, residual: Array, *, cache=None, segment_ids=None, mitigation=None, impl=None, sequence_axis=None):
         cfg = self.config
         hidden = rms_norm(residual, self.norm_weight[...], cfg.norm_eps, cfg.jnp_dtype)
-        out, cache = self.mixer(hidden, cache=cache, segment_ids=segment_ids, mitigation=mitigation, impl=impl)
+        out, cache = self.mixer(hidden, cache=cache, segment_ids=segment_ids, mitigation=mitigation, impl=impl,
+                                sequence_axis=sequence_axis)
         residual_dtype = jnp.float32 if cfg.residual_in_fp32 else cfg.jnp_dtype
         return residual.astype(residual_dtype) + out.astype(residual_dtype), cache
 
@@ -429,8 +467,12 @@ class Mamba2LM(nnx.Module):
         segment_ids: Optional[Array] = None,
         mitigation: Optional[mitigations_lib.Mitigation] = None,
         impl: Optional[str] = None,
+        sequence_axis: Optional[str] = None,
     ) -> Tuple[Array, Optional[List[MixerCache]]]:
-        """Final-normed hidden states ``(batch, seqlen, d_model)`` and the new cache (when one is given)."""
+        """Final-normed hidden states ``(batch, seqlen, d_model)`` and the new cache (when one is given).
+
+        ``sequence_axis`` names the mesh axis the sequence is split over when called inside ``shard_map``.
+        """
         cfg = self.config
         _check_input_ids(input_ids, cfg)
         mitigation = mitigations_lib.resolve(mitigation)
@@ -441,8 +483,8 @@ class Mamba2LM(nnx.Module):
         for i, block in enumerate(self.layers):
             layer_mitigation = None if mitigation is None else mitigation.for_layer(i)
             layer_cache = None if cache is None else cache[i]
-            call = _remat_block if cfg.remat and cache is None else _call_block
-            residual, layer_cache = call(block, residual, layer_cache, segment_ids, layer_mitigation, impl)
+            call = _remat_block if cfg.remat else _call_block
+            residual, layer_cache = call(block, residual, layer_cache, segment_ids, layer_mitigation, impl, sequence_axis)
             new_cache.append(layer_cache)
         hidden = rms_norm(residual, self.norm_f_weight[...], cfg.norm_eps, cfg.jnp_dtype)
         return hidden, (new_cache if cache is not None else None)
@@ -458,9 +500,12 @@ class Mamba2LM(nnx.Module):
         segment_ids: Optional[Array] = None,
         mitigation: Optional[mitigations_lib.Mitigation] = None,
         impl: Optional[str] = None,
+        sequence_axis: Optional[str] = None,
     ) -> Array:
         """``input_ids (batch, seqlen) -> logits (batch, seqlen, padded_vocab_size)`` in float32."""
-        hidden, _ = self.hidden_states(input_ids, segment_ids=segment_ids, mitigation=mitigation, impl=impl)
+        hidden, _ = self.hidden_states(
+            input_ids, segment_ids=segment_ids, mitigation=mitigation, impl=impl, sequence_axis=sequence_axis
+        )
         return self.logits_from_hidden(hidden)
 
     def forward_with_cache(
@@ -479,13 +524,14 @@ class Mamba2LM(nnx.Module):
         return self.logits_from_hidden(hidden), new_cache
 
 
-def _call_block(block, residual, cache, segment_ids, mitigation, impl):
-    return block(residual, cache=cache, segment_ids=segment_ids, mitigation=mitigation, impl=impl)
+def _call_block(block, residual, cache, segment_ids, mitigation, impl, sequence_axis):
+    return block(residual, cache=cache, segment_ids=segment_ids, mitigation=mitigation, impl=impl,
+                 sequence_axis=sequence_axis)
 
 
-@nnx.remat(static_argnums=(5,))
-def _remat_block(block, residual, cache, segment_ids, mitigation, impl):
-    return block(residual, cache=cache, segment_ids=segment_ids, mitigation=mitigation, impl=impl)
+@nnx.remat(static_argnums=(5, 6))
+def _remat_block(block, residual, cache, segment_ids, mitigation, impl, sequence_axis):
+    return _call_block(block, residual, cache, segment_ids, mitigation, impl, sequence_axis)
 
 
 def _check_input_ids(input_ids: Any, cfg: Mamba2Config) -> None:

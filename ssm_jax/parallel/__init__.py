@@ -1,0 +1,1 @@
+"""Parallelism: device meshes and partition rules (``mesh``), and sequence (context) parallelism (``sequence``)."""
