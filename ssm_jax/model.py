@@ -230,6 +230,8 @@ class Mamba2Mixer(nnx.Module):
     def __init__(self, config: Mamba2Config, *, layer_idx: int = 0, rngs: nnx.Rngs):
         self.config = config
         self.layer_idx = layer_idx
+        # When True, every call sows its SSD inputs as nnx.Intermediate "captured_ssm_inputs" (ssm_jax.diagnostics).
+        self.capture_ssm_inputs = False
         cfg = config
         pdt = cfg.jnp_param_dtype
         self.in_proj = nnx.Linear(
@@ -341,6 +343,8 @@ class Mamba2Mixer(nnx.Module):
         padded_doc = doc_with_prefix(document_ids(segment_ids, u.shape[:2]), cfg.d_conv)
         inputs = self.ssm_inputs_from_projection(z, xBC_raw, dt_raw, conv_prefix=conv_prefix, padded_doc=padded_doc)
         window = None if mitigation is None else mitigation.window
+        if self.capture_ssm_inputs:
+            self._sow_ssm_inputs(inputs, mitigation)
 
         if cache is not None and window is not None:
             y, ssm_state, new_window = _windowed_stream_ssd(
@@ -363,6 +367,13 @@ class Mamba2Mixer(nnx.Module):
         all_raw = jnp.concatenate([jnp.swapaxes(cache.conv_state, 1, 2), xBC_raw.astype(cache.conv_state.dtype)], axis=1)
         conv_state = jnp.swapaxes(all_raw[:, -cfg.d_conv :], 1, 2)
         return out, MixerCache(conv_state=conv_state, ssm_state=ssm_state.astype(jnp.float32), window=new_window)
+
+
+    def _sow_ssm_inputs(self, inputs: SSMInputs, mitigation) -> None:
+        from ssm_jax.ssd import input_weight_and_log_decay
+
+        dt_in, log_a = input_weight_and_log_decay(inputs.dt, inputs.A, mitigation, jnp.float32)
+        self.sow(nnx.Intermediate, "captured_ssm_inputs", dict(dt=inputs.dt, log_a=log_a, B=inputs.B, x=inputs.x))
 
 
 def _streaming_impl(impl: str, mitigation: Optional[mitigations_lib.Mitigation], cache) -> str:

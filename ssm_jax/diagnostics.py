@@ -1,0 +1,348 @@
+"""State diagnostics: watch the SSM state of any model while streaming, and detect state collapse.
+
+:func:`record_states` streams tokens through a model (carrying conv and SSM state, as
+:mod:`ssm_jax.inference` does) and every ``every`` tokens records, per layer and head, the state's
+Frobenius norm, mean, variance and largest element, the cumulative retention ``prod alpha`` of the
+first token, the conv-state norm, traces of ``dt``, ``B`` and ``x`` for chosen heads, snapshots of
+one head's state, and the per-token loss -- everything PAPER.md section 3 plots.
+
+:func:`detect_collapse` applies the paper's rule (the loss ever exceeds ``factor`` times the largest
+loss seen within the first ``T_train`` tokens); :func:`detect_state_outliers` flags heads whose state
+norm leaves the range seen during the training length. :func:`calibrate_state_norm` turns the state
+norms seen on a calibration prompt into the thresholds of :func:`ssm_jax.mitigations.state_norm`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ssm_jax import inference
+from ssm_jax import mitigations as mitigations_lib
+from ssm_jax.model import Mamba2LM
+
+Array = jax.Array
+
+
+@dataclasses.dataclass
+class StateDiagnostics:
+    """What :func:`record_states` saw. Record axes: ``(num_records, batch, layers, heads)``.
+
+    Attributes:
+      positions: ``(num_records,)`` number of tokens consumed at each record.
+      norm, mean, var, max_abs: statistics of each head's ``(headdim, d_state)`` state.
+      retention: ``prod_{1 <= j <= t} alpha_j`` -- how much of the first token's write survives.
+      log_retention: its logarithm (readable where ``retention`` underflows).
+      conv_norm: ``(num_records, batch, layers)`` norm of the conv state (stays stable in the paper).
+      traces: per-token values of chosen heads, ``{"dt[l.h]": (T, batch), "B[l.g]": (T, batch, d_state),
+        "x[l.h]": (T, batch, headdim)}`` at positions ``trace_positions`` (every ``trace_stride`` tokens).
+      snapshots: ``{position: (batch, headdim, d_state)}`` of the snapshot head.
+      losses: ``(batch, T - 1)`` per-token next-token loss in nats.
+    """
+
+    positions: np.ndarray
+    norm: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    max_abs: np.ndarray
+    retention: np.ndarray
+    log_retention: np.ndarray
+    conv_norm: np.ndarray
+    trace_positions: np.ndarray
+    traces: Dict[str, np.ndarray]
+    snapshot_head: Tuple[int, int]
+    snapshots: Dict[int, np.ndarray]
+    losses: np.ndarray
+
+    def to_json(self) -> dict:
+        """A JSON-ready summary (batch-averaged records; traces and snapshots omitted)."""
+        return {
+            "positions": self.positions.tolist(),
+            "norm": self.norm.mean(axis=1).tolist(),
+            "mean": self.mean.mean(axis=1).tolist(),
+            "var": self.var.mean(axis=1).tolist(),
+            "max_abs": self.max_abs.max(axis=1).tolist(),
+            "retention": self.retention.mean(axis=1).tolist(),
+            "conv_norm": self.conv_norm.mean(axis=1).tolist(),
+            "mean_loss": float(self.losses.mean()),
+        }
+
+
+def _capture_graphdef(model: Mamba2LM):
+    """The model's graph with every mixer sowing its SSD inputs (the model itself is left unchanged)."""
+    flags = [block.mixer.capture_ssm_inputs for block in model.layers]
+    try:
+        for block in model.layers:
+            block.mixer.capture_ssm_inputs = True
+        graphdef, state = nnx.split(model)
+    finally:
+        for block, flag in zip(model.layers, flags):
+            block.mixer.capture_ssm_inputs = flag
+    return graphdef, state
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_function(graphdef, trace_heads: Tuple[Tuple[int, int], ...], trace_stride: int, snapshot_head):
+    """A jitted step: one chunk through the model, returning losses, the new cache and all statistics."""
+
+    def run(state, ids, targets, cache, mitigation, log_retention, offset):
+        model = nnx.merge(graphdef, state)
+        cfg = model.config
+        hidden, cache = model.hidden_states(ids, cache=cache, mitigation=mitigation)
+        logits = inference._mask_padded_vocab(model.logits_from_hidden(hidden), cfg.vocab_size)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+        captured = nnx.pop(model, nnx.Intermediate)
+        per_layer = [captured["layers"][i]["mixer"]["captured_ssm_inputs"].get_value()[0] for i in range(cfg.n_layer)]
+
+        # Retention of the first token: its write decays by alpha_1, alpha_2, ... (not alpha_0).
+        positions = offset + jnp.arange(ids.shape[1])
+        log_a = jnp.stack([p["log_a"] for p in per_layer], axis=2)  # (b, l, layers, heads)
+        log_a = jnp.where((positions > 0)[None, :, None, None], log_a, 0.0)
+        log_retention = log_retention + jnp.sum(log_a, axis=1)  # (b, layers, heads)
+
+        states = jnp.stack([c.ssm_state for c in cache], axis=1)  # (b, layers, heads, p, n)
+        stats = dict(
+            norm=jnp.sqrt(jnp.sum(jnp.square(states), axis=(-2, -1))),
+            mean=jnp.mean(states, axis=(-2, -1)),
+            var=jnp.var(states, axis=(-2, -1)),
+            max_abs=jnp.max(jnp.abs(states), axis=(-2, -1)),
+            retention=jnp.exp(log_retention),
+            log_retention=log_retention,
+            conv_norm=jnp.stack([jnp.sqrt(jnp.sum(jnp.square(c.conv_state.astype(jnp.float32)), axis=(1, 2)))
+                                 for c in cache], axis=1),
+        )
+        heads_per_group = cfg.nheads // cfg.ngroups
+        traces = {}
+        for layer, head in trace_heads:
+            p = per_layer[layer]
+            group = head // heads_per_group
+            traces[f"dt[{layer}.{head}]"] = p["dt"][:, ::trace_stride, head]
+            traces[f"B[{layer}.{group}]"] = p["B"][:, ::trace_stride, group].astype(jnp.float32)
+            traces[f"x[{layer}.{head}]"] = p["x"][:, ::trace_stride, head].astype(jnp.float32)
+        layer, head = snapshot_head
+        snapshot = cache[layer].ssm_state[:, head]
+        return nll, cache, log_retention, stats, traces, snapshot
+
+    return jax.jit(run)
+
+
+def record_states(
+    model: Mamba2LM,
+    tokens,
+    *,
+    every: int = 256,
+    mitigation: Optional[mitigations_lib.Mitigation] = None,
+    trace_heads: Sequence[Tuple[int, int]] = ((0, 0),),
+    trace_stride: int = 1,
+    snapshot_head: Tuple[int, int] = (0, 0),
+    snapshot_positions: Sequence[int] = (),
+    progress: bool = False,
+) -> StateDiagnostics:
+    """Streams ``tokens (batch, T)`` through ``model`` and records state statistics every ``every`` tokens.
+
+    Args:
+      every: record interval in tokens (also the streaming chunk length).
+      mitigation: applied while streaming (see how each mitigation changes the state).
+      trace_heads: ``(layer, head)`` pairs whose ``dt``, ``B`` (of the head's group) and ``x`` are traced.
+      trace_stride: keep every ``trace_stride``-th token of the traces (bounded memory on long streams).
+      snapshot_head: ``(layer, head)`` whose full state is stored at ``snapshot_positions``.
+      snapshot_positions: positions (multiples of ``every``, or the stream end) for the state histograms.
+    """
+    cfg = model.config
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"`tokens` must be (batch, seqlen >= 2), got shape {tokens.shape}")
+    if not isinstance(every, (int, np.integer)) or every < 1:
+        raise ValueError(f"`every` must be a positive int, got {every!r}")
+    if not isinstance(trace_stride, (int, np.integer)) or trace_stride < 1 or every % trace_stride:
+        raise ValueError(f"`trace_stride` must be a positive divisor of `every` ({every}), got {trace_stride!r}")
+    for layer, head in list(trace_heads) + [tuple(snapshot_head)]:
+        if not (0 <= layer < cfg.n_layer and 0 <= head < cfg.nheads):
+            raise ValueError(
+                f"(layer, head) = ({layer}, {head}) is outside the model ({cfg.n_layer} layers, {cfg.nheads} heads)"
+            )
+    total = tokens.shape[1] - 1
+    ends = list(range(every, total, every)) + [total]
+    bad = [p for p in snapshot_positions if p not in ends]
+    if bad:
+        raise ValueError(f"snapshot_positions {bad} are not record positions (multiples of every={every} or {total})")
+
+    mitigation = mitigations_lib.resolve(mitigation)
+    graphdef, state = _capture_graphdef(model)
+    run = _chunk_function(graphdef, tuple(map(tuple, trace_heads)), int(trace_stride), tuple(snapshot_head))
+    batch = tokens.shape[0]
+    cache = inference.init_cache(model, batch, mitigation)
+    log_retention = jnp.zeros((batch, cfg.n_layer, cfg.nheads), jnp.float32)
+    inputs, targets = jnp.asarray(tokens[:, :-1], jnp.int32), jnp.asarray(tokens[:, 1:], jnp.int32)
+
+    records: Dict[str, List[np.ndarray]] = {
+        k: [] for k in ("norm", "mean", "var", "max_abs", "retention", "log_retention", "conv_norm")
+    }
+    traces: Dict[str, List[np.ndarray]] = {}
+    snapshots, losses = {}, []
+    starts = range(0, total, every)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="diagnostics", unit="chunk")
+    for start in starts:
+        end = min(start + every, total)
+        nll, cache, log_retention, stats, chunk_traces, snapshot = run(
+            state, inputs[:, start:end], targets[:, start:end], cache, mitigation, log_retention, start
+        )
+        losses.append(np.asarray(nll))
+        for k, v in stats.items():
+            records[k].append(np.asarray(v))
+        for k, v in chunk_traces.items():
+            traces.setdefault(k, []).append(np.asarray(v))
+        if end in snapshot_positions:
+            snapshots[end] = np.asarray(snapshot)
+
+    stacked = {k: np.stack(v) for k, v in records.items()}
+    trace_positions = np.concatenate([np.arange(s, min(s + every, total), trace_stride) for s in range(0, total, every)])
+    return StateDiagnostics(
+        positions=np.asarray(ends),
+        trace_positions=trace_positions,
+        traces={k: np.moveaxis(np.concatenate(v, axis=1), 1, 0) for k, v in traces.items()},
+        snapshot_head=tuple(snapshot_head),
+        snapshots=snapshots,
+        losses=np.concatenate(losses, axis=1),
+        **stacked,
+    )
+
+
+def calibrate_state_norm(
+    model: Mamba2LM, tokens, *, every: int = 256, reduce: str = "max", margin: float = 1.0
+) -> np.ndarray:
+    """Per-layer, per-head state-norm thresholds ``(layers, heads)`` for :func:`ssm_jax.mitigations.state_norm`.
+
+    Streams the calibration prompt ``tokens (batch, T)`` -- usually ``T`` = the training length -- and
+    takes, per head, the largest norm seen (``reduce="max"``) or the norm at the end (``"final"``),
+    the maximum over the batch, times ``margin``.
+    """
+    if reduce not in ("max", "final"):
+        raise ValueError(f"`reduce` must be 'max' or 'final', got {reduce!r}")
+    if margin <= 0:
+        raise ValueError(f"`margin` must be positive, got {margin}")
+    diag = record_states(model, tokens, every=every)
+    norms = diag.norm.max(axis=1)  # (records, layers, heads): worst batch row
+    tau = norms.max(axis=0) if reduce == "max" else norms[-1]
+    return np.maximum(tau * margin, np.finfo(np.float32).tiny)
+
+
+# --------------------------------------------------------------------------------------------------
+# Collapse detection
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CollapseReport:
+    """Outcome of :func:`detect_collapse`."""
+
+    collapsed: bool
+    first_position: Optional[int]  # first position whose smoothed loss exceeds the threshold
+    threshold: float
+    max_loss_within_train: float
+    max_loss_after_train: float
+
+
+def smooth_losses(losses: np.ndarray, width: int) -> np.ndarray:
+    """Causal-free moving average of a per-position loss curve (``width`` positions, 'valid' part)."""
+    losses = np.asarray(losses, np.float64)
+    if width <= 1 or losses.size < width:
+        return losses
+    kernel = np.ones(width) / width
+    return np.convolve(losses, kernel, mode="valid")
+
+
+def detect_collapse(losses, train_len: int, *, factor: float = 2.0, smoothing: Optional[int] = None) -> CollapseReport:
+    """The paper's rule: the model collapses if its loss ever exceeds ``factor`` x the maximum loss seen
+    within the first ``train_len`` tokens.
+
+    Args:
+      losses: ``(T,)`` per-position loss (averaged over prompts) or ``(prompts, T)`` (averaged here).
+      train_len: the training length ``T_train``.
+      factor: 2.0 in the paper.
+      smoothing: moving-average width applied first (per-token losses are noisy: a single rare token
+        can double the loss); default ``max(1, train_len // 8)``. The same smoothing is applied inside
+        and after the training length.
+    """
+    losses = np.asarray(losses, np.float64)
+    if losses.ndim == 2:
+        losses = losses.mean(axis=0)
+    if losses.ndim != 1 or losses.size <= train_len:
+        raise ValueError(f"`losses` must cover more than train_len={train_len} positions, got shape {losses.shape}")
+    width = max(1, train_len // 8) if smoothing is None else int(smoothing)
+    smooth = smooth_losses(losses, width)
+    split = max(1, train_len - width + 1)  # smoothed windows lying entirely inside the training length
+    within = float(np.max(smooth[:split]))
+    after = smooth[split:]
+    threshold = factor * within
+    over = np.nonzero(after > threshold)[0]
+    first = int(over[0] + split + width - 1) if over.size else None
+    return CollapseReport(
+        collapsed=bool(over.size), first_position=first, threshold=threshold, max_loss_within_train=within,
+        max_loss_after_train=float(np.max(after)) if after.size else float("nan"),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class StateOutlier:
+    layer: int
+    head: int
+    first_position: int
+    ratio: float  # largest norm after T_train / largest norm within T_train
+
+
+def detect_state_outliers(diag: StateDiagnostics, train_len: int, *, ratio: float = 4.0) -> List[StateOutlier]:
+    """Heads whose state norm exceeds ``ratio`` x the largest norm they had within the first ``train_len``
+    tokens (batch-averaged): the out-of-distribution channels that the paper blames for collapse."""
+    norms = diag.norm.mean(axis=1)  # (records, layers, heads)
+    inside = diag.positions <= train_len
+    if not inside.any() or inside.all():
+        raise ValueError(
+            f"train_len={train_len} must lie inside the recorded positions {diag.positions[0]}..{diag.positions[-1]}"
+        )
+    reference = norms[inside].max(axis=0)  # (layers, heads)
+    after = norms[~inside]
+    outliers = []
+    for layer, head in zip(*np.nonzero(after.max(axis=0) > ratio * reference)):
+        first = int(np.argmax(after[:, layer, head] > ratio * reference[layer, head]))
+        outliers.append(StateOutlier(
+            layer=int(layer), head=int(head), first_position=int(diag.positions[~inside][first]),
+            ratio=float(after[:, layer, head].max() / max(reference[layer, head], 1e-30)),
+        ))
+    return outliers
+
+
+def plot_all(diag: StateDiagnostics, directory: str, *, train_len: Optional[int] = None, prefix: str = "") -> List[str]:
+    """Writes the paper's diagnostic figures for ``diag`` into ``directory``; returns the PNG paths."""
+    from ssm_jax import plots
+
+    layer, head = diag.snapshot_head
+    paths = [
+        plots.plot_state_norm_heatmap(diag.positions, diag.norm.mean(axis=1), f"{directory}/{prefix}state_norm_heatmap.png",
+                                      train_len=train_len),
+        plots.plot_state_norm_curves(diag.positions, diag.norm.mean(axis=1), f"{directory}/{prefix}state_norm.png",
+                                     train_len=train_len),
+        plots.plot_retention(diag.positions, diag.retention.mean(axis=1), f"{directory}/{prefix}retention.png",
+                             layer=layer, train_len=train_len),
+    ]
+    if diag.snapshots:
+        paths.append(plots.plot_state_histograms(
+            {p: s[0] for p, s in diag.snapshots.items()}, f"{directory}/{prefix}state_histograms.png",
+            layer=layer, head=head))
+    if diag.traces:
+        summary = {}
+        for name, values in diag.traces.items():
+            values = values[:, 0]  # first batch row
+            summary[name if values.ndim == 1 else f"|{name}|"] = values if values.ndim == 1 else np.abs(values)
+        paths.append(plots.plot_traces(np.maximum(diag.trace_positions, 1), summary, f"{directory}/{prefix}traces.png",
+                                       train_len=train_len))
+    return paths

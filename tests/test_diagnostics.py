@@ -1,0 +1,114 @@
+"""ssm_jax.diagnostics: recorded statistics are the real ones, and the detectors find planted collapse."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssm_jax import Mamba2Config, Mamba2LM, inference
+from ssm_jax import diagnostics as D
+from ssm_jax import mitigations as M
+from ssm_jax.model import rms_norm
+
+CFG = Mamba2Config(d_model=32, n_layer=2, vocab_size=60, d_state=8, headdim=8, ngroups=2, chunk_size=16,
+                   dt_min=0.01, dt_max=0.1, ssd_impl="xla")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Mamba2LM(CFG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, 161), 0, CFG.vocab_size))
+
+
+def test_records_match_direct_computation(model, tokens):
+    diag = D.record_states(model, tokens, every=40, trace_heads=[(0, 3)], snapshot_positions=[80, 160])
+    np.testing.assert_array_equal(diag.positions, [40, 80, 120, 160])
+    # per-token losses are the streaming losses
+    np.testing.assert_allclose(diag.losses, inference.stream_losses(model, tokens, chunk_len=64), atol=1e-5)
+    # state statistics at position 80 are those of the cache after 80 tokens
+    _, cache = inference.prefill(model, tokens[:, :80], chunk_len=32)
+    states = np.stack([np.asarray(c.ssm_state) for c in cache], axis=1)  # (b, layers, heads, p, n)
+    np.testing.assert_allclose(diag.norm[1], np.sqrt((states ** 2).sum(axis=(-2, -1))), rtol=1e-4)
+    np.testing.assert_allclose(diag.var[1], states.var(axis=(-2, -1)), rtol=1e-3, atol=1e-9)
+    np.testing.assert_allclose(diag.max_abs[1], np.abs(states).max(axis=(-2, -1)), rtol=1e-4)
+    np.testing.assert_allclose(diag.snapshots[80], states[:, 0, 0], rtol=1e-4, atol=1e-7)
+    # retention of layer 0: prod of alpha_1..alpha_t from the layer's own dt and A
+    mixer = model.layers[0].mixer
+    hidden = rms_norm(jnp.take(model.embedding[...], jnp.asarray(tokens[:, :120]), axis=0),
+                      model.layers[0].norm_weight[...], CFG.norm_eps, jnp.float32)
+    inputs = mixer.ssm_inputs(hidden)
+    log_alpha = np.asarray(inputs.dt * inputs.A)  # (b, 120, heads)
+    np.testing.assert_allclose(diag.log_retention[2, :, 0], log_alpha[:, 1:].sum(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(diag.traces["dt[0.3]"][:120].T, np.asarray(inputs.dt[:, :, 3]), rtol=1e-5)
+    assert np.all(np.diff(diag.retention, axis=0) <= 1e-7)  # retention never grows
+
+
+def test_planted_collapse_is_detected_and_healthy_model_is_silent(model):
+    train_len, stream = 64, 640
+    constant = np.full((1, stream + 1), 7, np.int32)  # coherent inputs: a head that never forgets grows linearly
+    healthy = D.record_states(model, constant, every=32)
+    assert D.detect_state_outliers(healthy, train_len) == []
+
+    sick = nnx.clone(model)
+    sick.layers[1].mixer.A_log[...] = sick.layers[1].mixer.A_log[...].at[5].set(-20.0)  # A ~ -2e-9: alpha ~ 1
+    sick.layers[1].mixer.dt_bias[...] = sick.layers[1].mixer.dt_bias[...].at[5].set(2.0)
+    diag = D.record_states(sick, constant, every=32)
+    outliers = D.detect_state_outliers(diag, train_len)
+    assert [(o.layer, o.head) for o in outliers] == [(1, 5)]
+    assert outliers[0].ratio > 4.0 and outliers[0].first_position > train_len
+    assert diag.retention[-1, 0, 1, 5] > 0.99  # the planted head keeps the first token
+    assert np.all(diag.retention[-1, 0, 0] < 0.5)
+
+
+def test_detect_collapse_rule():
+    rng = np.random.default_rng(0)
+    train_len = 100
+    healthy = 2.0 + 0.3 * rng.standard_normal(2000)
+    report = D.detect_collapse(healthy, train_len)
+    assert not report.collapsed and report.first_position is None
+    collapsing = healthy.copy()
+    collapsing[700:] += 4.0  # loss leaves 2x the in-training maximum from position 700 on
+    report = D.detect_collapse(np.stack([collapsing, collapsing]), train_len)
+    assert report.collapsed
+    assert 700 <= report.first_position <= 700 + train_len // 8
+    assert report.threshold == pytest.approx(2 * report.max_loss_within_train)
+    with pytest.raises(ValueError, match="train_len"):
+        D.detect_collapse(healthy[:50], train_len)
+
+
+def test_calibrated_state_norm_bounds_streaming(model, tokens):
+    tau = D.calibrate_state_norm(model, tokens[:, :41], every=20)
+    assert tau.shape == (CFG.n_layer, CFG.nheads) and np.all(tau > 0)
+    bound = 0.5 * tau
+    diag = D.record_states(model, tokens, every=40, mitigation=M.state_norm(bound))
+    assert np.all(diag.norm <= bound[None, None] * (1 + 1e-5))
+    free = D.record_states(model, tokens, every=40)
+    assert np.any(free.norm > bound[None, None])
+
+
+def test_plots_are_written(model, tokens, tmp_path):
+    diag = D.record_states(model, tokens, every=40, trace_heads=[(1, 2)], snapshot_positions=[40, 160])
+    paths = D.plot_all(diag, str(tmp_path), train_len=80)
+    assert len(paths) == 5
+    for path in paths:
+        assert os.path.getsize(path) > 5000
+    summary = diag.to_json()
+    assert len(summary["norm"]) == 4 and np.isfinite(summary["mean_loss"])
+
+
+def test_bad_arguments(model, tokens):
+    with pytest.raises(ValueError, match="every"):
+        D.record_states(model, tokens, every=0)
+    with pytest.raises(ValueError, match="outside the model"):
+        D.record_states(model, tokens, trace_heads=[(5, 0)])
+    with pytest.raises(ValueError, match="snapshot_positions"):
+        D.record_states(model, tokens, every=40, snapshot_positions=[41])
+    with pytest.raises(ValueError, match="trace_stride"):
+        D.record_states(model, tokens, every=40, trace_stride=3)
