@@ -1,0 +1,126 @@
+"""Streaming, one-token steps and generation equal the full forward pass; memory stays flat."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssm_jax import Mamba2Config, Mamba2LM, inference
+from ssm_jax import mitigations as M
+
+CFG = Mamba2Config(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=8, ngroups=2, chunk_size=16, ssd_impl="xla")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Mamba2LM(CFG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return jax.random.randint(jax.random.PRNGKey(1), (2, 300), 0, CFG.vocab_size)
+
+
+def full_logits(model, ids, mitigation=None, impl=None):
+    return np.asarray(nnx.jit(lambda m, i: m(i, mitigation=mitigation, impl=impl))(model, ids))
+
+
+def streamed_logits(model, ids, chunk_len, mitigation=None):
+    fns, state = inference._split(model)
+    cache = inference.init_cache(model, ids.shape[0], mitigation)
+    out = []
+    for start in range(0, ids.shape[1], chunk_len):
+        logits, cache = fns["forward"](state, ids[:, start : start + chunk_len], cache, mitigation)
+        out.append(np.asarray(logits))
+    return np.concatenate(out, axis=1), cache
+
+
+@pytest.mark.parametrize("chunk_len", [1, 7, 64, 256])
+def test_streaming_equals_full_forward(model, ids, chunk_len):
+    want = full_logits(model, ids)
+    got, cache = streamed_logits(model, ids, chunk_len)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+    assert cache[0].ssm_state.dtype == jnp.float32 and cache[0].conv_state.shape == (2, CFG.conv_dim, CFG.d_conv)
+
+
+def test_one_token_steps_equal_full_forward(model, ids):
+    want = full_logits(model, ids[:, :40])
+    cache = inference.init_cache(model, 2)
+    for t in range(40):
+        logits, cache = inference.step(model, ids[:, t], cache)
+        np.testing.assert_allclose(np.asarray(logits), want[:, t], rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("mitigation", [M.forget_more(), M.dt_scale(0.5), M.state_norm(0.05), M.sliding_window(20),
+                                        M.compose(M.sliding_window(9), M.forget_more())],
+                         ids=["forget_more", "dt_scale", "state_norm", "window", "window+forget"])
+def test_streaming_with_mitigations_equals_full_recurrent(model, ids, mitigation):
+    want = full_logits(model, ids[:, :90], mitigation=mitigation, impl="recurrent")
+    for chunk_len in (1, 13):
+        got, cache = streamed_logits(model, ids[:, :90], chunk_len, mitigation)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+    if mitigation.window is not None:  # O(window) memory: the cache holds window - 1 inputs, whatever the length
+        assert cache[0].window[0].shape[1] == mitigation.window - 1
+
+
+def test_stream_losses_equal_full_forward_nll(model, ids):
+    logits = full_logits(model, ids)[..., : CFG.vocab_size]
+    logp = jax.nn.log_softmax(jnp.asarray(logits), -1)
+    want = -np.take_along_axis(np.asarray(logp[:, :-1]), np.asarray(ids)[:, 1:, None], -1)[..., 0]
+    got = inference.stream_losses(model, ids, chunk_len=37)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_generation_equals_argmax_of_full_forward(model, ids):
+    prompt = ids[:, :25]
+    generated = inference.generate(model, prompt, 6, chunk_len=8)
+    # teacher-forced full forward over prompt + generated: each generated token is the argmax before it
+    seq = jnp.concatenate([prompt, jnp.asarray(generated)], axis=1)
+    argmax = full_logits(model, seq)[:, 24:-1, : CFG.vocab_size].argmax(-1)
+    np.testing.assert_array_equal(generated, argmax)
+
+
+def test_top_k_sampling_stays_in_top_k(model, ids):
+    prompt = ids[:1, :10]
+    last, _ = inference.prefill(model, prompt)
+    top3 = set(np.argsort(np.asarray(last[0, : CFG.vocab_size]))[-3:].tolist())
+    firsts = {int(inference.generate(model, prompt, 1, temperature=1.0, top_k=3, rng=jax.random.PRNGKey(s))[0, 0])
+              for s in range(12)}
+    assert firsts <= top3 and len(firsts) >= 2
+    same = [inference.generate(model, prompt, 5, temperature=0.8, rng=jax.random.PRNGKey(7)) for _ in range(2)]
+    np.testing.assert_array_equal(same[0], same[1])  # seeded
+
+
+def test_generation_never_samples_padded_vocab(model):
+    logits = jnp.zeros((4, CFG.padded_vocab_size)).at[:, CFG.vocab_size:].set(100.0)
+    assert int(inference.sample(logits, jax.random.PRNGKey(0), vocab_size=CFG.vocab_size).max()) < CFG.vocab_size
+    assert int(inference.sample(logits, jax.random.PRNGKey(0), temperature=1.0,
+                                vocab_size=CFG.vocab_size).max()) < CFG.vocab_size
+
+
+def test_bad_arguments(model, ids):
+    with pytest.raises(ValueError, match="chunk_len"):
+        inference.prefill(model, ids, chunk_len=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        inference.generate(model, ids, 0)
+    with pytest.raises(ValueError, match="top_k"):
+        inference.generate(model, ids, 2, temperature=1.0, top_k=0)
+    with pytest.raises(ValueError, match="input_ids"):
+        inference.prefill(model, ids[0])
+
+
+def test_streaming_memory_stays_flat(tmp_path):
+    """The benchmark script streams N and 4N tokens in fresh processes; peak memory must not grow."""
+    out = tmp_path / "mem.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "streaming_memory.py"), "--tiny",
+                    "--tokens", "8192", "--chunk", "512", "--out", str(out)], check=True, cwd=ROOT, timeout=300)
+    summary = json.loads(out.read_text())
+    assert summary["results"][1]["tokens"] == 4 * summary["results"][0]["tokens"]
+    assert summary["peak_ratio_4x_tokens"] < 1.10
