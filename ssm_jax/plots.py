@@ -143,3 +143,122 @@ def plot_loss_vs_position(curves: Mapping[str, Dict[str, np.ndarray]], path: str
     ax.set_title(title)
     ax.legend()
     return save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation (ssm_jax.eval_lib): passkey heatmaps and the state-capacity study
+# --------------------------------------------------------------------------------------------------
+
+
+def plot_passkey_heatmaps(accuracies: Mapping[str, np.ndarray], context_lengths: Sequence[int], path: str, *,
+                          train_len: Optional[int] = None, title: str = "passkey accuracy") -> str:
+    """Passkey accuracy heatmaps, one panel per label: ``{label: (depth buckets, context lengths)}`` in [0, 1].
+
+    Cells show their accuracy when the grid is small; a dashed line separates the context lengths up to
+    ``train_len`` from the longer ones.
+    """
+    labels = list(accuracies)
+    n_len = max(1, len(context_lengths))
+    cols = min(3, max(1, len(labels)))
+    rows = -(-len(labels) // cols)
+    panel_w = max(2.6, 0.55 * n_len + 1.2)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_w * cols + 1.2, 3.8 * rows), squeeze=False,
+                             sharey=True, constrained_layout=True)
+    mesh = None
+    lengths = np.asarray(context_lengths, np.float64)
+    for k, (ax, label) in enumerate(zip(axes.flat, labels)):
+        acc = np.asarray(accuracies[label], np.float64)
+        depths = acc.shape[0]
+        mesh = ax.imshow(acc, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="upper")
+        if acc.size <= 120:
+            for (i, j), v in np.ndenumerate(acc):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(np.arange(len(context_lengths)))
+        ax.set_xticklabels([f"{int(n):,}" for n in context_lengths], rotation=45, fontsize=7)
+        ax.set_yticks(np.arange(depths))
+        ax.set_yticklabels([f"{d / depths:.1f}" for d in range(depths)], fontsize=7)
+        if k % cols == 0:
+            ax.set_ylabel("needle depth (bucket start)")
+        ax.set_xlabel("context length (tokens)", fontsize=8)
+        ax.set_title(label, fontsize=10)
+        if train_len is not None and lengths.size and lengths[0] <= train_len < lengths[-1]:
+            # Between the longest context <= T_train and the next one.
+            ax.axvline(np.searchsorted(lengths, train_len, side="right") - 0.5, color="k", linestyle="--", linewidth=1.2)
+    for ax in axes.flat[len(labels):]:
+        ax.axis("off")
+    if mesh is not None:
+        fig.colorbar(mesh, ax=axes.ravel().tolist(), label="accuracy", shrink=0.8)
+    fig.suptitle(title + ("" if train_len is None else f" (dashed line: T_train = {train_len:,})"))
+    return save_figure(fig, path)
+
+
+def plot_capacity(points: Sequence[Mapping], fits: Mapping[str, Optional[Mapping]], path: str, *,
+                  title: str = "state capacity") -> str:
+    """T_forget and T_recall (K tokens) vs state size N_S (millions): points, our fits and the paper's fits.
+
+    ``points``: ``[{"n_s_millions", "t_forget_k", "t_recall_k"}, ...]`` (missing values skipped);
+    ``fits``: ``{"forget": {"a", "b"} or None, "recall": {"a", "b", "c"} or None}``.
+    """
+    from ssm_jax import capacity as capacity_lib
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs = [p["n_s_millions"] for p in points]
+    top = max(xs) * 1.15 if xs else 1.0
+    grid = np.linspace(0.0, top, 200)
+    specs = (
+        ("forget", "t_forget_k", "T_forget (K tokens)", capacity_lib.linear_law, capacity_lib.paper_t_forget,
+         "paper: 5.172 N_S - 4.469"),
+        ("recall", "t_recall_k", "T_recall (K tokens)", capacity_lib.exponential_law, capacity_lib.paper_t_recall,
+         "paper: 4.756 (1.365^N_S - 1) - 0.742"),
+    )
+    for ax, (key, field, ylabel, law, paper, paper_label) in zip(axes, specs):
+        px = [p["n_s_millions"] for p in points if p.get(field) is not None]
+        py = [p[field] for p in points if p.get(field) is not None]
+        ax.scatter(px, py, color="C0", zorder=3, label="measured")
+        fit = fits.get(key)
+        if fit:
+            params = {k: fit[k] for k in (("a", "b") if key == "forget" else ("a", "b", "c"))}
+            text = (f"fit: {fit['a']:.3g} N_S + {fit['b']:.3g}" if key == "forget"
+                    else f"fit: {fit['a']:.3g} ({fit['b']:.3g}^N_S - 1) + {fit['c']:.3g}")
+            ax.plot(grid, law(grid, **params), color="C0", label=text)
+        ax.plot(grid, paper(grid), color="C3", linestyle="--", label=paper_label)
+        ax.set_xlabel("state size N_S (millions)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training (ssm_jax.train_lib)
+# --------------------------------------------------------------------------------------------------
+
+
+def plot_training_curves(metrics_path: str, path: str, *, title: str = "training",
+                         reference_bits: Optional[float] = None) -> str:
+    """Loss curves from a ``metrics.jsonl`` (ssm_jax.metrics_writer): train and validation loss in bits per
+    token against the step, the learning rate on a second axis, and optionally a horizontal reference
+    (e.g. the unigram entropy of the validation data)."""
+    from ssm_jax.metrics_writer import read_metrics
+
+    train = read_metrics(metrics_path, "train")
+    val = read_metrics(metrics_path, "validation")
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        ax.plot([r["step"] for r in train], [r["bits_per_token"] for r in train], color="C0", lw=1, label="train")
+    if val:
+        ax.plot([r["step"] for r in val], [r["bits_per_token"] for r in val], "o-", color="C3", label="validation")
+    if reference_bits is not None:
+        ax.axhline(reference_bits, color="0.3", ls=":", label=f"unigram entropy {reference_bits:.2f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (bits per token)")
+    ax.grid(alpha=0.3)
+    if train and any("lr" in r for r in train):
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in train], [r.get("lr", np.nan) for r in train], color="0.6", lw=0.8, ls="--")
+        ax2.set_ylabel("learning rate", color="0.4")
+    ax.legend(loc="upper right")
+    ax.set_title(title)
+    return save_figure(fig, path)

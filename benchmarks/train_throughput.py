@@ -1,0 +1,243 @@
+"""Training throughput of the Mamba-2 130m architecture: tokens/s and model FLOPs utilisation (MFU).
+
+    python benchmarks/train_throughput.py --out docs/benchmarks/train_throughput.json
+    python benchmarks/train_throughput.py --tiny --seq_lens 256,512 --steps 2     # CPU smoke run
+
+What is timed: the real training step of ``ssm_jax.train_lib`` (forward, backward, global-norm clipping,
+AdamW with the decay mask, NaN guard) under ``jax.jit`` with donated state, bf16 compute with float32
+master weights, the loss computed in chunks of 1024 positions (so the 50288-entry float32 logits never
+exist for the whole sequence), random tokens, one sequence per row (no segment ids). For every sequence
+length (2K, 8K, 32K) and SSD implementation (``xla``: the pure-jnp chunked scan; ``pallas``: the kernels,
+when they import and run) the batch is "filled": ``--tokens_per_batch`` tokens per step (default 128K),
+halved on out-of-memory; without rematerialisation first, then with ``remat=True``.
+
+MFU = model FLOPs per token (``train_lib.model_flops_per_token``: 3 x forward matmul work of the
+projections, conv, SSD and LM head) x tokens/s / peak. Peak: ``--peak_tflops`` or the spec sheet's dense
+bf16 rate of the device (H200 / H100 SXM: 989 TFLOP/s); the script also measures a large bf16 matmul and
+reports the fraction of that achieved rate (``frac_of_matmul``).
+
+Imports only jax / flax / optax / numpy and ``ssm_jax`` modules that do not need grain, ml_collections
+or tensorflow-datasets. Writes JSON (``--out``) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0,
+               "TPU v4": 275.0, "TPU v6": 918.0}
+
+
+def _ensure_kernels_importable() -> None:
+    """``ssm_jax.kernels`` is ``kernels/`` mapped by setup.py; register it from the checkout if not installed."""
+    try:
+        import ssm_jax.kernels  # noqa: F401
+        return
+    except ImportError:
+        pass
+    path = os.path.join(ROOT, "kernels")
+    if not os.path.isfile(os.path.join(path, "__init__.py")):
+        return
+    spec = importlib.util.spec_from_file_location("ssm_jax.kernels", os.path.join(path, "__init__.py"),
+                                                  submodule_search_locations=[path])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["ssm_jax.kernels"] = mod
+    spec.loader.exec_module(mod)
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def _peak_tflops(device, override: float) -> float | None:
+    if override > 0:
+        return override
+    kind = getattr(device, "device_kind", "")
+    for name, value in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return value
+    return None
+
+
+def measure_matmul_tflops(n: int = 8192, iters: int = 10) -> float:
+    """Achieved bf16 matmul rate of the default device (TFLOP/s), a practical ceiling for MFU."""
+    a = jnp.ones((n, n), jnp.bfloat16)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(iters):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n**3 * iters / (time.perf_counter() - t) / 1e12
+
+
+def bench_one(model_cfg, seq_len: int, batch: int, *, steps: int, warmup: int, loss_chunk: int):
+    """Compiles and times the train step; returns a result dict (raises on failure, e.g. OOM)."""
+    from ssm_jax import optim, train_lib
+
+    schedule = optim.make_schedule("wsd", peak_lr=1e-3, num_steps=1000, warmup_steps=10)
+    opt = optim.make_optimizer(schedule)
+    init = lambda k: train_lib.init_train_state(model_cfg, opt, k)  # noqa: E731
+    state = jax.jit(init)(jax.random.PRNGKey(0))
+    graphdef, _ = train_lib.abstract_model(model_cfg)
+    step = jax.jit(train_lib.make_train_step(graphdef, opt, schedule=schedule, use_segment_ids=False,
+                                             loss_chunk_size=loss_chunk), donate_argnums=(0,))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, model_cfg.vocab_size, (batch, seq_len + 1)).astype(np.int32)
+    b = {
+        "inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+        "segment_ids": jnp.zeros((batch, seq_len), jnp.int32), "loss_mask": jnp.ones((batch, seq_len), jnp.float32),
+        "is_continuation": jnp.zeros((batch,), jnp.int32),
+    }
+    t0 = time.perf_counter()
+    compiled = step.lower(state, b).compile()
+    compile_s = time.perf_counter() - t0
+    peak_bytes = None
+    try:
+        m = compiled.memory_analysis()
+        peak_bytes = int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        pass
+    for _ in range(warmup):
+        state, metrics = compiled(state, b)
+    jax.block_until_ready(metrics["loss"])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, b)
+    jax.block_until_ready(metrics["loss"])
+    elapsed = time.perf_counter() - t0
+    loss = float(metrics["loss"])
+    del state, compiled, step
+    return {
+        "step_ms": 1e3 * elapsed / steps, "tokens_per_s": batch * seq_len * steps / elapsed, "compile_s": compile_s,
+        "peak_memory_gb": None if peak_bytes is None else peak_bytes / 2**30, "final_loss": loss,
+    }
+
+
+def run(args) -> dict:
+    _ensure_kernels_importable()
+    from ssm_jax import train_lib
+    from ssm_jax.model import Mamba2Config
+
+    device = jax.devices()[0]
+    if args.tiny:
+        base = Mamba2Config(d_model=64, n_layer=2, vocab_size=50277, d_state=16, headdim=16, chunk_size=64,
+                            dtype="bfloat16", param_dtype="float32")
+    else:  # the public 130m architecture
+        base = Mamba2Config(dtype="bfloat16", param_dtype="float32")
+    peak = _peak_tflops(device, args.peak_tflops)
+    matmul = None
+    if not args.no_matmul and device.platform != "cpu":
+        try:
+            matmul = measure_matmul_tflops()
+        except Exception as e:  # noqa: BLE001
+            print(f"matmul measurement failed: {e}", file=sys.stderr)
+    rows = []
+    for impl in args.impls.split(","):
+        for seq_len in [int(s) for s in args.seq_lens.split(",")]:
+            row = {"impl": impl, "seq_len": seq_len}
+            tokens = max(args.tokens_per_batch, seq_len)
+            done = False
+            while not done and tokens >= seq_len:
+                batch = tokens // seq_len
+                for remat in (False, True):
+                    cfg = base.replace(ssd_impl=impl, remat=remat)
+                    try:
+                        res = bench_one(cfg, seq_len, batch, steps=args.steps, warmup=args.warmup,
+                                        loss_chunk=min(args.loss_chunk, seq_len))
+                    except Exception as e:  # noqa: BLE001
+                        jax.clear_caches()
+                        gc.collect()
+                        if _is_oom(e):
+                            print(f"{impl} L={seq_len} batch={batch} remat={remat}: out of memory", file=sys.stderr)
+                            continue
+                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                        traceback.print_exc()
+                        done = True
+                        break
+                    flops = train_lib.model_flops_per_token(cfg, seq_len)
+                    achieved = flops * res["tokens_per_s"] / 1e12
+                    row.update(batch=batch, remat=remat, **res, model_tflops_per_s=achieved,
+                               mfu=None if peak is None else achieved / peak,
+                               frac_of_matmul=None if matmul is None else achieved / matmul)
+                    done = True
+                    break
+                tokens //= 2
+            if not done:
+                row["error"] = "out of memory even at batch 1 with remat"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            jax.clear_caches()
+            gc.collect()
+    return {
+        "benchmark": "train_throughput", "model": "tiny" if args.tiny else "mamba2-130m",
+        "device": getattr(device, "device_kind", str(device)), "num_devices_used": 1, "backend": device.platform,
+        "jax": jax.__version__, "python": platform.python_version(), "peak_tflops": peak,
+        "measured_matmul_tflops": matmul, "steps": args.steps, "tokens_per_batch_target": args.tokens_per_batch,
+        "loss_chunk_size": args.loss_chunk, "rows": rows,
+        "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
+    }
+
+
+def markdown(result: dict) -> str:
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = [
+        f"Training throughput, {result['model']} on {result['device']} (jax {result['jax']}); peak "
+        f"{fmt(result['peak_tflops'], '.0f')} TFLOP/s, measured bf16 matmul "
+        f"{fmt(result['measured_matmul_tflops'], '.0f')} TFLOP/s",
+        "",
+        "| impl | seq len | batch | remat | tokens/s | step ms | model TFLOP/s | MFU | of matmul | peak mem GB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['impl']} | {r['seq_len']} | {r.get('batch', '-')} | {r.get('remat', '-')} | "
+            f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('step_ms'), '.1f')} | "
+            f"{fmt(r.get('model_tflops_per_s'), '.1f')} | {fmt(r.get('mfu'), '.1%')} | "
+            f"{fmt(r.get('frac_of_matmul'), '.1%')} | {fmt(r.get('peak_memory_gb'), '.1f')} | {r.get('error', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="docs/benchmarks/train_throughput.json")
+    p.add_argument("--seq_lens", default="2048,8192,32768")
+    p.add_argument("--impls", default="xla,pallas")
+    p.add_argument("--tokens_per_batch", type=int, default=131072)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--loss_chunk", type=int, default=1024)
+    p.add_argument("--peak_tflops", type=float, default=0.0, help="override the device's peak bf16 TFLOP/s")
+    p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke run)")
+    p.add_argument("--no_matmul", action="store_true", help="skip the matmul-rate measurement")
+    args = p.parse_args(argv)
+    result = run(args)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
