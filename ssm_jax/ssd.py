@@ -75,7 +75,7 @@ def ssd(
     mitigation = mitigations_lib.resolve(mitigation)
     if mitigation is not None:
         mitigation.check_heads(x.shape[2])
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, headdim=x.shape[3], state=B.shape[3], chunk_size=chunk_size)
 
     acc = accumulation_dtype(x.dtype)
     dt_in, log_a = input_weight_and_log_decay(dt, A, mitigation, acc)
@@ -94,8 +94,10 @@ def ssd(
     else:
         from ssm_jax.kernels import ssd_ops  # imported lazily: the kernels pull in Pallas
 
-        y, final_state = ssd_ops.ssd_pallas(
-            x, dt_in, log_a, B, C, initial_state, doc, chunk_size=chunk_size, max_norm=max_norm, window=window
+        # The kernels fuse the D skip and write y in x's dtype directly (less memory traffic).
+        return ssd_ops.ssd_pallas(
+            x, dt_in, log_a, B, C, initial_state, doc, chunk_size=chunk_size, max_norm=max_norm, window=window,
+            D=None if D is None else D.astype(acc), out_dtype=x.dtype,
         )
 
     if D is not None:
@@ -103,13 +105,25 @@ def ssd(
     return y.astype(x.dtype), final_state
 
 
-def resolve_impl(impl: str) -> str:
-    """Maps "auto" to the fastest implementation available on the default backend."""
+def resolve_impl(impl: str, *, headdim: Optional[int] = None, state: Optional[int] = None,
+                 chunk_size: Optional[int] = None) -> str:
+    """Maps "auto" to the fastest implementation available on the default backend for these sizes.
+
+    The kernels run on GPU and TPU for chunk sizes 64/128/256 and power-of-two ``headdim`` and ``state``
+    of at least 16; everything else (and the CPU) uses the chunked XLA path.
+    """
     if impl not in IMPLS:
         raise ValueError(f"`impl` must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    return "pallas" if jax.default_backend() in ("gpu", "tpu") and _kernels_available() else "xla"
+    if jax.default_backend() not in ("gpu", "tpu") or not _kernels_available():
+        return "xla"
+    if chunk_size is not None and chunk_size not in (64, 128, 256):
+        return "xla"
+    for size in (headdim, state):
+        if size is not None and (size < 16 or size & (size - 1)):
+            return "xla"
+    return "pallas"
 
 
 @functools.lru_cache(maxsize=None)

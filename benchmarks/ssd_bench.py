@@ -1,0 +1,397 @@
+"""Benchmark of the SSD scan on one GPU: Pallas kernels vs impl="xla", forward and forward+backward.
+
+    python benchmarks/ssd_bench.py                      # the three issue cases + 1M tokens, default kernels
+    python benchmarks/ssd_bench.py --variants           # also sweep kernel configurations on b8 x L4096
+    python benchmarks/ssd_bench.py --cases b8xL4096 --out docs/benchmarks/ssd_h200.json
+
+Shapes (issue 3): x (b, L, 32 heads, 64) bf16, dt fp32 (already softplus'd), A (32,), B/C (b, L, 1 group, 128)
+bf16, D (32,), chunk 256; fwd+bwd = gradients of x, dt, A, B, C, D of sum(y * cotangent).
+
+Rows: ``xla`` (pure-jnp chunked SSD), ``pallas`` (``ssm_jax.ssd(impl="pallas")`` as wired today: float32 y
+from the kernels, D and the cast added by ``ssd()``), ``pallas-fused`` (``ssd_pallas`` with ``D`` and
+``out_dtype=bf16`` fused into the output kernel: what ``ssd()`` runs once it passes them through).
+Timing: median over repeats of the wall time of ``iters`` back-to-back calls of the jitted function
+(``block_until_ready`` at the end), after a warm-up. Peak memory: the compiled function's
+``memory_analysis()`` (arguments + outputs + temporaries). Floors: model FLOPs at 682 TFLOP/s (bf16 matmul
+rate measured on the H200) and model bytes at 4.27 TB/s (copy rate measured there).
+Accuracy: relative error (||a - r|| / ||r||) of y and every gradient against impl="xla" on float32 copies of
+the same inputs (HIGHEST precision).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+
+def _import_kernels():
+    """``ssm_jax.kernels`` maps to ``kernels/`` through setup.py; load it from the checkout if not installed.
+
+    If ``import ssm_jax`` fails (a package its ``__init__`` needs is missing on the benchmark machine), a bare
+    package object stands in for it: the benchmark only needs ``ssm_jax.ssd`` and the kernels."""
+    try:
+        import ssm_jax  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        import types
+
+        print(f"import ssm_jax failed ({type(e).__name__}: {e}); using a bare package", file=sys.stderr)
+        for name in [m for m in sys.modules if m == "ssm_jax" or m.startswith("ssm_jax.")]:
+            del sys.modules[name]
+        pkg = types.ModuleType("ssm_jax")
+        pkg.__path__ = [os.path.join(ROOT, "ssm_jax")]
+        sys.modules["ssm_jax"] = pkg
+    try:
+        from ssm_jax.kernels import ssd_ops  # noqa: F401
+    except ImportError:
+        path = os.path.join(ROOT, "kernels")
+        spec = importlib.util.spec_from_file_location("ssm_jax.kernels", os.path.join(path, "__init__.py"),
+                                                      submodule_search_locations=[path])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["ssm_jax.kernels"] = mod
+        spec.loader.exec_module(mod)
+    from ssm_jax.kernels import ssd_ops
+
+    return ssd_ops
+
+
+ssd_ops = _import_kernels()
+from ssm_jax.ssd import ssd  # noqa: E402
+
+CASES = {"smoke": (1, 512), "b8xL4096": (8, 4096), "b2xL16384": (2, 16384), "b1xL65536": (1, 65536),
+         "b1xL1M": (1, 1 << 20)}
+H, P, G, N, Q = 32, 64, 1, 128, 256
+PEAK_FLOPS = 682e12
+PEAK_BW = 4.27e12
+# Official mamba_ssm Triton kernel on the same H200 (issue 3): forward, forward+backward (CUDA graph).
+OFFICIAL = {"b8xL4096": (0.590, 2.57), "b2xL16384": (0.613, 2.62), "b1xL65536": (1.393, 5.55)}
+
+
+def model_flops(b, L, bwd=False):
+    c = -(-L // Q)
+    f = b * c * G * 2 * Q * Q * N + b * c * H * (2 * Q * Q * P + 2 * 2 * Q * P * N)
+    return 3 * f if bwd else f
+
+
+def model_bytes(b, L, bwd=False):
+    io = b * L * H * P * 2 * 2 + 2 * b * L * G * N * 2 + b * L * H * 4 + b * H * P * N * 4
+    return 3 * io if bwd else io  # bwd: read x, B, C, dt, dy; write dx, dB, dC, ddt (about twice the forward)
+
+
+def make_inputs(b, L, seed=0):
+    k = jax.random.split(jax.random.PRNGKey(seed), 7)
+    x = jax.random.normal(k[0], (b, L, H, P), jnp.bfloat16)
+    dt = jnp.exp(jax.random.uniform(k[1], (b, L, H), jnp.float32, np.log(1e-3), np.log(1e-1)))
+    A = -jnp.exp(jax.random.uniform(k[2], (H,), jnp.float32, 0.0, np.log(16.0)))
+    B = jax.random.normal(k[3], (b, L, G, N), jnp.bfloat16)
+    C = jax.random.normal(k[4], (b, L, G, N), jnp.bfloat16)
+    D = jax.random.normal(k[5], (H,), jnp.float32)
+    cot = jax.random.normal(k[6], (b, L, H, P), jnp.bfloat16)
+    return x, dt, A, B, C, D, cot
+
+
+def forward_fn(impl, config=None):
+    if impl in ("xla", "pallas"):
+        return lambda x, dt, A, B, C, D: ssd(x, dt, A, B, C, D=D, chunk_size=Q, impl=impl)[0]
+
+    def fused(x, dt, A, B, C, D):
+        y, _ = ssd_ops.ssd_pallas(x, dt, dt * A, B, C, None, None, chunk_size=Q, D=D, out_dtype=x.dtype,
+                                  config=config)
+        return y
+
+    return fused
+
+
+def loss_grad_fn(fwd):
+    def loss(x, dt, A, B, C, D, cot):
+        return jnp.sum(fwd(x, dt, A, B, C, D).astype(jnp.float32) * cot.astype(jnp.float32))
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+
+
+def time_fn(f, args, iters=10, repeats=5, warmup=2):
+    for _ in range(warmup):
+        jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(iters):
+            out = f(*args)
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t) / iters)
+    return float(np.median(ts)) * 1e3, float(np.min(ts)) * 1e3
+
+
+def compile_fn(f, args):
+    """Compiles once; returns ``(executable, compile seconds, peak bytes or None)``."""
+    t0 = time.perf_counter()
+    exe = jax.jit(f).lower(*args).compile()
+    secs = time.perf_counter() - t0
+    try:
+        m = exe.memory_analysis()
+        peak = int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        peak = None
+    return exe, secs, peak
+
+
+def rel(a, r):
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    r = np.asarray(jnp.asarray(r, jnp.float32), np.float64)
+    return float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
+
+
+def accuracy(b, L, impls, configs=None, seed=1):
+    """Relative errors of y and of every gradient against the float32 xla reference."""
+    x, dt, A, B, C, D, cot = make_inputs(b, L, seed)
+    f32 = lambda v: v.astype(jnp.float32)
+    ref_f = jax.jit(loss_grad_fn(forward_fn("xla")))
+    ref_y = jax.jit(forward_fn("xla"))(f32(x), dt, A, f32(B), f32(C), D)
+    _, ref_g = ref_f(f32(x), dt, A, f32(B), f32(C), D, cot)
+    out = {}
+    for name in impls:
+        cfg = (configs or {}).get(name)
+        fwd = forward_fn(name if name in ("xla", "pallas") else "fused", cfg)
+        y = jax.jit(fwd)(x, dt, A, B, C, D)
+        _, g = jax.jit(loss_grad_fn(fwd))(x, dt, A, B, C, D, cot)
+        errs = {"y": rel(y, ref_y)}
+        errs.update({k: rel(a, r) for k, a, r in zip(("dx", "ddt", "dA", "dB", "dC", "dD"), g, ref_g)})
+        out[name] = errs
+    return out
+
+
+def check_1m(b=1, L=1 << 20, tail=1 << 15):
+    """1M tokens: the kernel's last ``tail`` outputs and final state against impl="xla" on the tail started from
+    the kernel's state after the first ``L - tail`` tokens (an index overflow would corrupt the tail)."""
+    x, dt, A, B, C, D, _ = make_inputs(b, L, seed=3)
+    run = lambda *a, h0=None: ssd_ops.ssd_pallas(*a, h0, None, chunk_size=Q)
+    y, final = jax.jit(lambda x, dt, B, C: run(x, dt, dt * A, B, C))(x, dt, B, C)
+    s = L - tail
+    _, mid = jax.jit(lambda x, dt, B, C: run(x, dt, dt * A, B, C))(x[:, :s], dt[:, :s], B[:, :s], C[:, :s])
+    yr, fr = ssd(x[:, s:].astype(jnp.float32), dt[:, s:], A, B[:, s:].astype(jnp.float32),
+                 C[:, s:].astype(jnp.float32), chunk_size=Q, initial_state=mid, impl="xla")
+    return {"y_tail": rel(y[:, s:], yr), "final": rel(final, fr), "finite": bool(jnp.all(jnp.isfinite(y)))}
+
+
+def bench_case(name, impls, configs=None, bwd=True, iters=10):
+    b, L = CASES[name]
+    x, dt, A, B, C, D, cot = make_inputs(b, L)
+    rows = []
+    for impl in impls:
+        cfg = (configs or {}).get(impl)
+        fwd = forward_fn(impl if impl in ("xla", "pallas") else "fused", cfg)
+        row = {"case": name, "impl": impl, "config": cfg}
+        try:
+            jf, secs, mem = compile_fn(fwd, (x, dt, A, B, C, D))
+            row["compile_s"] = round(secs, 1)
+            row["fwd_ms"], row["fwd_min_ms"] = time_fn(jf, (x, dt, A, B, C, D), iters=iters)
+            row["fwd_mem_gb"] = (mem or 0) / 1e9
+            row["fwd_tflops"] = model_flops(b, L) / row["fwd_ms"] / 1e9
+            row["fwd_gbs"] = model_bytes(b, L) / row["fwd_ms"] / 1e6
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc(limit=3)
+            row["error"] = f"fwd: {type(e).__name__}: {str(e)[:300]}"
+        if bwd and "error" not in row:
+            try:
+                gf, secs, mem = compile_fn(loss_grad_fn(fwd), (x, dt, A, B, C, D, cot))
+                row["compile_bwd_s"] = round(secs, 1)
+                row["fwdbwd_ms"], row["fwdbwd_min_ms"] = time_fn(gf, (x, dt, A, B, C, D, cot), iters=iters)
+                row["fwdbwd_mem_gb"] = (mem or 0) / 1e9
+                row["fwdbwd_tflops"] = model_flops(b, L, True) / row["fwdbwd_ms"] / 1e9
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc(limit=3)
+                row["error"] = f"bwd: {type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+KERNEL_VARIANTS = {  # per-kernel configurations timed with --kernels (each kernel alone, b8 x L4096)
+    "scan_fwd": {"default": {}, "sub64": {"scan_block": 64}, "bp64": {"state_rows": 64},
+                 "bp64-sub64": {"state_rows": 64, "scan_block": 64}, "split": {"state_variant": "split"},
+                 "sub64-s3": {"scan_block": 64, "launch": (("scan", 4, 3),)},
+                 "sub64-w8": {"scan_block": 64, "launch": (("scan", 8, 2),)},
+                 "bf16st": {"state_dtype": "bfloat16"}},
+    "out": {"default": {}, "hb2": {"heads_per_block": 2}, "s1": {"launch": (("out", 4, 1),)},
+            "s3": {"launch": (("out", 4, 3),)}, "w8": {"launch": (("out", 8, 2),)},
+            "bf16st": {"state_dtype": "bfloat16"}, "bf16st-hb2": {"state_dtype": "bfloat16", "heads_per_block": 2},
+            "bf16st-s3": {"state_dtype": "bfloat16", "launch": (("out", 4, 3),)}, "bt32": {"block_t": 32},
+            "bf16-ops": {"x2_dots": ()}},
+    "scan_bwd": {"default": {}, "sub64": {"scan_block": 64}, "bp64-sub64": {"state_rows": 64, "scan_block": 64},
+                 "split": {"state_variant": "split"}},
+    "cols": {"default": {}, "hb2": {"heads_per_block": 2}, "s1": {"launch": (("cols", 4, 1),)},
+             "s3": {"launch": (("cols", 4, 3),)}, "w8": {"launch": (("cols", 8, 2),)},
+             "bf16st": {"state_dtype": "bfloat16"}, "bf16st-hb2": {"state_dtype": "bfloat16", "heads_per_block": 2},
+             "bf16-ops": {"x2_dots": ()}},
+    "rows": {"default": {}, "unroll2": {"rows_unroll": 2}, "s1": {"launch": (("rows", 4, 1),)},
+             "s3": {"launch": (("rows", 4, 3),)}, "w8": {"launch": (("rows", 8, 2),)},
+             "bf16st": {"state_dtype": "bfloat16"}, "bf16st-unroll2": {"state_dtype": "bfloat16", "rows_unroll": 2},
+             "bf16-ops": {"x2_dots": ()}},
+}
+
+
+def kernel_times(case="b8xL4096", which=None, iters=10):
+    """Times every GPU kernel alone, for each configuration in KERNEL_VARIANTS."""
+    from ssm_jax.kernels import ssd_gpu
+
+    b, L = CASES[case]
+    x, dt, A, B, C, D, cot = make_inputs(b, L)
+    xp, w, cs, Bp, Cp, _ = ssd_ops.prepare(x, dt, dt * A, B, C, None, Q, jnp.float32)
+    rows = []
+    base_cfg = ssd_ops.make_config(x.dtype, B.dtype, (b, L, H, P, G, N), Q)
+    st32, fin = jax.jit(lambda: ssd_gpu.state_scan(base_cfg, xp, Bp, cs, w, None, None, backward=False)[:2])()
+    dfinal = jnp.ones_like(fin)
+    Gs32 = jax.jit(lambda: ssd_gpu.state_scan(base_cfg, cot, Cp, cs, w, None, dfinal, backward=True)[0])()
+    for kern, variants in KERNEL_VARIANTS.items():
+        if which and kern not in which:
+            continue
+        for vname, over in variants.items():
+            over = dict(over)
+            if isinstance(over.get("state_dtype"), str):
+                over["state_dtype"] = jnp.dtype(over["state_dtype"])
+            row = {"case": case, "kernel": kern, "variant": vname}
+            try:
+                cfg = ssd_ops.make_config(x.dtype, B.dtype, (b, L, H, P, G, N), Q, **over)
+                sd = cfg.state_dtype or jnp.float32
+                st, Gs = st32.astype(sd), Gs32.astype(sd)
+                fns = {
+                    "scan_fwd": lambda: ssd_gpu.state_scan(cfg, xp, Bp, cs, w, None, None, backward=False),
+                    "out": lambda: ssd_gpu.output(cfg, xp, Bp, Cp, cs, w, st, None, D, jnp.bfloat16),
+                    "scan_bwd": lambda: ssd_gpu.state_scan(cfg, cot, Cp, cs, w, None, dfinal, backward=True),
+                    "cols": lambda: ssd_gpu.bwd_cols(cfg, xp, cot, Bp, Cp, cs, w, Gs, None, D),
+                    "rows": lambda: ssd_gpu.bwd_rows(cfg, xp, cot, Bp, Cp, cs, w, st, Gs, None),
+                }
+                f = jax.jit(fns[kern])
+                t0 = time.perf_counter()
+                jax.block_until_ready(f())
+                row["compile_s"] = round(time.perf_counter() - t0, 1)
+                row["ms"], row["min_ms"] = time_fn(f, (), iters=iters)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc(limit=2)
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(rows):
+    lines = ["| case | impl | fwd ms | fwd TFLOP/s | fwd GB/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak mem fwd / fwd+bwd GB"
+             " | official fwd / fwd+bwd ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        off = OFFICIAL.get(r["case"])
+        fmt = lambda k, f="{:.3f}": f.format(r[k]) if k in r else "-"
+        lines.append(
+            f"| {r['case']} | {r['impl']} | {fmt('fwd_ms')} | {fmt('fwd_tflops', '{:.0f}')} | {fmt('fwd_gbs', '{:.0f}')}"
+            f" | {fmt('fwdbwd_ms')} | {fmt('fwdbwd_tflops', '{:.0f}')} | {fmt('fwd_mem_gb', '{:.2f}')} /"
+            f" {fmt('fwdbwd_mem_gb', '{:.2f}')} | {'%.3f / %.2f' % off if off else '-'} |"
+            + (f" error: {r['error'][:80]}" if "error" in r else "")
+        )
+    return "\n".join(lines)
+
+
+VARIANTS = {  # kernel configurations swept with --variants (on b8 x L4096)
+    "default": {},
+    "split": {"state_variant": "split"},
+    "hb8": {"heads_per_block": 8},
+    "hb2": {"heads_per_block": 2},
+    "warps8": {"num_warps": 8},
+    "stages3": {"num_stages": 3},
+    "bt32": {"block_t": 32},
+    "bf16-all": {"f32_dots": ()},
+    "tf32-out": {"f32_dots": ("dx_intra", "dcb", "out_intra")},
+    "bf16st": {"state_dtype": "bfloat16"},
+    "bf16st-sub64": {"state_dtype": "bfloat16", "scan_block": 64},
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="b8xL4096,b2xL16384,b1xL65536,b1xL1M")
+    ap.add_argument("--impls", default="xla,pallas,pallas-fused")
+    ap.add_argument("--variants", default="", help="comma list of VARIANTS names to sweep on b8xL4096")
+    ap.add_argument("--variants-bwd", action="store_true", help="also time fwd+bwd of each variant")
+    ap.add_argument("--accuracy", action="store_true", help="relative errors vs the float32 reference")
+    ap.add_argument("--accuracy-impls", default="pallas,pallas-fused")
+    ap.add_argument("--accuracy-variants", default="", help="VARIANTS names also checked with --accuracy")
+    ap.add_argument("--check-1m", action="store_true")
+    ap.add_argument("--kernels", default="", help="time each kernel alone: 'all' or a comma list of KERNEL_VARIANTS")
+    ap.add_argument("--smoke", action="store_true", help="first a small correctness check of the kernels")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--xla-cases", default="all", help="cases that also time impl='xla' (comma list or 'all')")
+    ap.add_argument("--public-cases", default="all",
+                    help="cases that also time ssd(impl='pallas') (comma list or 'all')")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "ssd_h200.json"))
+    args = ap.parse_args(argv)
+
+    dev = jax.devices()[0]
+    meta = {"device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__,
+            "command": "python benchmarks/ssd_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    print(json.dumps(meta), flush=True)
+    result = {"meta": meta, "rows": [], "variants": [], "accuracy": {}, "check_1m": None}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+    impls = [s for s in args.impls.split(",") if s]
+    if args.smoke:
+        try:
+            result["smoke"] = accuracy(1, 1024, ["pallas-fused"])
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            result["smoke"] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+        print(json.dumps({"smoke": result["smoke"]}), flush=True)
+        save()
+    if args.kernels:
+        result["kernels"] = kernel_times(which=[k for k in args.kernels.split(",") if k != "all"], iters=args.iters)
+        save()
+    for case in [c for c in args.cases.split(",") if c]:
+        big = case == "b1xL1M"
+        wanted = lambda spec: spec in ("all", "") or case in spec.split(",")  # noqa: B023
+        case_impls = [i for i in impls
+                      if (i != "xla" or wanted(args.xla_cases)) and (i != "pallas" or wanted(args.public_cases))]
+        result["rows"] += bench_case(case, [i for i in case_impls if not (big and i == "xla")], bwd=not big,
+                                     iters=3 if big else args.iters)
+        save()
+    if args.accuracy:
+        avars = [v for v in args.accuracy_variants.split(",") if v]
+        names = [i for i in args.accuracy_impls.split(",") if i] + [f"fused:{v}" for v in avars]
+        cfgs = {f"fused:{v}": VARIANTS[v] for v in avars}
+        try:
+            result["accuracy"] = accuracy(2, 4096, [n for n in names if n != "xla"], cfgs)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            result["accuracy"] = {"error": f"{type(e).__name__}: {str(e)[:1000]}"}
+        print(json.dumps({"accuracy": result["accuracy"]}), flush=True)
+        save()
+    if args.check_1m:
+        try:
+            result["check_1m"] = check_1m()
+        except Exception as e:  # noqa: BLE001
+            result["check_1m"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(json.dumps({"check_1m": result["check_1m"]}), flush=True)
+    if args.variants:
+        names = [v for v in args.variants.split(",") if v]
+        cfgs = {f"fused:{v}": VARIANTS[v] for v in names}
+        result["variants"] = bench_case("b8xL4096", list(cfgs), cfgs, bwd=args.variants_bwd, iters=args.iters)
+        save()
+    save()
+    print(markdown(result["variants"] + result["rows"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,611 @@
+"""GPU launcher of the SSD kernels: plain ``pl.pallas_call`` lowered through Triton (interpret mode on CPU).
+
+Kernels (all index arithmetic through multi-dimensional BlockSpecs and per-dimension ``pl.ds`` offsets, so
+Pallas emits 64-bit offsets whenever an array exceeds 4 GiB: no flat int32 offsets at 1M+ tokens):
+
+* ``state_scan``  one program per (head, state rows block, batch) loops over the chunks, computes each chunk's
+  local state with one matmul and carries the state in registers (forward: states entering each chunk;
+  backward, in reverse: the state gradients). Variant ``"split"`` computes the local states in a separate
+  fully parallel kernel (``chunk_states``) and only passes them sequentially (better for few long sequences).
+* ``output``      one program per (head block, row block, chunk, batch): ``C B^T`` once per block pair for all
+  heads of the block, masked intra-chunk product plus the inter-chunk output (and ``D x``).
+* ``bwd_cols``    per (head block, source block, chunk, batch): ``dx``, ``dw`` and the state terms.
+* ``bwd_rows``    per (group, row block, chunk, batch), looping over the group's heads: ``dC``, ``dB`` (the
+  intra part through ``dCB`` summed over heads once per group) and the row terms of the log-decay gradient.
+
+Layouts: ``x, dy, y, dx (b, L, h, p)``; ``B, C (b, L, g, n)``; per-position scalars ``(b, h, L)`` float32;
+states ``(b, h, c, p, n)`` float32; ``L`` padded to a multiple of the chunk by the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import ssd_common as cm
+
+try:  # Triton compiler parameters select the Triton lowering for plain pallas_call (not Mosaic GPU).
+    from jax.experimental.pallas import triton as pltriton
+
+    _TritonParams = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
+except ImportError:  # pragma: no cover - very old / stripped jax
+    pltriton = None
+    _TritonParams = None
+
+
+def _params(cfg, which):
+    if _TritonParams is None or cfg.interpret:
+        return None
+    warps, stages = cfg.launch_for(which)
+    return _TritonParams(num_warps=warps, num_stages=stages)
+
+
+def _call(kernel, cfg, which, **kw):
+    return pl.pallas_call(kernel, interpret=cfg.interpret, compiler_params=_params(cfg, which), **kw)
+
+
+def _col(v):
+    return v[:, None]
+
+
+def _row(v):
+    return v[None, :]
+
+
+def _flat(v):
+    return v.reshape(v.shape[0])
+
+
+# -------------------------------------------------------------------------------------------------
+# sequential state pass (forward: entering states; backward: state gradients, in reverse)
+# -------------------------------------------------------------------------------------------------
+
+
+def _scan_kernel(*refs, Q, nc, backward, fused, has_doc, has_init, clip, dots, acc, sub):
+    it = iter(refs)
+    if fused:
+        X_ref, M_ref, cs_ref = next(it), next(it), next(it)
+        w_ref = None if backward else next(it)
+        doc_ref = next(it) if has_doc else None
+    else:
+        S_ref = next(it)
+        g_ref = next(it)
+    init_ref = next(it) if has_init else None
+    if clip:
+        mn_ref = next(it)
+        if backward:
+            scale_in_ref, hout_ref = next(it), next(it)
+    states_ref, final_ref = next(it), next(it)
+    aux_ref = next(it) if clip else None  # forward: clip scales; backward: max_norm gradient parts
+
+    shape = final_ref.shape
+    carry0 = init_ref[...].astype(acc) if has_init else jnp.zeros(shape, acc)
+
+    def local_state(c):
+        q0 = c * Q
+        if not fused:
+            return S_ref[c].astype(acc), g_ref[c].astype(acc)
+        cs_last = cs_ref[q0 + Q - 1]
+        doc_last = doc_ref[q0 + Q - 1] if has_doc else None
+
+        def part(r0, rows):
+            Xc = X_ref[pl.ds(r0, rows), :]
+            Mc = M_ref[pl.ds(r0, rows), :]
+            cs = _col(cs_ref[pl.ds(r0, rows)])
+            doc = _col(doc_ref[pl.ds(r0, rows)]) if has_doc else None
+            if backward:
+                coef = cm.decay_from_start(cs, doc)
+            else:
+                coef = _col(w_ref[pl.ds(r0, rows)]) * cm.decay_to_end(cs, cs_last, doc, doc_last)
+            return cm.chunk_state(Xc, coef, Mc, dots["bstate" if backward else "state"])
+
+        if sub >= Q:
+            S = part(q0, Q)
+        else:
+            S = lax.fori_loop(1, Q // sub, lambda r, S: S + part(q0 + r * sub, sub), part(q0, sub))
+        return S, cm.chunk_decay(cs_last, doc_last)
+
+    def body(k, carry):
+        c = nc - 1 - k if backward else k
+        S, g = local_state(c)
+        if backward:
+            if clip:
+                carry, dm = cm.clip_backward(carry, scale_in_ref[c], hout_ref[c].astype(acc))
+                aux_ref[c] = jnp.sum(dm)
+            states_ref[c] = carry.astype(states_ref.dtype)
+            return g * carry + S
+        states_ref[c] = carry.astype(states_ref.dtype)
+        new = g * carry + S
+        if clip:
+            scale = cm.clip_scale(new, mn_ref[...])
+            aux_ref[c] = jnp.sum(scale)
+            new = new * scale
+        return new
+
+    final_ref[...] = lax.fori_loop(0, nc, body, carry0).astype(final_ref.dtype)
+
+
+def _chunk_states_kernel(X_ref, M_ref, cs_ref, *refs, Q, backward, has_doc, dots, acc):
+    it = iter(refs)
+    w_ref = None if backward else next(it)
+    doc_ref = next(it) if has_doc else None
+    S_ref = next(it)
+    cs = _col(cs_ref[...])
+    cs_last = cs_ref[Q - 1]
+    doc = _col(doc_ref[...]) if has_doc else None
+    doc_last = doc_ref[Q - 1] if has_doc else None
+    if backward:
+        coef = cm.decay_from_start(cs, doc)
+    else:
+        coef = _col(w_ref[...]) * cm.decay_to_end(cs, cs_last, doc, doc_last)
+    S = cm.chunk_state(X_ref[...], coef, M_ref[...], dots["bstate" if backward else "state"])
+    S_ref[...] = S.astype(S_ref.dtype)
+
+
+def state_scan(cfg, X, M, cs, w, doc, init, *, backward, max_norm=None, scale_in=None, hout=None):
+    """Sequential pass over chunks.
+
+    Forward (``backward=False``): ``X = x``, ``M = B``; returns the states entering each chunk
+    ``(b, h, c, p, n)``, the final state and (with ``max_norm``) the clip scales ``(b, h, c)``.
+    Backward: ``X = dy``, ``M = C``, ``init = dfinal``; returns the gradients of the states leaving each
+    chunk (after the clip's backward), the gradient of the initial state and (with ``max_norm``) the
+    max_norm gradient parts ``(b, h, c)``.
+    """
+    b, L, h, p = X.shape
+    g, n = M.shape[2], M.shape[3]
+    k = h // g
+    Q = cfg.chunk
+    nc = L // Q
+    acc = cfg.acc
+    clip = max_norm is not None
+    has_doc = doc is not None
+    has_init = init is not None
+    fused = cfg.state_variant == "fused"
+    bp = p if clip else min(p, cfg.state_rows)
+    npb = p // bp
+    grid = (h, npb, b)
+
+    out_shape = [
+        jax.ShapeDtypeStruct((b, h, nc, p, n), acc if (clip or cfg.state_dtype is None) else cfg.state_dtype),
+        jax.ShapeDtypeStruct((b, h, p, n), acc),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, nc, bp, n), lambda hh, pb, bb: (bb, hh, 0, pb, 0)),
+        pl.BlockSpec((None, None, bp, n), lambda hh, pb, bb: (bb, hh, pb, 0)),
+    ]
+    if clip:
+        out_shape.append(jax.ShapeDtypeStruct((b, h, nc), acc))
+        out_specs.append(pl.BlockSpec((None, None, nc), lambda hh, pb, bb: (bb, hh, 0)))
+
+    ins, in_specs = [], []
+    if fused:
+        ins += [X, M, cs]
+        in_specs += [
+            pl.BlockSpec((None, L, None, bp), lambda hh, pb, bb: (bb, 0, hh, pb)),
+            pl.BlockSpec((None, L, None, n), lambda hh, pb, bb: (bb, 0, cm.idiv(hh, k), 0)),
+            pl.BlockSpec((None, None, L), lambda hh, pb, bb: (bb, hh, 0)),
+        ]
+        if not backward:
+            ins.append(w)
+            in_specs.append(pl.BlockSpec((None, None, L), lambda hh, pb, bb: (bb, hh, 0)))
+        if has_doc:
+            ins.append(doc)
+            in_specs.append(pl.BlockSpec((None, L), lambda hh, pb, bb: (bb, 0)))
+    else:
+        S = chunk_states(cfg, X, M, cs, w, doc, backward=backward)
+        gdec = chunk_decays(cs, doc, Q)
+        ins += [S, gdec]
+        in_specs += [
+            pl.BlockSpec((None, None, nc, bp, n), lambda hh, pb, bb: (bb, hh, 0, pb, 0)),
+            pl.BlockSpec((None, None, nc), lambda hh, pb, bb: (bb, hh, 0)),
+        ]
+    if has_init:
+        ins.append(init)
+        in_specs.append(pl.BlockSpec((None, None, bp, n), lambda hh, pb, bb: (bb, hh, pb, 0)))
+    if clip:
+        ins.append(max_norm.astype(acc))
+        in_specs.append(pl.BlockSpec((None,), lambda hh, pb, bb: (hh,)))
+        if backward:
+            ins += [scale_in, hout]
+            in_specs += [
+                pl.BlockSpec((None, None, nc), lambda hh, pb, bb: (bb, hh, 0)),
+                pl.BlockSpec((None, None, nc, bp, n), lambda hh, pb, bb: (bb, hh, 0, pb, 0)),
+            ]
+
+    kernel = functools.partial(
+        _scan_kernel, Q=Q, nc=nc, backward=backward, fused=fused, has_doc=has_doc, has_init=has_init, clip=clip,
+        dots=cfg.dots(), acc=acc, sub=min(cfg.scan_block, Q),
+    )
+    outs = _call(kernel, cfg, "scan", grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                 name="ssd_state_scan_bwd" if backward else "ssd_state_scan")(*ins)
+    return outs
+
+
+def chunk_states(cfg, X, M, cs, w, doc, *, backward):
+    """Fully parallel local chunk states ``(b, h, c, p, n)`` (the ``"split"`` variant's first kernel)."""
+    b, L, h, p = X.shape
+    g, n = M.shape[2], M.shape[3]
+    k = h // g
+    Q = cfg.chunk
+    nc = L // Q
+    ins = [X, M, cs]
+    in_specs = [
+        pl.BlockSpec((None, Q, None, p), lambda hh, c, bb: (bb, c, hh, 0)),
+        pl.BlockSpec((None, Q, None, n), lambda hh, c, bb: (bb, c, cm.idiv(hh, k), 0)),
+        pl.BlockSpec((None, None, Q), lambda hh, c, bb: (bb, hh, c)),
+    ]
+    if not backward:
+        ins.append(w)
+        in_specs.append(pl.BlockSpec((None, None, Q), lambda hh, c, bb: (bb, hh, c)))
+    if doc is not None:
+        ins.append(doc)
+        in_specs.append(pl.BlockSpec((None, Q), lambda hh, c, bb: (bb, c)))
+    kernel = functools.partial(_chunk_states_kernel, Q=Q, backward=backward, has_doc=doc is not None,
+                               dots=cfg.dots(), acc=cfg.acc)
+    return _call(
+        kernel, cfg, "chunk_states", grid=(h, nc, b), in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, None, p, n), lambda hh, c, bb: (bb, hh, c, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, h, nc, p, n), cfg.acc), name="ssd_chunk_states",
+    )(*ins)
+
+
+def chunk_decays(cs, doc, Q):
+    """``g`` per chunk ``(b, h, c)``: the decay over the whole chunk, 0 if it contains a document change."""
+    b, h, L = cs.shape
+    last = cs.reshape(b, h, L // Q, Q)[..., -1]
+    d_last = None if doc is None else doc.reshape(b, 1, L // Q, Q)[..., -1]
+    return cm.chunk_decay(last, d_last)
+
+
+# -------------------------------------------------------------------------------------------------
+# forward output
+# -------------------------------------------------------------------------------------------------
+
+
+def _output_kernel(*refs, Q, BT, HB, has_doc, has_D, dots, acc):
+    it = iter(refs)
+    x_ref, C_ref, B_ref, cs_ref, w_ref, st_ref = (next(it) for _ in range(6))
+    doc_ref = next(it) if has_doc else None
+    D_ref = next(it) if has_D else None
+    y_ref = next(it)
+
+    i = pl.program_id(1)
+    t0 = i * BT
+    Ci = C_ref[pl.ds(t0, BT), :]
+    doc_t = _col(doc_ref[pl.ds(t0, BT)]) if has_doc else None
+    cs_t = [_col(cs_ref[hh, pl.ds(t0, BT)]) for hh in range(HB)]
+    accs = tuple(
+        cm.off_output(Ci, st_ref[hh], cm.decay_from_start(cs_t[hh], doc_t), dots['out_off']) for hh in range(HB)
+    )
+
+    def body(j, accs):
+        s0 = j * BT
+        Bj = B_ref[pl.ds(s0, BT), :]
+        CB = cm.mm(Ci, Bj, cm.NT, dots['cb'])
+        doc_s = _row(doc_ref[pl.ds(s0, BT)]) if has_doc else None
+        mask = cm.intra_mask(t0, s0, BT, BT, doc_t, doc_s)
+        new = []
+        for hh in range(HB):
+            L = cm.intra_decay(cs_t[hh], _row(cs_ref[hh, pl.ds(s0, BT)]), mask)
+            w_s = _row(w_ref[hh, pl.ds(s0, BT)])
+            new.append(accs[hh] + cm.intra_output(CB, L, w_s, x_ref[pl.ds(s0, BT), hh, :], dots['out_intra']))
+        return tuple(new)
+
+    accs = lax.fori_loop(0, i + 1, body, accs)
+    for hh in range(HB):
+        y = accs[hh]
+        if has_D:
+            y = y + D_ref[hh].astype(acc) * x_ref[pl.ds(t0, BT), hh, :].astype(acc)
+        y_ref[:, hh, :] = y.astype(y_ref.dtype)
+
+
+def output(cfg, x, B, C, cs, w, states, doc, D, out_dtype):
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    k = h // g
+    Q, BT = cfg.chunk, cfg.block_t
+    nb, nc = Q // BT, L // Q
+    HB = cfg.heads_for(k)
+    grid = (h // HB, nb, nc, b)
+    grp = lambda hb: cm.idiv(hb * HB, k)
+    ins = [x, C, B, cs, w, states]
+    in_specs = [
+        pl.BlockSpec((None, Q, HB, p), lambda hb, i, c, bb: (bb, c, hb, 0)),
+        pl.BlockSpec((None, Q, None, n), lambda hb, i, c, bb: (bb, c, grp(hb), 0)),
+        pl.BlockSpec((None, Q, None, n), lambda hb, i, c, bb: (bb, c, grp(hb), 0)),
+        pl.BlockSpec((None, HB, Q), lambda hb, i, c, bb: (bb, hb, c)),
+        pl.BlockSpec((None, HB, Q), lambda hb, i, c, bb: (bb, hb, c)),
+        pl.BlockSpec((None, HB, None, p, n), lambda hb, i, c, bb: (bb, hb, c, 0, 0)),
+    ]
+    if doc is not None:
+        ins.append(doc)
+        in_specs.append(pl.BlockSpec((None, Q), lambda hb, i, c, bb: (bb, c)))
+    if D is not None:
+        ins.append(D)
+        in_specs.append(pl.BlockSpec((HB,), lambda hb, i, c, bb: (hb,)))
+    kernel = functools.partial(
+        _output_kernel, Q=Q, BT=BT, HB=HB, has_doc=doc is not None, has_D=D is not None, dots=cfg.dots(), acc=cfg.acc,
+    )
+    return _call(
+        kernel, cfg, "out", grid=grid, in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, BT, HB, p), lambda hb, i, c, bb: (bb, c * nb + i, hb, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, L, h, p), out_dtype), name="ssd_output",
+    )(*ins)
+
+
+# -------------------------------------------------------------------------------------------------
+# backward
+# -------------------------------------------------------------------------------------------------
+
+
+def _bwd_cols_kernel(*refs, Q, BT, HB, nb, has_doc, has_D, dots, acc):
+    it = iter(refs)
+    x_ref, dy_ref, C_ref, B_ref, cs_ref, w_ref, G_ref = (next(it) for _ in range(7))
+    doc_ref = next(it) if has_doc else None
+    D_ref = next(it) if has_D else None
+    dx_ref, dw_ref, V_ref = next(it), next(it), next(it)
+    dD_ref = next(it) if has_D else None
+
+    j = pl.program_id(1)
+    s0 = j * BT
+    Bj = B_ref[pl.ds(s0, BT), :]
+    doc_s = doc_ref[pl.ds(s0, BT)] if has_doc else None
+    doc_last = doc_ref[Q - 1] if has_doc else None
+    cs_s = [cs_ref[hh, pl.ds(s0, BT)] for hh in range(HB)]
+    w_s = [_col(w_ref[hh, pl.ds(s0, BT)]) for hh in range(HB)]
+    accs = []
+    for hh in range(HB):
+        d = cm.decay_to_end(_col(cs_s[hh]), cs_ref[hh, Q - 1], None if doc_s is None else _col(doc_s), doc_last)
+        draw, V = cm.state_grad_terms(Bj, G_ref[hh], d, w_s[hh], x_ref[pl.ds(s0, BT), hh, :], dots['dx_state'])
+        V_ref[hh, :] = _flat(V)
+        accs.append(draw)
+    doc_s_row = None if doc_s is None else _row(doc_s)
+
+    def body(i, accs):
+        t0 = i * BT
+        Ci = C_ref[pl.ds(t0, BT), :]
+        CB = cm.mm(Ci, Bj, cm.NT, dots['cb'])
+        doc_t = _col(doc_ref[pl.ds(t0, BT)]) if has_doc else None
+        mask = cm.intra_mask(t0, s0, BT, BT, doc_t, doc_s_row)
+        new = []
+        for hh in range(HB):
+            L = cm.intra_decay(_col(cs_ref[hh, pl.ds(t0, BT)]), _row(cs_s[hh]), mask)
+            new.append(accs[hh] + cm.intra_input_grad(CB, L, dy_ref[pl.ds(t0, BT), hh, :], dots['dx_intra']))
+        return tuple(new)
+
+    accs = lax.fori_loop(j, nb, body, tuple(accs))
+    for hh in range(HB):
+        xs = x_ref[pl.ds(s0, BT), hh, :].astype(acc)
+        draw = accs[hh]
+        dx = w_s[hh] * draw
+        if has_D:
+            dys = dy_ref[pl.ds(s0, BT), hh, :].astype(acc)
+            dx = dx + D_ref[hh].astype(acc) * dys
+            dD_ref[hh] = jnp.sum(dys * xs)
+        dx_ref[:, hh, :] = dx.astype(dx_ref.dtype)
+        dw_ref[hh, :] = jnp.sum(xs * draw, axis=1)
+
+
+def bwd_cols(cfg, x, dy, B, C, cs, w, Gs, doc, D):
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    k = h // g
+    Q, BT = cfg.chunk, cfg.block_t
+    nb, nc = Q // BT, L // Q
+    HB = cfg.heads_for(k)
+    grp = lambda hb: cm.idiv(hb * HB, k)
+    ins = [x, dy, C, B, cs, w, Gs]
+    in_specs = [
+        pl.BlockSpec((None, Q, HB, p), lambda hb, j, c, bb: (bb, c, hb, 0)),
+        pl.BlockSpec((None, Q, HB, p), lambda hb, j, c, bb: (bb, c, hb, 0)),
+        pl.BlockSpec((None, Q, None, n), lambda hb, j, c, bb: (bb, c, grp(hb), 0)),
+        pl.BlockSpec((None, Q, None, n), lambda hb, j, c, bb: (bb, c, grp(hb), 0)),
+        pl.BlockSpec((None, HB, Q), lambda hb, j, c, bb: (bb, hb, c)),
+        pl.BlockSpec((None, HB, Q), lambda hb, j, c, bb: (bb, hb, c)),
+        pl.BlockSpec((None, HB, None, p, n), lambda hb, j, c, bb: (bb, hb, c, 0, 0)),
+    ]
+    if doc is not None:
+        ins.append(doc)
+        in_specs.append(pl.BlockSpec((None, Q), lambda hb, j, c, bb: (bb, c)))
+    if D is not None:
+        ins.append(D)
+        in_specs.append(pl.BlockSpec((HB,), lambda hb, j, c, bb: (hb,)))
+    vec = lambda: pl.BlockSpec((None, HB, BT), lambda hb, j, c, bb: (bb, hb, c * nb + j))
+    out_shape = [
+        jax.ShapeDtypeStruct((b, L, h, p), x.dtype),
+        jax.ShapeDtypeStruct((b, h, L), cfg.acc),
+        jax.ShapeDtypeStruct((b, h, L), cfg.acc),
+    ]
+    out_specs = [pl.BlockSpec((None, BT, HB, p), lambda hb, j, c, bb: (bb, c * nb + j, hb, 0)), vec(), vec()]
+    if D is not None:
+        out_shape.append(jax.ShapeDtypeStruct((b, h, nc * nb), cfg.acc))
+        out_specs.append(pl.BlockSpec((None, HB, None), lambda hb, j, c, bb: (bb, hb, c * nb + j)))
+    kernel = functools.partial(
+        _bwd_cols_kernel, Q=Q, BT=BT, HB=HB, nb=nb, has_doc=doc is not None, has_D=D is not None,
+        dots=cfg.dots(), acc=cfg.acc,
+    )
+    return _call(kernel, cfg, "cols", grid=(h // HB, nb, nc, b), in_specs=in_specs, out_specs=out_specs,
+                 out_shape=out_shape, name="ssd_bwd_cols")(*ins)
+
+
+def _bwd_rows_kernel(*refs, Q, BT, k, nb, has_doc, dots, acc, unroll):
+    it = iter(refs)
+    x_ref, dy_ref, C_ref, B_ref, cs_ref, w_ref, H_ref, G_ref = (next(it) for _ in range(8))
+    doc_ref = next(it) if has_doc else None
+    dC_ref, dBs_ref, dBp_ref, rowZ_ref, off_ref, dg_ref = (next(it) for _ in range(6))
+
+    i = pl.program_id(1)
+    t0 = i * BT
+    Ci = C_ref[pl.ds(t0, BT), :]
+    n = Ci.shape[1]
+    doc_t = _col(doc_ref[pl.ds(t0, BT)]) if has_doc else None
+    doc_last = doc_ref[Q - 1] if has_doc else None
+
+    # Terms of the row block's own positions: the inter-chunk output and the chunk-state input.
+    def head_terms(hh, carry):
+        dC, dBs = carry
+        H = H_ref[hh].astype(acc)
+        G = G_ref[hh].astype(acc)
+        cs_t = _col(cs_ref[hh, pl.ds(t0, BT)])
+        w_t = _col(w_ref[hh, pl.ds(t0, BT)])
+        e = cm.decay_from_start(cs_t, doc_t)
+        d = cm.decay_to_end(cs_t, cs_ref[hh, Q - 1], doc_t, doc_last)
+        dyt = dy_ref[pl.ds(t0, BT), hh, :]
+        dC_off, off = cm.off_row_terms(dyt, H, Ci, e, dots['dc_off'])
+        off_ref[hh, :] = _flat(off)
+        dBs = dBs + cm.state_input_grad_B(x_ref[pl.ds(t0, BT), hh, :], w_t * d, G, dots['db_state'])
+        dg_ref[hh] = jnp.sum(G * H)
+        return dC + dC_off, dBs
+
+    zeros_tn = jnp.zeros((BT, n), acc)
+    dC, dBs = lax.fori_loop(0, k, head_terms, (zeros_tn, zeros_tn))
+
+    def block_pair(j, dC):
+        s0 = j * BT
+        Bj = B_ref[pl.ds(s0, BT), :]
+        CB = cm.mm(Ci, Bj, cm.NT, dots['cb'])
+        doc_s = _row(doc_ref[pl.ds(s0, BT)]) if has_doc else None
+        mask = cm.intra_mask(t0, s0, BT, BT, doc_t, doc_s)
+
+        def head(hu, dCB):
+            for u in range(unroll):
+                hh = hu * unroll + u
+                L = cm.intra_decay(_col(cs_ref[hh, pl.ds(t0, BT)]), _row(cs_ref[hh, pl.ds(s0, BT)]), mask)
+                w_s = _row(w_ref[hh, pl.ds(s0, BT)])
+                dcb, rowZ = cm.intra_row_terms(
+                    CB, L, w_s, dy_ref[pl.ds(t0, BT), hh, :], x_ref[pl.ds(s0, BT), hh, :], dots['dxx']
+                )
+                rowZ_ref[j, hh, :] = _flat(rowZ)
+                dCB = dCB + dcb
+            return dCB
+
+        dCB = lax.fori_loop(0, k // unroll, head, jnp.zeros((BT, BT), acc))
+        dBp_ref[pl.ds(s0, BT), :] = cm.mm(dCB, Ci, cm.TN, dots['dcb']).astype(dBp_ref.dtype)
+        return dC + cm.mm(dCB, Bj, cm.NN, dots['dcb'])
+
+    dC = lax.fori_loop(0, i + 1, block_pair, dC)
+
+    def zero_fill(j, carry):
+        dBp_ref[pl.ds(j * BT, BT), :] = jnp.zeros((BT, n), dBp_ref.dtype)
+
+        def head(hh, c2):
+            rowZ_ref[j, hh, :] = jnp.zeros((BT,), rowZ_ref.dtype)
+            return c2
+
+        return lax.fori_loop(0, k, head, carry)
+
+    lax.fori_loop(i + 1, nb, zero_fill, 0)
+    dC_ref[...] = dC.astype(dC_ref.dtype)
+    dBs_ref[...] = dBs.astype(dBs_ref.dtype)
+
+
+def bwd_rows(cfg, x, dy, B, C, cs, w, Hs, Gs, doc):
+    """Row-block backward kernel; the heads of a group are split over ``cfg.rows_head_blocks`` programs whose
+    partial ``dC`` and ``dB`` sums are added here (more parallelism for the sequential head loops)."""
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    k = h // g
+    nhb = max(1, cfg.rows_head_blocks)
+    while k % nhb:
+        nhb -= 1
+    kk = k // nhb
+    Q, BT = cfg.chunk, cfg.block_t
+    nb, nc = Q // BT, L // Q
+    acc = cfg.acc
+    grp = lambda gq: cm.idiv(gq, nhb)
+    ins = [x, dy, C, B, cs, w, Hs, Gs]
+    in_specs = [
+        pl.BlockSpec((None, Q, kk, p), lambda gq, i, c, bb: (bb, c, gq, 0)),
+        pl.BlockSpec((None, Q, kk, p), lambda gq, i, c, bb: (bb, c, gq, 0)),
+        pl.BlockSpec((None, Q, None, n), lambda gq, i, c, bb: (bb, c, grp(gq), 0)),
+        pl.BlockSpec((None, Q, None, n), lambda gq, i, c, bb: (bb, c, grp(gq), 0)),
+        pl.BlockSpec((None, kk, Q), lambda gq, i, c, bb: (bb, gq, c)),
+        pl.BlockSpec((None, kk, Q), lambda gq, i, c, bb: (bb, gq, c)),
+        pl.BlockSpec((None, kk, None, p, n), lambda gq, i, c, bb: (bb, gq, c, 0, 0)),
+        pl.BlockSpec((None, kk, None, p, n), lambda gq, i, c, bb: (bb, gq, c, 0, 0)),
+    ]
+    if doc is not None:
+        ins.append(doc)
+        in_specs.append(pl.BlockSpec((None, Q), lambda gq, i, c, bb: (bb, c)))
+    gp = g * nhb
+    out_shape = [
+        jax.ShapeDtypeStruct((b, L, gp, n), acc),  # dC (partial over head blocks)
+        jax.ShapeDtypeStruct((b, L, gp, n), acc),  # dB from the chunk state (partial)
+        jax.ShapeDtypeStruct((b, nb, L, gp, n), acc),  # dB from dCB, one slab per row block (partial)
+        jax.ShapeDtypeStruct((b, nb, h, L), acc),  # row sums of the masked product, one slab per source block
+        jax.ShapeDtypeStruct((b, h, L), acc),  # dy.y_off
+        jax.ShapeDtypeStruct((b, h, nc * nb), acc),  # <G, H> (identical in every row block)
+    ]
+    out_specs = [
+        pl.BlockSpec((None, BT, None, n), lambda gq, i, c, bb: (bb, c * nb + i, gq, 0)),
+        pl.BlockSpec((None, BT, None, n), lambda gq, i, c, bb: (bb, c * nb + i, gq, 0)),
+        pl.BlockSpec((None, None, Q, None, n), lambda gq, i, c, bb: (bb, i, c, gq, 0)),
+        pl.BlockSpec((None, nb, kk, BT), lambda gq, i, c, bb: (bb, 0, gq, c * nb + i)),
+        pl.BlockSpec((None, kk, BT), lambda gq, i, c, bb: (bb, gq, c * nb + i)),
+        pl.BlockSpec((None, kk, None), lambda gq, i, c, bb: (bb, gq, c * nb + i)),
+    ]
+    kernel = functools.partial(
+        _bwd_rows_kernel, Q=Q, BT=BT, k=kk, nb=nb, has_doc=doc is not None, dots=cfg.dots(), acc=acc,
+        unroll=cfg.rows_unroll if kk % cfg.rows_unroll == 0 else 1,
+    )
+    dC, dBs, dBp, rowZp, off, dg = _call(
+        kernel, cfg, "rows", grid=(gp, nb, nc, b), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        name="ssd_bwd_rows",
+    )(*ins)
+    if nhb > 1:
+        dC = dC.reshape(b, L, g, nhb, n).sum(3)
+        dBs = dBs.reshape(b, L, g, nhb, n).sum(3)
+        dBp = dBp.reshape(b, nb, L, g, nhb, n).sum(4)
+    return dC, dBs, dBp, rowZp, off, dg
+
+
+# -------------------------------------------------------------------------------------------------
+# launcher entry points used by ssd_ops
+# -------------------------------------------------------------------------------------------------
+
+
+def forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype):
+    """Returns ``(y, final, states, clip_scales)``."""
+    outs = state_scan(cfg, x, B, cs, w, doc, h0, backward=False, max_norm=max_norm)
+    states, final = outs[0], outs[1]
+    scales = outs[2] if max_norm is not None else None
+    y = output(cfg, x, B, C, cs, w, states, doc, D, out_dtype)
+    return y, final, states, scales
+
+
+def backward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, states, final, scales, dy, dfinal):
+    """Returns ``(dx, dw, dcs, dB, dC, dh0, dD, dmax_norm)`` in the kernel layouts (see ssd_ops)."""
+    b, L, h, p = x.shape
+    g = B.shape[2]
+    Q, BT = cfg.chunk, cfg.block_t
+    nb, nc = Q // BT, L // Q
+    hout = None
+    if max_norm is not None:
+        hout = jnp.concatenate([states[:, :, 1:], final[:, :, None]], axis=2)
+    outs = state_scan(cfg, dy, C, cs, w, doc, dfinal, backward=True, max_norm=max_norm, scale_in=scales, hout=hout)
+    Gs, dh0 = outs[0], outs[1]
+    dm_parts = outs[2] if max_norm is not None else None
+
+    col_outs = bwd_cols(cfg, x, dy, B, C, cs, w, Gs, doc, D)
+    dx, dw, V = col_outs[:3]
+    dD = None if D is None else jnp.sum(col_outs[3], axis=(0, 2))
+    dC, dBs, dBp, rowZp, off, dg = bwd_rows(cfg, x, dy, B, C, cs, w, states, Gs, doc)
+
+    gdec = chunk_decays(cs, doc, Q)  # (b, h, c)
+    dg = dg[:, :, ::nb]  # (b, h, c)
+    Vsum = V.reshape(b, h, nc, Q).sum(-1)
+    last = (Vsum + gdec * dg)[..., None] * (jnp.arange(Q) == Q - 1)
+    dcs = rowZp.sum(1) + off - w * dw + last.reshape(b, h, L)
+    dB = dBs + dBp.sum(1)
+    dm = None if max_norm is None else jnp.sum(dm_parts, axis=(0, 2))
+    return dx, dw, dcs, dB, dC, (dh0 if h0 is not None else None), dD, dm
+
+
+def states(cfg, x, w, cs, B, h0, doc, max_norm):
+    """Recomputes ``(states entering each chunk, final state, clip scales)`` for the backward pass."""
+    outs = state_scan(cfg, x, B, cs, w, doc, h0, backward=False, max_norm=max_norm)
+    return outs[0], outs[1], (outs[2] if max_norm is not None else None)
