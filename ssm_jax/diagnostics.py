@@ -94,10 +94,10 @@ def _chunk_function(graphdef, trace_heads: Tuple[Tuple[int, int], ...], trace_st
     def run(state, ids, targets, cache, mitigation, log_retention, offset):
         model = nnx.merge(graphdef, state)
         cfg = model.config
-        hidden, cache = model.hidden_states(ids, cache=cache, mitigation=mitigation)
+        forward = nnx.capture(lambda m: m.hidden_states(ids, cache=cache, mitigation=mitigation), nnx.Intermediate)
+        (hidden, cache), captured = forward(model)
         logits = inference._mask_padded_vocab(model.logits_from_hidden(hidden), cfg.vocab_size)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
-        captured = nnx.pop(model, nnx.Intermediate)
         per_layer = [captured["layers"][i]["mixer"]["captured_ssm_inputs"].get_value()[0] for i in range(cfg.n_layer)]
 
         # Retention of the first token: its write decays by alpha_1, alpha_2, ... (not alpha_0).
