@@ -213,7 +213,7 @@ def test_auto_is_xla_on_cpu():
     (dict(x=np.zeros((2, 5, 4))), "`x` must be"),
     (dict(dt=np.ones((2, 5, 3))), "`dt`"),
     (dict(A=np.ones((3,))), "`A`"),
-    (dict(B=np.ones((2, 5, 3, 16))), "multiple of groups"),
+    (dict(B=np.ones((2, 5, 3, 16)), C=np.ones((2, 5, 3, 16))), "multiple of groups"),
     (dict(C=np.ones((2, 5, 2, 15))), "`C`"),
     (dict(D=np.ones((5,))), "`D`"),
     (dict(initial_state=np.ones((2, 4, 8, 15))), "`initial_state`"),
