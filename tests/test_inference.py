@@ -120,7 +120,9 @@ def test_streaming_memory_stays_flat(tmp_path):
     """The benchmark script streams N and 4N tokens in fresh processes; peak memory must not grow."""
     out = tmp_path / "mem.json"
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "streaming_memory.py"), "--tiny",
-                    "--tokens", "8192", "--chunk", "512", "--out", str(out)], check=True, cwd=ROOT, timeout=300)
+                    "--tokens", "16384", "--chunk", "512", "--out", str(out)], check=True, cwd=ROOT, timeout=300)
     summary = json.loads(out.read_text())
     assert summary["results"][1]["tokens"] == 4 * summary["results"][0]["tokens"]
-    assert summary["peak_ratio_4x_tokens"] < 1.10
+    # Host RSS varies by +-30 MiB between runs (measured ratios 1.01-1.09 for this size); anything that kept
+    # per-token state or activations (kilobytes per token, 49K extra tokens) would exceed 1.2 by far.
+    assert summary["peak_ratio_4x_tokens"] < 1.2
