@@ -17,7 +17,6 @@ mitigations}, so it runs on images without grain / ml_collections / tensorflow-d
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -74,26 +73,14 @@ def make_mitigation(name: str, args) -> mitigations_lib.Mitigation | None:
     return mitigations_lib.compose(*parts) if parts else None
 
 
-@functools.lru_cache(maxsize=8)
-def chunk_loss_fn(graphdef):
-    """Jitted: one chunk through the model with the cache -> (sum of the chunk's losses, new cache)."""
-
-    def run(state, inputs, targets, cache, mitigation):
-        model = nnx.merge(graphdef, state)
-        hidden, cache = model.hidden_states(inputs, cache=cache, mitigation=mitigation)
-        logits = model.logits_from_hidden(hidden)
-        vocab = model.config.vocab_size
-        if logits.shape[-1] != vocab:
-            logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
-        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - picked), cache
-
-    return jax.jit(run)
-
-
 def stream(model, tokens: np.ndarray, chunk_len: int, mitigation, budget_s: float, label: str) -> dict:
-    graphdef, state = nnx.split(model)
-    fn = chunk_loss_fn(graphdef)
+    chunk_nll, state = inference.chunk_loss_function(model)
+
+    @jax.jit
+    def fn(state, inputs, targets, cache, mitigation):  # the chunk's loss summed on the device
+        nll, cache = chunk_nll(state, inputs, targets, cache, mitigation)
+        return jnp.sum(nll), cache
+
     batch, total = tokens.shape[0], tokens.shape[1] - 1
 
     # Compile (and run once) every chunk shape the stream uses, from a fresh cache.

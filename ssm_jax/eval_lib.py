@@ -38,7 +38,6 @@ Choices (documented here because the paper leaves them open):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob
 import json
 import math
@@ -451,23 +450,6 @@ def log_bucket_edges(max_position: int, num_buckets: int, include: Iterable[int]
     return np.unique(np.concatenate([edges, extra, [1, max_position + 1]]))
 
 
-@functools.lru_cache(maxsize=16)
-def _chunk_nll_fn(graphdef):
-    """Jitted ``(state, inputs, targets, cache, mitigation) -> (nll (b, c), cache)``."""
-
-    def chunk_nll(state, inputs, targets, cache, mitigation):
-        model = nnx.merge(graphdef, state)
-        hidden, cache = model.hidden_states(inputs, cache=cache, mitigation=mitigation)
-        logits = model.logits_from_hidden(hidden)
-        vocab = model.config.vocab_size
-        if logits.shape[-1] != vocab:
-            logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
-        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return jax.nn.logsumexp(logits, axis=-1) - picked, cache
-
-    return jax.jit(chunk_nll)
-
-
 @dataclasses.dataclass
 class BucketedLosses:
     """Host-side sums of per-token losses: ``(rows, buckets)`` sums and ``(buckets,)`` counts per row."""
@@ -514,8 +496,7 @@ def stream_bucketed_losses(
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}")
     mitigation = mitigations_lib.resolve(mitigation)
-    graphdef, state = nnx.split(model)
-    fn = _chunk_nll_fn(graphdef)
+    fn, state = inference.chunk_loss_function(model)
     n_log = len(log_edges) - 1
     n_fine = -(-length // fine_width)
     out = BucketedLosses(

@@ -86,6 +86,16 @@ def _split(model: Mamba2LM):
     return _compiled(graphdef), state
 
 
+def chunk_loss_function(model: Mamba2LM):
+    """The jitted per-chunk scorer that streaming uses, for callers that drive their own loop.
+
+    Returns ``(fn, state)`` with ``fn(state, inputs (b, t), targets (b, t), cache, mitigation) ->
+    (nll (b, t) float32 nats, new cache)``; compiled once per model structure and chunk shape.
+    """
+    fns, state = _split(model)
+    return fns["chunk_loss"], state
+
+
 def _mask_padded_vocab(logits: Array, vocab_size: int) -> Array:
     if logits.shape[-1] == vocab_size:
         return logits
