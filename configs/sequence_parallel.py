@@ -15,21 +15,11 @@ device). To mix with data parallelism, set e.g. --config.mesh.data=2 --config.me
 Not combinable with train.tbptt (the carried state would have to be sharded too).
 """
 
-import importlib.util
-import os
-
-
-def _default():
-    """configs/default.py, loaded by path so that this file works from any working directory."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    spec = importlib.util.spec_from_file_location("train_default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from ssm_jax.train_config import load_sibling_config
 
 
 def get_config():
-    config = _default().get_config()
+    config = load_sibling_config(__file__)
     config.mesh.update(data=1, fsdp=1, seq=-1)  # all devices split the sequence
     # 4x the default context; 4096 is divisible by 1, 2, 4, 8, 16 ... devices.
     config.data.update(seq_len=4096)

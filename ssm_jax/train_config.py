@@ -41,6 +41,7 @@ be overridden on the command line (``--config.model.d_model=256``). Fields:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 from typing import Any, List, Optional
@@ -312,3 +313,16 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None, process_c
                         bad(path, value, f"must be divisible by the {process_count} processes")
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def load_sibling_config(config_file: str, name: str = "default.py"):
+    """``get_config()`` of the config file ``name`` beside ``config_file`` (usually ``__file__``).
+
+    Config files are loaded by path (``--config=configs/...``), not as a package, so one config that extends
+    another loads it by path too; this works from any working directory.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+    spec = importlib.util.spec_from_file_location(f"_ssm_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

@@ -10,20 +10,11 @@ T_forget per state size = the smallest training length whose run does not collap
 largest context length with passkey accuracy above 95%; fits and the paper's fits go to capacity.png.
 """
 
-import importlib.util
-import os
-
-
-def _default():
-    """configs/eval/default.py, loaded by path so that this file works from any working directory."""
-    spec = importlib.util.spec_from_file_location("eval_default_config", os.path.join(os.path.dirname(__file__), "default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from ssm_jax.train_config import load_sibling_config
 
 
 def get_config():
-    c = _default().get_config()
+    c = load_sibling_config(__file__)
     c.modes = "capacity"
     c.capacity.runs = ""
     c.output_dir = "capacity_study"

@@ -3,20 +3,11 @@
     python eval.py --config=configs/eval/loss_vs_position.py --config.checkpoint=<dir>
 """
 
-import importlib.util
-import os
-
-
-def _default():
-    """configs/eval/default.py, loaded by path so that this file works from any working directory."""
-    spec = importlib.util.spec_from_file_location("eval_default_config", os.path.join(os.path.dirname(__file__), "default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from ssm_jax.train_config import load_sibling_config
 
 
 def get_config():
-    c = _default().get_config()
+    c = load_sibling_config(__file__)
     c.modes = "loss_vs_position"
     c.loss.sources = "documents,newlines"
     c.loss.length = "1048576"
