@@ -29,7 +29,6 @@ Imports only jax, flax, optax, numpy and ssm_jax (no grain / ml_collections).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -50,26 +49,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 
-def _import_kernels() -> None:
-    """``ssm_jax.kernels`` maps to ``kernels/`` through setup.py; load it from the checkout if not installed
-    (otherwise impl="auto" would silently fall back to the XLA path)."""
-    try:
-        from ssm_jax.kernels import ssd_ops  # noqa: F401
-    except ImportError:
-        path = os.path.join(ROOT, "kernels")
-        if not os.path.isdir(path):
-            return
-        spec = importlib.util.spec_from_file_location("ssm_jax.kernels", os.path.join(path, "__init__.py"),
-                                                      submodule_search_locations=[path])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["ssm_jax.kernels"] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except Exception:  # noqa: BLE001 - no kernels: impl="auto" uses XLA
-            del sys.modules["ssm_jax.kernels"]
-
-
-_import_kernels()
+import ssm_jax  # noqa: E402,F401  (registers ssm_jax.kernels when run from a checkout)
 from ssm_jax.model import Mamba2Config, Mamba2LM  # noqa: E402
 from ssm_jax.parallel import sequence as sp  # noqa: E402
 from ssm_jax.ssd import resolve_impl, ssd  # noqa: E402

@@ -21,7 +21,6 @@ the same inputs (HIGHEST precision).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -38,37 +37,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 
-def _import_kernels():
-    """``ssm_jax.kernels`` maps to ``kernels/`` through setup.py; load it from the checkout if not installed.
-
-    If ``import ssm_jax`` fails (a package its ``__init__`` needs is missing on the benchmark machine), a bare
-    package object stands in for it: the benchmark only needs ``ssm_jax.ssd`` and the kernels."""
-    try:
-        import ssm_jax  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        import types
-
-        print(f"import ssm_jax failed ({type(e).__name__}: {e}); using a bare package", file=sys.stderr)
-        for name in [m for m in sys.modules if m == "ssm_jax" or m.startswith("ssm_jax.")]:
-            del sys.modules[name]
-        pkg = types.ModuleType("ssm_jax")
-        pkg.__path__ = [os.path.join(ROOT, "ssm_jax")]
-        sys.modules["ssm_jax"] = pkg
-    try:
-        from ssm_jax.kernels import ssd_ops  # noqa: F401
-    except ImportError:
-        path = os.path.join(ROOT, "kernels")
-        spec = importlib.util.spec_from_file_location("ssm_jax.kernels", os.path.join(path, "__init__.py"),
-                                                      submodule_search_locations=[path])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["ssm_jax.kernels"] = mod
-        spec.loader.exec_module(mod)
-    from ssm_jax.kernels import ssd_ops
-
-    return ssd_ops
-
-
-ssd_ops = _import_kernels()
+import ssm_jax  # noqa: E402,F401  (registers ssm_jax.kernels when run from a checkout)
+from ssm_jax.kernels import ssd_ops  # noqa: E402
+from timing import time_ms  # noqa: E402
 from ssm_jax.ssd import ssd  # noqa: E402
 
 CASES = {"smoke": (1, 512), "b8xL4096": (8, 4096), "b2xL16384": (2, 16384), "b1xL65536": (1, 65536),
@@ -120,19 +91,6 @@ def loss_grad_fn(fwd):
         return jnp.sum(fwd(x, dt, A, B, C, D).astype(jnp.float32) * cot.astype(jnp.float32))
 
     return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))
-
-
-def time_fn(f, args, iters=10, repeats=5, warmup=2):
-    for _ in range(warmup):
-        jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(iters):
-            out = f(*args)
-        jax.block_until_ready(out)
-        ts.append((time.perf_counter() - t) / iters)
-    return float(np.median(ts)) * 1e3, float(np.min(ts)) * 1e3
 
 
 def compile_fn(f, args):
@@ -197,7 +155,7 @@ def bench_case(name, impls, configs=None, bwd=True, iters=10):
         try:
             jf, secs, mem = compile_fn(fwd, (x, dt, A, B, C, D))
             row["compile_s"] = round(secs, 1)
-            row["fwd_ms"], row["fwd_min_ms"] = time_fn(jf, (x, dt, A, B, C, D), iters=iters)
+            row["fwd_ms"], row["fwd_min_ms"] = time_ms(jf, (x, dt, A, B, C, D), iters=iters)
             row["fwd_mem_gb"] = (mem or 0) / 1e9
             row["fwd_tflops"] = model_flops(b, L) / row["fwd_ms"] / 1e9
             row["fwd_gbs"] = model_bytes(b, L) / row["fwd_ms"] / 1e6
@@ -208,7 +166,7 @@ def bench_case(name, impls, configs=None, bwd=True, iters=10):
             try:
                 gf, secs, mem = compile_fn(loss_grad_fn(fwd), (x, dt, A, B, C, D, cot))
                 row["compile_bwd_s"] = round(secs, 1)
-                row["fwdbwd_ms"], row["fwdbwd_min_ms"] = time_fn(gf, (x, dt, A, B, C, D, cot), iters=iters)
+                row["fwdbwd_ms"], row["fwdbwd_min_ms"] = time_ms(gf, (x, dt, A, B, C, D, cot), iters=iters)
                 row["fwdbwd_mem_gb"] = (mem or 0) / 1e9
                 row["fwdbwd_tflops"] = model_flops(b, L, True) / row["fwdbwd_ms"] / 1e9
             except Exception as e:  # noqa: BLE001
@@ -278,7 +236,7 @@ def kernel_times(case="b8xL4096", which=None, iters=10):
                 t0 = time.perf_counter()
                 jax.block_until_ready(f())
                 row["compile_s"] = round(time.perf_counter() - t0, 1)
-                row["ms"], row["min_ms"] = time_fn(f, (), iters=iters)
+                row["ms"], row["min_ms"] = time_ms(f, (), iters=iters)
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc(limit=2)
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -42,23 +41,6 @@ import numpy as np  # noqa: E402
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0,
                "TPU v4": 275.0, "TPU v6": 918.0}
-
-
-def _ensure_kernels_importable() -> None:
-    """``ssm_jax.kernels`` is ``kernels/`` mapped by setup.py; register it from the checkout if not installed."""
-    try:
-        import ssm_jax.kernels  # noqa: F401
-        return
-    except ImportError:
-        pass
-    path = os.path.join(ROOT, "kernels")
-    if not os.path.isfile(os.path.join(path, "__init__.py")):
-        return
-    spec = importlib.util.spec_from_file_location("ssm_jax.kernels", os.path.join(path, "__init__.py"),
-                                                  submodule_search_locations=[path])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["ssm_jax.kernels"] = mod
-    spec.loader.exec_module(mod)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -132,8 +114,7 @@ def bench_one(model_cfg, seq_len: int, batch: int, *, steps: int, warmup: int, l
 
 
 def run(args) -> dict:
-    _ensure_kernels_importable()
-    from ssm_jax import train_lib
+    from ssm_jax import train_lib  # importing ssm_jax registers ssm_jax.kernels when run from a checkout
     from ssm_jax.model import Mamba2Config
 
     device = jax.devices()[0]

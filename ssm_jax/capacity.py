@@ -275,12 +275,16 @@ def capacity_study(runs: Sequence[Mapping]) -> Dict:
         points.append(point)
 
     fits: Dict[str, Optional[Dict]] = {"forget": None, "recall": None}
-    fx = [p["n_s_millions"] for p in points if p.get("t_forget_k") is not None]
-    fy = [p["t_forget_k"] for p in points if p.get("t_forget_k") is not None]
+    # Only exact capacities enter the fit: an upper bound (no collapse even at the shortest T_train) says
+    # nothing about where the law lies below it.
+    exact = [p for p in points if p.get("t_forget_k") is not None and p.get("t_forget_bound") == "exact"]
+    fx = [p["n_s_millions"] for p in exact]
+    fy = [p["t_forget_k"] for p in exact]
     if len(set(fx)) >= 2:
         fits["forget"] = fit_linear(fx, fy)
     else:
-        notes.append(f"linear T_forget fit needs >= 2 state sizes with a T_forget, have {len(set(fx))}")
+        notes.append(f"linear T_forget fit needs >= 2 state sizes with an exact T_forget (a collapse at a shorter "
+                     f"T_train and none at a longer one), have {len(set(fx))}")
     rx = [p["n_s_millions"] for p in points if p.get("t_recall_k") is not None]
     ry = [p["t_recall_k"] for p in points if p.get("t_recall_k") is not None]
     if len(set(rx)) >= 3:

@@ -321,6 +321,30 @@ def detect_state_outliers(diag: StateDiagnostics, train_len: int, *, ratio: floa
     return outliers
 
 
+def state_norm_growth(norm: np.ndarray, positions: np.ndarray, train_len: int) -> Dict[str, np.ndarray]:
+    """How far each head's state norm leaves the range it had within the training length.
+
+    ``norm (records, layers, heads)`` recorded at ``positions``. Returns ``(layers, heads)`` arrays:
+
+    * ``peak``: largest norm after ``train_len`` / largest norm within it. Sensitive to single spikes (a
+      longer stream simply meets more unusual text), so it overstates growth on natural text;
+    * ``sustained``: median norm over the second half of the stream / median norm within ``train_len``:
+      the steady drift that the paper blames for collapse (a head that never forgets grows here).
+    """
+    norm = np.asarray(norm, np.float64)
+    positions = np.asarray(positions)
+    inside = positions <= train_len
+    late = positions > positions[-1] / 2
+    if not inside.any() or inside.all() or not (late & ~inside).any():
+        raise ValueError(f"train_len={train_len} must lie inside the recorded positions "
+                         f"{positions[0]}..{positions[-1]}, well before their end")
+    tiny = np.finfo(np.float64).tiny
+    return {
+        "peak": norm[~inside].max(axis=0) / np.maximum(norm[inside].max(axis=0), tiny),
+        "sustained": np.median(norm[late], axis=0) / np.maximum(np.median(norm[inside], axis=0), tiny),
+    }
+
+
 def plot_all(diag: StateDiagnostics, directory: str, *, train_len: Optional[int] = None, prefix: str = "") -> List[str]:
     """Writes the paper's diagnostic figures for ``diag`` into ``directory``; returns the PNG paths."""
     from ssm_jax import plots

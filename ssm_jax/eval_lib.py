@@ -9,6 +9,8 @@ runs the modes listed in ``config.modes``, writing into one output directory::
     loss_vs_position_fine.npz      the fixed-width buckets the collapse rule reads
     loss_vs_position_<source>.png  perplexity vs position (log x), training length marked
     passkey.json, passkey.png      accuracy per (depth bucket, context length) and mitigation
+    states.json, states_*.png      per-layer/per-head state norms while streaming one held-out prompt
+                                   (the paper's collapse diagnostics), heads that leave their range
     capacity.json, capacity.png    T_forget / T_recall per state size and the fitted laws
     summary.md                     the key numbers
 
@@ -56,7 +58,7 @@ from ssm_jax import inference
 from ssm_jax import mitigations as mitigations_lib
 from ssm_jax.model import Mamba2Config, Mamba2LM
 
-MODES = ("loss_vs_position", "passkey", "capacity")
+MODES = ("loss_vs_position", "passkey", "states", "capacity")
 MITIGATION_NAMES = ("none", "forget_more", "dt_scale", "state_norm", "sliding_window")
 SOURCES = ("documents", "newlines")
 PUBLIC_TRAIN_LEN = 2048  # the public Mamba-2 checkpoints were trained at 2K tokens
@@ -110,9 +112,12 @@ def _jsonable(obj: Any) -> Any:
 
 
 def write_json(path: str, obj: Any) -> str:
+    """Writes ``obj`` as JSON atomically (a killed evaluation leaves the old file or none, never half of one)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(_jsonable(obj), f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
     return path
 
 
@@ -736,6 +741,51 @@ def passkey_eval(
 # --------------------------------------------------------------------------------------------------
 
 
+def states_eval(em: "EvalModel", *, length: int, every: int, seed: int, outlier_ratio: float = 4.0,
+                corpus: str = "shakespeare", validation_fraction: float = 0.1, split_seed: int = 0,
+                local_data_dir: str = "", local_name: str = "default") -> Tuple[Dict[str, Any], Any]:
+    """State diagnostics (PAPER.md section 3) on one held-out document prompt of ``length`` tokens, streamed
+    without mitigation: per-layer/per-head state norm every ``every`` tokens, the heads whose norm grows past
+    ``outlier_ratio`` x its largest value within ``T_train`` (:func:`ssm_jax.diagnostics.detect_state_outliers`)
+    and each head's peak and sustained norm growth (:func:`ssm_jax.diagnostics.state_norm_growth`); the head
+    with the largest sustained growth is traced and snapshotted. Returns the JSON-ready record and the raw
+    ``StateDiagnostics``."""
+    from ssm_jax import diagnostics
+
+    if every < 1 or every > em.train_len:
+        raise ValueError(f"config.states.every={every} must be in [1, T_train={em.train_len}] so that records "
+                         "fall inside the training length")
+    if length <= em.train_len:
+        raise ValueError(f"config.states.length={length} must exceed T_train={em.train_len}")
+    stream = make_stream("documents", em.tokenizer, num_rows=1, seed=seed + 777, corpus=corpus,
+                         validation_fraction=validation_fraction, split_seed=split_seed,
+                         local_data_dir=local_data_dir, local_name=local_name)
+    tokens = stream.take([0], length + 1)  # (1, length + 1)
+    diag = diagnostics.record_states(em.model, tokens, every=every, trace_heads=())
+    inside = diag.positions <= em.train_len
+    growth = diagnostics.state_norm_growth(diag.norm[:, 0], diag.positions, em.train_len)  # (layers, heads) each
+    # A second pass traces and snapshots the head whose norm drifted most (the histogram and trace figures).
+    layer, head = np.unravel_index(int(np.argmax(growth["sustained"])), growth["sustained"].shape)
+    diag = diagnostics.record_states(
+        em.model, tokens, every=every, trace_heads=((int(layer), int(head)),), trace_stride=1,
+        snapshot_head=(int(layer), int(head)),
+        snapshot_positions=(int(diag.positions[inside][-1]), int(diag.positions[-1])))
+    outliers = diagnostics.detect_state_outliers(diag, em.train_len, ratio=outlier_ratio)
+    res = {
+        "length": int(length), "every": int(every), "train_len": int(em.train_len),
+        "positions": diag.positions, "norm": diag.norm[:, 0], "max_abs": diag.max_abs[:, 0],
+        "conv_norm": diag.conv_norm[:, 0], "norm_within_train": diag.norm[inside, 0].max(axis=0),
+        "norm_growth": growth["peak"], "max_norm_growth": float(growth["peak"].max()),
+        "sustained_norm_growth": growth["sustained"], "max_sustained_norm_growth": float(growth["sustained"].max()),
+        "most_grown_head": [int(layer), int(head)],
+        "outlier_ratio": float(outlier_ratio),
+        "outliers": [dataclasses.asdict(o) for o in outliers],
+        "conv_norm_growth": float(diag.conv_norm[~inside, 0].max() / max(diag.conv_norm[inside, 0].max(), 1e-30)),
+        "mean_loss": float(diag.losses.mean()),
+    }
+    return res, diag
+
+
 def _expand_runs(spec: Any) -> List[str]:
     paths = []
     for item in parse_list(spec):
@@ -835,6 +885,15 @@ def summarize(results: Mapping[str, Any]) -> str:
             accs = " | ".join(_fmt(float(a), 2) for a in r["accuracy_by_length"])
             lines.append(f"| {name} | {accs} | {_fmt(r['overall'], 2)} | {_fmt(r['t_recall'])} |")
         lines.append("")
+    st = results.get("states")
+    if st:
+        lines += [f"## State norms ({st['length']:,} tokens of one held-out prompt, no mitigation)", "",
+                  f"Largest sustained growth of a head's state norm (median over the second half / median "
+                  f"within T_train): {st['max_sustained_norm_growth']:.2f}x (layer {st['most_grown_head'][0]}, "
+                  f"head {st['most_grown_head'][1]}); largest peak growth (max after / max within T_train): "
+                  f"{st['max_norm_growth']:.2f}x; heads whose peak exceeds "
+                  f"{st['outlier_ratio']:g}x: {len(st['outliers'])}; conv-state norm growth "
+                  f"{st['conv_norm_growth']:.2f}x.", ""]
     cap = results.get("capacity")
     if cap:
         lines += ["## State capacity", "", "| N_S (M) | T_train tried | T_forget (K) | T_recall (K) |", "|---|---|---|---|"]
@@ -947,6 +1006,19 @@ def run(config) -> Dict[str, Any]:
             {name: r["accuracy"] for name, r in res["results"].items()}, res["context_lengths"],
             os.path.join(out_dir, "passkey.png"), train_len=em.train_len, title="passkey accuracy")
         results["files"] += ["passkey.json", "passkey.png"]
+
+    if "states" in modes:
+        sc = config.states
+        res, diag = states_eval(em, length=parse_length(sc.length, em.train_len),
+                                every=int(sc.every) or max(1, em.train_len // 8),
+                                seed=int(config.seed), outlier_ratio=float(sc.outlier_ratio), **results["data"])
+        res["model"] = results["model"]
+        results["states"] = res
+        write_json(os.path.join(out_dir, "states.json"), res)
+        from ssm_jax import diagnostics
+
+        pngs = diagnostics.plot_all(diag, out_dir, train_len=em.train_len, prefix="states_")
+        results["files"] += ["states.json"] + [os.path.basename(p) for p in pngs]
 
     if "capacity" in modes:
         cc = config.capacity

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssm_jax import mitigations as mitigations_lib
-from ssm_jax.ssd import IMPLS, document_ids, ssd
+from ssm_jax.ssd import IMPLS, document_ids, resolve_impl, ssd
 
 Array = jax.Array
 
@@ -358,7 +358,7 @@ class Mamba2Mixer(nnx.Module):
                 initial_state=None if cache is None else cache.ssm_state,
                 segment_ids=segment_ids,
                 mitigation=mitigation,
-                impl=_streaming_impl(impl, mitigation, cache),
+                impl=_streaming_impl(impl, mitigation, cache, cfg),
             )
             new_window = None
         out = self.output(y, inputs.z)
@@ -376,10 +376,15 @@ class Mamba2Mixer(nnx.Module):
         self.sow(nnx.Intermediate, "captured_ssm_inputs", dict(dt=inputs.dt, log_a=log_a, B=inputs.B, x=inputs.x))
 
 
-def _streaming_impl(impl: str, mitigation: Optional[mitigations_lib.Mitigation], cache) -> str:
-    """State normalisation is per step in streaming (exact), so cached calls with it run the recurrence."""
+def _streaming_impl(impl: str, mitigation: Optional[mitigations_lib.Mitigation], cache, cfg: Mamba2Config) -> str:
+    """State normalisation is per step in streaming (exact), so cached calls with it run the recurrence: the
+    "stepwise" kernel (time loop inside one Pallas kernel) where the chunked kernels would run on a GPU or
+    when asked for explicitly, else the ``lax.scan`` ("recurrent")."""
     if cache is not None and mitigation is not None and mitigation.max_norm is not None:
-        return "recurrent"
+        if impl == "stepwise":
+            return impl
+        resolved = resolve_impl(impl, headdim=cfg.headdim, state=cfg.d_state, chunk_size=cfg.chunk_size)
+        return "stepwise" if resolved == "pallas" and jax.default_backend() == "gpu" else "recurrent"
     return impl
 
 

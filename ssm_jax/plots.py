@@ -197,7 +197,8 @@ def plot_capacity(points: Sequence[Mapping], fits: Mapping[str, Optional[Mapping
                   title: str = "state capacity") -> str:
     """T_forget and T_recall (K tokens) vs state size N_S (millions): points, our fits and the paper's fits.
 
-    ``points``: ``[{"n_s_millions", "t_forget_k", "t_recall_k"}, ...]`` (missing values skipped);
+    ``points``: ``[{"n_s_millions", "t_forget_k", "t_recall_k"}, ...]`` (missing values skipped; a
+    ``t_forget_bound`` of "upper" is drawn as a downward triangle);
     ``fits``: ``{"forget": {"a", "b"} or None, "recall": {"a", "b", "c"} or None}``.
     """
     from ssm_jax import capacity as capacity_lib
@@ -213,9 +214,15 @@ def plot_capacity(points: Sequence[Mapping], fits: Mapping[str, Optional[Mapping
          "paper: 4.756 (1.365^N_S - 1) - 0.742"),
     )
     for ax, (key, field, ylabel, law, paper, paper_label) in zip(axes, specs):
-        px = [p["n_s_millions"] for p in points if p.get(field) is not None]
-        py = [p[field] for p in points if p.get(field) is not None]
-        ax.scatter(px, py, color="C0", zorder=3, label="measured")
+        bound_of = lambda p: p.get("t_forget_bound", "exact") if key == "forget" else "exact"
+        exact = [p for p in points if p.get(field) is not None and bound_of(p) == "exact"]
+        upper = [p for p in points if p.get(field) is not None and bound_of(p) == "upper"]
+        if exact or not upper:
+            ax.scatter([p["n_s_millions"] for p in exact], [p[field] for p in exact], color="C0", zorder=3,
+                       label="measured")
+        if upper:
+            ax.scatter([p["n_s_millions"] for p in upper], [p[field] for p in upper], color="C0", marker="v",
+                       zorder=3, label="upper bound (no collapse at the shortest T_train)")
         fit = fits.get(key)
         if fit:
             params = {k: fit[k] for k in (("a", "b") if key == "forget" else ("a", "b", "c"))}

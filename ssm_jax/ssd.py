@@ -10,6 +10,9 @@ Per head, with ``alpha_t = exp(dt_t * A)`` and a P x N state ``h``::
   chunks, and the inter-chunk output. It is the fallback on CPU and old GPUs and the oracle of the
   Pallas kernels.
 * ``impl="pallas"``: the kernels in :mod:`ssm_jax.kernels` (interpret mode on CPU).
+* ``impl="stepwise"``: the recurrence of ``impl="recurrent"`` (exact per-step ``state_norm``) as one Pallas
+  kernel with the time loop inside (:mod:`ssm_jax.kernels.ssd_stepwise`; interpret mode off GPU). Streaming
+  with ``state_norm`` uses it on GPU; never chosen by "auto".
 
 Both pure-JAX paths work on a normalised problem: the input weight ``dt_in`` (``dt``, possibly
 rescaled by a mitigation), the per-step log-decay ``log_a = dt * A (+ log alpha_scale)``, and
@@ -29,7 +32,7 @@ import numpy as np
 
 from ssm_jax import mitigations as mitigations_lib
 
-IMPLS = ("auto", "recurrent", "xla", "pallas")
+IMPLS = ("auto", "recurrent", "xla", "pallas", "stepwise")
 Array = jax.Array
 
 
@@ -65,7 +68,10 @@ def ssd(
       segment_ids: ``(batch, seqlen)`` ints; the state resets to zero wherever the id changes from one
         position to the next (packed documents). The initial state belongs to the first segment.
       mitigation: an :mod:`ssm_jax.mitigations` value applied to every head, or None.
-      impl: "recurrent", "xla", "pallas" or "auto" (kernels on GPU/TPU, xla on CPU).
+      impl: "recurrent", "xla", "pallas", "stepwise" or "auto" (kernels on GPU/TPU, xla on CPU). "stepwise"
+        computes what "recurrent" computes (state_norm after every step) in one kernel; it needs power-of-two
+        ``headdim`` and ``state``, and with a ``sliding_window`` mitigation it falls back to "recurrent" (same
+        result).
 
     Returns:
       ``y`` with the shape and dtype of ``x``, and the final state ``(batch, heads, headdim, state)``
@@ -85,7 +91,11 @@ def ssd(
     if initial_state is not None:
         initial_state = initial_state.astype(acc)
 
-    if impl == "recurrent":
+    if impl == "stepwise" and window is None:
+        from ssm_jax.kernels import ssd_stepwise  # imported lazily: the kernels pull in Pallas
+
+        y, final_state = ssd_stepwise.ssd_stepwise(x, dt_in, log_a, B, C, initial_state, doc, max_norm=max_norm)
+    elif impl in ("recurrent", "stepwise"):  # the stepwise kernel has no window: the recurrence carries it
         y, final_state = ssd_recurrent(x, dt_in, log_a, B, C, initial_state, doc, max_norm=max_norm, window=window)
     elif impl == "xla":
         y, final_state = ssd_chunked(

@@ -281,6 +281,43 @@ def test_loss_and_passkey_modes_end_to_end_from_pretrained_dir(pretrained_dir):
     assert results["model"]["kind"] == "pretrained"
 
 
+def test_states_mode_finds_a_planted_never_forgetting_head(tiny_model, tmp_path):
+    """A head with alpha ~ 1 and a large dt accumulates without bound: the states mode must name it (and only
+    it) as the fastest-growing head and an outlier, report its growth consistently, and write the figures."""
+    sick = nnx.clone(tiny_model)
+    sick.layers[1].mixer.A_log[...] = sick.layers[1].mixer.A_log[...].at[3].set(-20.0)  # A ~ -2e-9: alpha ~ 1
+    sick.layers[1].mixer.dt_bias[...] = sick.layers[1].mixer.dt_bias[...].at[3].set(2.0)
+    path = str(tmp_path / "sick")
+    save_hf(sick, path)
+    config = load_config("collapse_study")
+    config.checkpoint = path
+    config.train_len = 32
+    config.output_dir = str(tmp_path / "out")
+    config.modes = "states"
+    config.data.corpus = "tiny"
+    config.states.length = "20x"
+    results = eval_lib.run(config)
+    st = json.load(open(os.path.join(config.output_dir, "states.json")))
+    assert st["length"] == 640 and st["every"] == 4 and st["positions"][-1] == 640
+    assert st["most_grown_head"] == [1, 3]
+    norm = np.asarray(st["norm"])  # (records, layers, heads)
+    assert norm.shape == (160, 2, 4)
+    growth = np.asarray(st["norm_growth"])
+    inside = np.asarray(st["positions"]) <= 32
+    np.testing.assert_allclose(growth, norm[~inside].max(0) / norm[inside].max(0), rtol=1e-6)
+    assert growth[1, 3] > 4.0 and st["max_norm_growth"] == pytest.approx(growth[1, 3])
+    sustained = np.asarray(st["sustained_norm_growth"])
+    late = np.asarray(st["positions"]) > 320
+    np.testing.assert_allclose(sustained, np.median(norm[late], 0) / np.median(norm[inside], 0), rtol=1e-6)
+    assert sustained[1, 3] > 10.0 and np.delete(sustained.ravel(), 1 * 4 + 3).max() < 4.0
+    assert [(o["layer"], o["head"]) for o in st["outliers"]] == [(1, 3)]
+    assert np.delete(growth.ravel(), 1 * 4 + 3).max() < 4.0  # the healthy heads stay in range
+    for name in ("states_state_norm.png", "states_state_norm_heatmap.png", "states_retention.png",
+                 "states_state_histograms.png", "states_traces.png"):
+        assert os.path.getsize(os.path.join(config.output_dir, name)) > 0, name
+    assert "## State norms" in results["summary"] and "(layer 1, head 3)" in results["summary"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Passkey: batching bookkeeping with a planted answerer, and the NeoX tokenizer
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +388,7 @@ def test_workdir_loading_reads_tokenizer_length_and_split(monkeypatch, tmp_path,
 
 
 def test_configs_and_helpers():
-    for name in ("default", "loss_vs_position", "passkey", "capacity"):
+    for name in ("default", "loss_vs_position", "passkey", "capacity", "collapse_study"):
         c = load_config(name)
         assert set(eval_lib.parse_list(c.modes)) <= set(eval_lib.MODES)
         assert set(m for spec in eval_lib.parse_list(c.mitigations) for m in spec.split("+")) <= set(

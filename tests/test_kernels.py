@@ -14,6 +14,8 @@ Float64 runs check the algebra to ~1e-10; bf16 runs check the accuracy target of
 <= 3e-3 against the float32 reference). Tests that need a GPU are marked ``gpu`` (skipped on CPU).
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -297,3 +299,21 @@ def test_gpu_kernels_bf16_accuracy_and_long_sequence():
     assert rel(f32(y), y_ref) < 3e-3
     for name, gr, w in zip(("x", "dt", "A", "B", "C", "D"), grads, want):
         assert rel(f32(gr), w) < 3e-3, name
+
+
+def test_kernels_import_from_an_uninstalled_checkout(tmp_path):
+    """``kernels/`` is installed as ``ssm_jax.kernels`` by setup.py; a plain checkout (no pip install, as on a
+    fresh GPU box) must find it too, or impl="auto" would silently fall back to XLA."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("ssm_jax", "kernels"):
+        shutil.copytree(os.path.join(root, name), tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import ssm_jax, ssm_jax.kernels; from ssm_jax.kernels import ssd_ops; "
+            "print(ssm_jax.__file__); print(ssm_jax.kernels.__file__); print(ssd_ops.__file__)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(line.startswith(str(tmp_path)) for line in proc.stdout.split()), proc.stdout

@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.random_model = ml_collections.ConfigDict(  # only for checkpoint="random" (smoke tests)
         dict(d_model=64, n_layer=2, vocab_size=257, d_state=16, headdim=32, chunk_size=64))
     c.output_dir = ""  # "": <checkpoint>/eval
-    c.modes = "loss_vs_position,passkey"  # any of loss_vs_position, passkey, capacity
+    c.modes = "loss_vs_position,passkey"  # any of loss_vs_position, passkey, states, capacity
     c.seed = 0
 
     # One curve / heatmap per entry; "a+b" composes mitigations.
@@ -53,6 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.passkey.batch_size = 8  # prompts of equal token length decoded together
     c.passkey.max_new_tokens = 0  # 0: 10 for the byte tokenizer, 6 for NeoX
     c.passkey.chunk_len = 4096
+
+    c.states = ml_collections.ConfigDict()  # mode "states": state-norm diagnostics on one held-out prompt
+    c.states.length = "64x"
+    c.states.every = 0  # record interval in tokens; 0: T_train / 8
+    c.states.outlier_ratio = 4.0  # a head is an outlier when its norm exceeds this x its max within T_train
 
     c.capacity = ml_collections.ConfigDict()
     c.capacity.runs = ""  # comma-separated evaluation output dirs or globs (each with its JSON files)

@@ -1,0 +1,166 @@
+"""docs/RESULTS.md cannot drift from its data: its tables are regenerated from the committed
+docs/results/collapse_study.json and compared verbatim, and every claim of its text is checked against the
+JSON (with the number as the text prints it)."""
+
+import importlib.util
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from ssm_jax import capacity
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_MD = os.path.join(ROOT, "docs", "RESULTS.md")
+RESULTS_JSON = os.path.join(ROOT, "docs", "results", "collapse_study.json")
+
+
+def _load_study_module():
+    spec = importlib.util.spec_from_file_location("collapse_study", os.path.join(ROOT, "experiments", "collapse_study.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def study():
+    with open(RESULTS_JSON) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def text():
+    with open(RESULTS_MD, encoding="utf-8") as f:
+        return f.read()
+
+
+def runs_by_name(study):
+    return {r["name"]: r for r in study["runs"]}
+
+
+def none_curve(run):
+    return run["curves"]["documents"]["none"]
+
+
+def test_tables_are_generated_from_the_json(study, text):
+    tables = _load_study_module().report_tables(study)
+    for name in ("runs", "same_positions", "mitigations"):
+        block = re.search(rf"<!-- table:{name} -->\n(.*?)\n<!-- /table:{name} -->", text, re.S)
+        assert block, f"RESULTS.md lacks the table {name}"
+        assert block.group(1) == tables[name], f"table {name} differs from the JSON; regenerate it"
+    assert tables["same_positions_window"] in text
+
+
+def test_figures_and_commands_exist(text):
+    for png in re.findall(r"\((results/[\w.]+\.png)\)", text) + re.findall(r"`(results/[\w.]+\.png)`", text):
+        assert os.path.getsize(os.path.join(ROOT, "docs", png)) > 10_000, png
+    for path in ("experiments/collapse_study.py", "configs/collapse_study.py", "configs/eval/collapse_study.py"):
+        assert path in text and os.path.isfile(os.path.join(ROOT, path))
+
+
+def test_the_grid(study):
+    runs = runs_by_name(study)
+    assert len(runs) == 8
+    assert {r["size"]: r["state_size"] for r in runs.values()} == {"s": 262_144, "m": 786_432, "l": 1_572_864}
+    for r in runs.values():
+        assert r["eval_length"] == 64 * r["train_len"] and r["num_prompts"] == 8
+        assert r["state_size"] == r["n_layer"] * r["nheads"] * r["headdim"] * r["d_state"]
+        assert r["train"]["step"] == 600
+        # every model learned: validation far below the unigram entropy of the bytes
+        assert r["train"]["validation"]["loss"] / np.log(2) < 0.6 * r["train"]["validation_unigram_bits"]
+
+
+def test_no_collapse_by_the_paper_rule(study, text):
+    ratios = {}
+    for r in study["runs"]:
+        for name, c in r["curves"]["documents"].items():
+            assert c["collapsed_paper_rule"] is False, (r["name"], name)
+            assert c["paper_rule_max_ratio"] < 2.0
+        for name, c in r["curves"]["newlines"].items():
+            assert c["collapsed_paper_rule"] is False, (r["name"], "newlines", name)
+        ratios[r["name"]] = none_curve(r)["paper_rule_max_ratio"]
+        # more context helps on documents: the last window is below the one just inside T_train
+        w = none_curve(r)["window_loss"]
+        assert w["64x"] < w["1x"], r["name"]
+    worst = max(ratios, key=ratios.get)
+    assert f"the largest\n  ratio is {ratios[worst]:.2f} ({worst})" in text
+
+
+def test_sustained_state_norm_drift_grows_with_state_size(study, text):
+    runs = runs_by_name(study)
+    drift = {n: runs[n]["states"]["max_sustained_growth"] for n in ("s_T128", "m_T128", "l_T128")}
+    assert drift["s_T128"] < drift["m_T128"] < drift["l_T128"]
+    assert (f"{drift['s_T128']:.2f}x (s, 0.26M) -> {drift['m_T128']:.2f}x (m, 0.79M) -> "
+            f"{drift['l_T128']:.2f}x (l, 1.57M)") in text
+    m_long = runs["m_T2048"]["states"]["max_sustained_growth"]
+    assert m_long < drift["m_T128"]
+    assert f"(m: {drift['m_T128']:.2f}x at 128 -> {m_long:.2f}x at 2048)" in text
+    conv = max(r["states"]["conv_norm_growth"] for r in study["runs"] if "states" in r)
+    assert conv <= 1.11 and f"<= {conv:.2f}x" in text
+    frac = runs["l_T128"]["states"]["frac_heads_sustained_growth_above_2"]
+    assert frac > 0 and f"{frac * 100:.1f}% of the heads" in text
+
+
+def test_cost_of_a_short_training_length_and_the_mitigations(study, text):
+    excess = study["excess_at_same_positions"]
+    s, m, l = (excess[n] for n in ("s_T128", "m_T128", "l_T128"))
+    assert s["reference_run"] == "s_T2048" and m["reference_run"] == "m_T2048" and l["reference_run"] == "l_T512"
+    assert 0 < s["none"] < m["none"] and s["none"] < l["none"]
+    assert (f"by {s['none']:.3f} nats/byte (s), {m['none']:.3f} (m) and {l['none']:.3f} (l, against "
+            "T_train = 512)") in text
+    assert m["forget_more"] < m["none"] and l["forget_more"] < 0 < l["none"]
+    assert f"({m['none']:.3f} -> {m['forget_more']:.3f})" in text
+    assert f"({l['none']:.3f} -> {l['forget_more']:.3f})" in text
+    for name, e in excess.items():
+        mitigations = {k: v for k, v in e.items() if k != "reference_run"}
+        assert max(mitigations, key=mitigations.get) == "dt_scale", name  # dt_scale is the worst in every run
+
+
+def test_capacity_claims(study, text):
+    cap = study["capacity"]
+    assert [p["t_forget"] for p in cap["points"]] == [128, 128, 128]
+    assert all(p["t_forget_bound"] == "upper" for p in cap["points"])
+    assert cap["fits"]["forget"] is None and cap["fits"]["recall"] is None
+    # the paper's fit: T_forget <= 0 below 0.86M, 3.7K at our largest state
+    assert capacity.paper_t_forget(0.864) == pytest.approx(0.0, abs=0.01)
+    largest = max(p["n_s_millions"] for p in cap["points"])
+    assert f"{float(capacity.paper_t_forget(largest)):.1f}K" == "3.7K" and "3.7K tokens" in text
+
+
+def test_overfitting_claim(study, text):
+    l_runs = [r for r in study["runs"] if r["size"] == "l"]
+    train = sorted(r["train"]["train_loss"] for r in l_runs)
+    val = [r["train"]["validation"]["loss"] for r in l_runs]
+    assert f"train loss {train[0]:.2f}-{train[-1]:.2f} vs validation {np.mean(val):.2f}" in text
+    assert min(val) - max(train) > 0.9
+
+
+def test_study_driver_end_to_end(tmp_path):
+    """run (train.py + eval.py per job) -> gather -> report -> plot on a tiny model, on this CPU."""
+    study_module = _load_study_module()
+    root = str(tmp_path / "collapse")
+    tiny = ["--config.model.d_model=64", "--config.model.n_layer=1", "--config.model.dtype=float32",
+            "--config.data.corpus=tiny", "--config.eval.num_batches=1", "--config.eval.batch_size=8",
+            "--config.train.batch_size=16"]  # after the driver's own flags, so these win
+    status = study_module.run_jobs(["s"], [32], root, parallel=1, deadline_s=600, steps=3, extra_train=tiny)
+    log = open(os.path.join(root, "s_T32", "job.log")).read()
+    assert status["s_T32"]["rc"] == 0, log[-3000:]
+    results = study_module.gather(root)
+    (run,) = results["runs"]
+    assert run["name"] == "s_T32" and run["train_len"] == 32 and run["eval_length"] == 64 * 32
+    assert run["train"]["step"] == 3 and run["state_size"] == 1 * 2 * 64 * 128
+    curves = run["curves"]["documents"]
+    assert set(curves) == set(study_module.MITIGATION_ORDER)
+    for c in curves.values():
+        assert set(c["window_loss"]) == {"1x", "8x", "32x", "64x"}
+        assert all(np.isfinite(v) and 0 < v < 2 * np.log(257) for v in c["window_loss"].values())
+    assert results["excess_at_same_positions"]["s_T32"]["none"] is None  # 64 x 32 < 8192: outside the window
+    st = run["states"]
+    assert st["positions"][-1] == 64 * 32 and len(st["layer_median_norm"]) == 1
+    assert results["capacity"]["points"][0]["t_forget_bound"] in ("upper", "lower")
+    tables = study_module.report_tables(results)
+    assert "| s_T32 |" in tables["runs"] and tables["mitigations"].count("| s_T32 |") == 5
+    paths = study_module.plot(results, str(tmp_path / "figures"))
+    assert all(os.path.getsize(p) > 5_000 for p in paths) and len(paths) == 5  # 2 sources, 1 run, norms, capacity
