@@ -10,7 +10,9 @@
 ``run`` starts, per (size, T_train), ``train.py --config=configs/collapse_study.py:<size>`` and then
 ``eval.py --config=configs/eval/collapse_study.py`` on its work directory, ``--parallel`` jobs at a time
 (small models leave a GPU mostly idle, so several share it), and stops launching new jobs once
-``--deadline_s`` would be exceeded. Each job's log is ``<root>/<size>_T<T>/job.log``.
+``--deadline_s`` would be exceeded. Each job's log is ``<root>/<size>_T<T>/job.log``. Running the same
+command again skips the jobs already evaluated and resumes the others from their last checkpoint. On one
+H200, 9 jobs at once ran out of memory in two evaluations; 6 fit (s and l with ``grad_accum_steps=2``).
 """
 
 from __future__ import annotations
@@ -69,10 +71,18 @@ def run_jobs(sizes: Sequence[str], train_lens: Sequence[int], root: str, *, para
     killed at the deadline)."""
     os.makedirs(root, exist_ok=True)
     # Sizes are listed smallest first; the largest size and longest T_train (the slowest jobs) start first.
-    todo = [(s, t) for s in reversed(sizes) for t in sorted(train_lens, reverse=True)]
+    grid = [(s, t) for s in reversed(sizes) for t in sorted(train_lens, reverse=True)]
+    status: Dict[str, Any] = {run_name(s, t): {"rc": None, "seconds": None} for s, t in grid}
+    # A job whose evaluation finished (summary.md is written last) is skipped; an unfinished one starts again
+    # and train.py resumes from its latest checkpoint.
+    todo = []
+    for size, train_len in grid:
+        if os.path.isfile(os.path.join(root, run_name(size, train_len), "eval", "summary.md")):
+            status[run_name(size, train_len)] = {"rc": 0, "seconds": 0.0, "skipped": "already evaluated"}
+        else:
+            todo.append((size, train_len))
     start = time.time()
     running: Dict[str, Any] = {}
-    status: Dict[str, Any] = {run_name(s, t): {"rc": None, "seconds": None} for s, t in todo}
     while todo or running:
         for name, (proc, t0, log) in list(running.items()):
             if proc.poll() is not None:
@@ -299,6 +309,23 @@ def plot(results: Mapping[str, Any], out_dir: str) -> List[str]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         paths.append(plots.save_figure(fig, os.path.join(out_dir, "state_norms.png")))
+    excess = results.get("excess_at_same_positions") or {}
+    names = [r["name"] for r in _ordered_runs(results) if excess.get(r["name"], {}).get("none") is not None]
+    if names:
+        fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 4))
+        width = 0.8 / len(MITIGATION_ORDER)
+        for i, name in enumerate(MITIGATION_ORDER):
+            values = [excess[n].get(name) for n in names]
+            ax.bar(np.arange(len(names)) + (i - (len(MITIGATION_ORDER) - 1) / 2) * width,
+                   [np.nan if v is None else v for v in values], width, label=name)
+        ax.axhline(0.0, color="k", lw=0.8)
+        ax.set_xticks(np.arange(len(names)), names)
+        lo, hi = results["same_positions"]
+        ax.set_ylabel(f"loss over positions {lo + 1}-{hi}\nminus the size's longest-T_train run (nats/byte)")
+        ax.set_title("cost of a short training length on the same text, and what each mitigation wins back")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+        paths.append(plots.save_figure(fig, os.path.join(out_dir, "same_positions.png")))
     cap = results["capacity"]
     paths.append(plots.plot_capacity(cap["points"], cap["fits"], os.path.join(out_dir, "capacity.png")))
     return paths

@@ -113,6 +113,8 @@ def test_cost_of_a_short_training_length_and_the_mitigations(study, text):
     assert m["forget_more"] < m["none"] and l["forget_more"] < 0 < l["none"]
     assert f"({m['none']:.3f} -> {m['forget_more']:.3f})" in text
     assert f"({l['none']:.3f} -> {l['forget_more']:.3f})" in text
+    ref_m, ref_l = excess["m_T2048"]["forget_more"], excess["l_T512"]["forget_more"]
+    assert ref_m < 0 and ref_l < 0 and f"(m_T2048 {ref_m:.3f}, l_T512 {ref_l:.3f})" in text
     for name, e in excess.items():
         mitigations = {k: v for k, v in e.items() if k != "reference_run"}
         assert max(mitigations, key=mitigations.get) == "dt_scale", name  # dt_scale is the worst in every run
@@ -147,6 +149,8 @@ def test_study_driver_end_to_end(tmp_path):
     status = study_module.run_jobs(["s"], [32], root, parallel=1, deadline_s=600, steps=3, extra_train=tiny)
     log = open(os.path.join(root, "s_T32", "job.log")).read()
     assert status["s_T32"]["rc"] == 0, log[-3000:]
+    again = study_module.run_jobs(["s"], [32], root, parallel=1, deadline_s=600, steps=3, extra_train=tiny)
+    assert again["s_T32"]["skipped"] == "already evaluated"  # a rerun does not redo finished jobs
     results = study_module.gather(root)
     (run,) = results["runs"]
     assert run["name"] == "s_T32" and run["train_len"] == 32 and run["eval_length"] == 64 * 32
