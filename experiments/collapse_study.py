@@ -21,6 +21,8 @@ import argparse
 import glob
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -61,8 +63,7 @@ def job_command(size: str, train_len: int, root: str, *, steps: int, extra_train
              *extra_train]
     evaluate = [sys.executable, os.path.join(ROOT, "eval.py"), f"--config={ROOT}/configs/eval/collapse_study.py",
                 f"--config.checkpoint={workdir}"]
-    quote = lambda args: " ".join(f"'{a}'" for a in args)
-    return f"{quote(train)} && {quote(evaluate)}"
+    return f"{shlex.join(train)} && {shlex.join(evaluate)}"
 
 
 def run_jobs(sizes: Sequence[str], train_lens: Sequence[int], root: str, *, parallel: int, deadline_s: float,
@@ -97,12 +98,15 @@ def run_jobs(sizes: Sequence[str], train_lens: Sequence[int], root: str, *, para
             os.makedirs(os.path.join(root, name), exist_ok=True)
             log = open(os.path.join(root, name, "job.log"), "w")
             cmd = job_command(size, train_len, root, steps=steps, extra_train=extra_train)
-            running[name] = (subprocess.Popen(cmd, shell=True, stdout=log, stderr=subprocess.STDOUT), time.time(), log)
+            # Its own process group, so that a kill at the deadline reaches train.py / eval.py, not only the shell.
+            proc = subprocess.Popen(cmd, shell=True, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            running[name] = (proc, time.time(), log)
             print(f"[{time.time() - start:6.0f}s] start {name}", flush=True)
         if time.time() - start >= deadline_s:
             todo.clear()
             for name, (proc, t0, log) in running.items():
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 log.close()
                 print(f"[{time.time() - start:6.0f}s] {name}: killed at the deadline", flush=True)
             running.clear()
@@ -116,7 +120,7 @@ def run_jobs(sizes: Sequence[str], train_lens: Sequence[int], root: str, *, para
 
 
 def _train_summary(workdir: str) -> Dict[str, Any]:
-    """The ``done: {...}`` line train.py prints at the end, plus the run's config and final validation."""
+    """The summary train.py prints at the end (its ``done: {...}`` line in the job's log; {} if absent)."""
     summary: Dict[str, Any] = {}
     log = os.path.join(workdir, "job.log")
     if os.path.isfile(log):

@@ -168,3 +168,21 @@ def test_study_driver_end_to_end(tmp_path):
     assert "| s_T32 |" in tables["runs"] and tables["mitigations"].count("| s_T32 |") == 5
     paths = study_module.plot(results, str(tmp_path / "figures"))
     assert all(os.path.getsize(p) > 5_000 for p in paths) and len(paths) == 5  # 2 sources, 1 run, norms, capacity
+
+
+@pytest.mark.skipif(__import__("shutil").which("pgrep") is None, reason="needs pgrep (procps)")
+def test_study_driver_kills_whole_jobs_at_the_deadline(tmp_path, monkeypatch):
+    """A job still running at the deadline is killed with its children (train.py / eval.py under the shell)."""
+    import subprocess
+    import time
+
+    study_module = _load_study_module()
+    marker = tmp_path / "finished"
+    monkeypatch.setattr(study_module, "job_command", lambda *a, **k: f"sleep 21.5 && touch {marker}")
+    t0 = time.time()
+    status = study_module.run_jobs(["s"], [32], str(tmp_path / "root"), parallel=1, deadline_s=1, steps=1)
+    assert status["s_T32"]["rc"] is None and time.time() - t0 < 15
+    time.sleep(0.5)
+    # the shell's child (here sleep; in a real job train.py) must be gone, not only the shell
+    alive = subprocess.run(["pgrep", "-x", "-f", "sleep 21.5"], capture_output=True, text=True).stdout.split()
+    assert not alive and not marker.exists()
