@@ -262,6 +262,38 @@ def chunk_decays(cs, doc, Q):
 
 
 # -------------------------------------------------------------------------------------------------
+# BlockSpecs of the kernels on the grid (head block, block inside the chunk, chunk, batch)
+# -------------------------------------------------------------------------------------------------
+
+
+class _ChunkSpecs:
+    """The input BlockSpecs shared by ``output``, ``bwd_cols`` and ``bwd_rows``: grid ``(hb, i, c, bb)`` =
+    (head block of ``HB`` heads, block inside the chunk, chunk, batch); ``group(hb)`` is the B/C group the
+    head block reads. Each method returns the spec of one kind of operand, whole chunk ``c``."""
+
+    def __init__(self, Q: int, HB: int, p: int, n: int, group):
+        self.Q, self.HB, self.p, self.n, self.group = Q, HB, p, n, group
+
+    def heads(self):  # x, dy: (b, L, h, p)
+        return pl.BlockSpec((None, self.Q, self.HB, self.p), lambda hb, i, c, bb: (bb, c, hb, 0))
+
+    def bc(self):  # B, C: (b, L, g, n)
+        return pl.BlockSpec((None, self.Q, None, self.n), lambda hb, i, c, bb: (bb, c, self.group(hb), 0))
+
+    def scalars(self):  # cs, w: (b, h, L)
+        return pl.BlockSpec((None, self.HB, self.Q), lambda hb, i, c, bb: (bb, hb, c))
+
+    def states(self):  # (b, h, c, p, n)
+        return pl.BlockSpec((None, self.HB, None, self.p, self.n), lambda hb, i, c, bb: (bb, hb, c, 0, 0))
+
+    def doc(self):  # (b, L)
+        return pl.BlockSpec((None, self.Q), lambda hb, i, c, bb: (bb, c))
+
+    def per_head(self):  # D: (h,)
+        return pl.BlockSpec((self.HB,), lambda hb, i, c, bb: (hb,))
+
+
+# -------------------------------------------------------------------------------------------------
 # forward output
 # -------------------------------------------------------------------------------------------------
 
@@ -311,22 +343,15 @@ def output(cfg, x, B, C, cs, w, states, doc, D, out_dtype):
     nb, nc = Q // BT, L // Q
     HB = cfg.heads_for(k)
     grid = (h // HB, nb, nc, b)
-    grp = lambda hb: cm.idiv(hb * HB, k)
+    spec = _ChunkSpecs(Q, HB, p, n, lambda hb: cm.idiv(hb * HB, k))
     ins = [x, C, B, cs, w, states]
-    in_specs = [
-        pl.BlockSpec((None, Q, HB, p), lambda hb, i, c, bb: (bb, c, hb, 0)),
-        pl.BlockSpec((None, Q, None, n), lambda hb, i, c, bb: (bb, c, grp(hb), 0)),
-        pl.BlockSpec((None, Q, None, n), lambda hb, i, c, bb: (bb, c, grp(hb), 0)),
-        pl.BlockSpec((None, HB, Q), lambda hb, i, c, bb: (bb, hb, c)),
-        pl.BlockSpec((None, HB, Q), lambda hb, i, c, bb: (bb, hb, c)),
-        pl.BlockSpec((None, HB, None, p, n), lambda hb, i, c, bb: (bb, hb, c, 0, 0)),
-    ]
+    in_specs = [spec.heads(), spec.bc(), spec.bc(), spec.scalars(), spec.scalars(), spec.states()]
     if doc is not None:
         ins.append(doc)
-        in_specs.append(pl.BlockSpec((None, Q), lambda hb, i, c, bb: (bb, c)))
+        in_specs.append(spec.doc())
     if D is not None:
         ins.append(D)
-        in_specs.append(pl.BlockSpec((HB,), lambda hb, i, c, bb: (hb,)))
+        in_specs.append(spec.per_head())
     kernel = functools.partial(
         _output_kernel, Q=Q, BT=BT, HB=HB, has_doc=doc is not None, has_D=D is not None, dots=cfg.dots(), acc=cfg.acc,
     )
@@ -397,23 +422,15 @@ def bwd_cols(cfg, x, dy, B, C, cs, w, Gs, doc, D):
     Q, BT = cfg.chunk, cfg.block_t
     nb, nc = Q // BT, L // Q
     HB = cfg.heads_for(k)
-    grp = lambda hb: cm.idiv(hb * HB, k)
+    spec = _ChunkSpecs(Q, HB, p, n, lambda hb: cm.idiv(hb * HB, k))
     ins = [x, dy, C, B, cs, w, Gs]
-    in_specs = [
-        pl.BlockSpec((None, Q, HB, p), lambda hb, j, c, bb: (bb, c, hb, 0)),
-        pl.BlockSpec((None, Q, HB, p), lambda hb, j, c, bb: (bb, c, hb, 0)),
-        pl.BlockSpec((None, Q, None, n), lambda hb, j, c, bb: (bb, c, grp(hb), 0)),
-        pl.BlockSpec((None, Q, None, n), lambda hb, j, c, bb: (bb, c, grp(hb), 0)),
-        pl.BlockSpec((None, HB, Q), lambda hb, j, c, bb: (bb, hb, c)),
-        pl.BlockSpec((None, HB, Q), lambda hb, j, c, bb: (bb, hb, c)),
-        pl.BlockSpec((None, HB, None, p, n), lambda hb, j, c, bb: (bb, hb, c, 0, 0)),
-    ]
+    in_specs = [spec.heads(), spec.heads(), spec.bc(), spec.bc(), spec.scalars(), spec.scalars(), spec.states()]
     if doc is not None:
         ins.append(doc)
-        in_specs.append(pl.BlockSpec((None, Q), lambda hb, j, c, bb: (bb, c)))
+        in_specs.append(spec.doc())
     if D is not None:
         ins.append(D)
-        in_specs.append(pl.BlockSpec((HB,), lambda hb, j, c, bb: (hb,)))
+        in_specs.append(spec.per_head())
     vec = lambda: pl.BlockSpec((None, HB, BT), lambda hb, j, c, bb: (bb, hb, c * nb + j))
     out_shape = [
         jax.ShapeDtypeStruct((b, L, h, p), x.dtype),
@@ -516,21 +533,13 @@ def bwd_rows(cfg, x, dy, B, C, cs, w, Hs, Gs, doc):
     Q, BT = cfg.chunk, cfg.block_t
     nb, nc = Q // BT, L // Q
     acc = cfg.acc
-    grp = lambda gq: cm.idiv(gq, nhb)
+    spec = _ChunkSpecs(Q, kk, p, n, lambda gq: cm.idiv(gq, nhb))  # head block gq: kk heads of group gq // nhb
     ins = [x, dy, C, B, cs, w, Hs, Gs]
-    in_specs = [
-        pl.BlockSpec((None, Q, kk, p), lambda gq, i, c, bb: (bb, c, gq, 0)),
-        pl.BlockSpec((None, Q, kk, p), lambda gq, i, c, bb: (bb, c, gq, 0)),
-        pl.BlockSpec((None, Q, None, n), lambda gq, i, c, bb: (bb, c, grp(gq), 0)),
-        pl.BlockSpec((None, Q, None, n), lambda gq, i, c, bb: (bb, c, grp(gq), 0)),
-        pl.BlockSpec((None, kk, Q), lambda gq, i, c, bb: (bb, gq, c)),
-        pl.BlockSpec((None, kk, Q), lambda gq, i, c, bb: (bb, gq, c)),
-        pl.BlockSpec((None, kk, None, p, n), lambda gq, i, c, bb: (bb, gq, c, 0, 0)),
-        pl.BlockSpec((None, kk, None, p, n), lambda gq, i, c, bb: (bb, gq, c, 0, 0)),
-    ]
+    in_specs = [spec.heads(), spec.heads(), spec.bc(), spec.bc(), spec.scalars(), spec.scalars(), spec.states(),
+                spec.states()]
     if doc is not None:
         ins.append(doc)
-        in_specs.append(pl.BlockSpec((None, Q), lambda gq, i, c, bb: (bb, c)))
+        in_specs.append(spec.doc())
     gp = g * nhb
     out_shape = [
         jax.ShapeDtypeStruct((b, L, gp, n), acc),  # dC (partial over head blocks)
@@ -580,7 +589,6 @@ def forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype):
 def backward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, states, final, scales, dy, dfinal):
     """Returns ``(dx, dw, dcs, dB, dC, dh0, dD, dmax_norm)`` in the kernel layouts (see ssd_ops)."""
     b, L, h, p = x.shape
-    g = B.shape[2]
     Q, BT = cfg.chunk, cfg.block_t
     nb, nc = Q // BT, L // Q
     hout = None
