@@ -21,6 +21,7 @@ the same inputs (HIGHEST precision).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -80,7 +81,7 @@ def forward_fn(impl, config=None):
 
     def fused(x, dt, A, B, C, D):
         y, _ = ssd_ops.ssd_pallas(x, dt, dt * A, B, C, None, None, chunk_size=Q, D=D, out_dtype=x.dtype,
-                                  config=config)
+                                  config=_overrides(config or {}))
         return y
 
     return fused
@@ -177,72 +178,144 @@ def bench_case(name, impls, configs=None, bwd=True, iters=10):
     return rows
 
 
+PRE = ("out", "cols", "rows")  # every reader of the precomputed C B^T
 KERNEL_VARIANTS = {  # per-kernel configurations timed with --kernels (each kernel alone, b8 x L4096)
-    "scan_fwd": {"default": {}, "sub64": {"scan_block": 64}, "bp64": {"state_rows": 64},
-                 "bp64-sub64": {"state_rows": 64, "scan_block": 64}, "split": {"state_variant": "split"},
-                 "sub64-s3": {"scan_block": 64, "launch": (("scan", 4, 3),)},
-                 "sub64-w8": {"scan_block": 64, "launch": (("scan", 8, 2),)},
-                 "bf16st": {"state_dtype": "bfloat16"}},
-    "out": {"default": {}, "hb2": {"heads_per_block": 2}, "s1": {"launch": (("out", 4, 1),)},
-            "s3": {"launch": (("out", 4, 3),)}, "w8": {"launch": (("out", 8, 2),)},
-            "bf16st": {"state_dtype": "bfloat16"}, "bf16st-hb2": {"state_dtype": "bfloat16", "heads_per_block": 2},
-            "bf16st-s3": {"state_dtype": "bfloat16", "launch": (("out", 4, 3),)}, "bt32": {"block_t": 32},
-            "bf16-ops": {"x2_dots": ()}},
-    "scan_bwd": {"default": {}, "sub64": {"scan_block": 64}, "bp64-sub64": {"state_rows": 64, "scan_block": 64},
-                 "split": {"state_variant": "split"}},
-    "cols": {"default": {}, "hb2": {"heads_per_block": 2}, "s1": {"launch": (("cols", 4, 1),)},
-             "s3": {"launch": (("cols", 4, 3),)}, "w8": {"launch": (("cols", 8, 2),)},
-             "bf16st": {"state_dtype": "bfloat16"}, "bf16st-hb2": {"state_dtype": "bfloat16", "heads_per_block": 2},
-             "bf16-ops": {"x2_dots": ()}},
-    "rows": {"default": {}, "unroll2": {"rows_unroll": 2}, "s1": {"launch": (("rows", 4, 1),)},
-             "s3": {"launch": (("rows", 4, 3),)}, "w8": {"launch": (("rows", 8, 2),)},
-             "bf16st": {"state_dtype": "bfloat16"}, "bf16st-unroll2": {"state_dtype": "bfloat16", "rows_unroll": 2},
-             "bf16-ops": {"x2_dots": ()}},
+    "cb": {"f32": {"cb_readers": PRE}, "bf16": {"cb_readers": PRE, "out_cb_dtype": "bfloat16"}},
+    "scan_fwd": {"default": {}, "full-chunk": {"scan_block": 256}, "w8": {"launch": (("scan", 8, 2),)},
+                 "s1": {"launch": (("scan", 4, 1),)}, "rows32": {"state_rows": 32}},
+    "scan_bwd": {"default": {}, "full-chunk": {"scan_block": 256}, "w8": {"launch": (("scan", 8, 2),)},
+                 "s1": {"launch": (("scan", 4, 1),)}, "rows32": {"state_rows": 32}},
+    "out": {"default": {}, "bm128": {"out_block_rows": 128},
+            "pre-hb1": {"cb_readers": PRE, "heads_per_block": 1},
+            "pre-hb1-s2": {"cb_readers": PRE, "heads_per_block": 1, "launch": (("out", 4, 2),)},
+            "pre-hb1-s3": {"cb_readers": PRE, "heads_per_block": 1, "launch": (("out", 4, 3),)},
+            "pre-hb2": {"cb_readers": PRE, "heads_per_block": 2},
+            "pre-hb1-bm128": {"cb_readers": PRE, "heads_per_block": 1, "out_block_rows": 128},
+            "pre-hb1-bm128-w8": {"cb_readers": PRE, "heads_per_block": 1, "out_block_rows": 128,
+                                 "launch": (("out", 8, 2),)},
+            "pre-hb1-bf16cb": {"cb_readers": PRE, "heads_per_block": 1, "out_cb_dtype": "bfloat16"}},
+    "cols": {"default": {}, "pre-hb1": {"cb_readers": PRE, "cols_heads_per_block": 1},
+             "pre-hb1-s2": {"cb_readers": PRE, "cols_heads_per_block": 1, "launch": (("cols", 4, 2),)},
+             "pre-hb2": {"cb_readers": PRE, "cols_heads_per_block": 2}},
+    "rows": {"default": {}, "pre": {"cb_readers": PRE}, "pre-nhb4": {"cb_readers": PRE, "rows_head_blocks": 4},
+             "pre-nhb1": {"cb_readers": PRE, "rows_head_blocks": 1},
+             "pre-unroll2": {"cb_readers": PRE, "rows_unroll": 2}},
 }
 
 
-def kernel_times(case="b8xL4096", which=None, iters=10):
-    """Times every GPU kernel alone, for each configuration in KERNEL_VARIANTS."""
+def _overrides(over):
+    over = dict(over)
+    for key in ("state_dtype", "out_cb_dtype"):
+        if isinstance(over.get(key), str):
+            over[key] = jnp.dtype(over[key])
+    return over
+
+
+def kernel_times(case="b8xL4096", which=None, iters=10, deadline=None):
+    """Times every GPU kernel alone, for each configuration in KERNEL_VARIANTS (inputs passed as arguments,
+    not closed over: constants would be embedded in the executable). Stops starting variants after
+    ``deadline`` (``time.time()`` seconds)."""
     from ssm_jax.kernels import ssd_gpu
 
     b, L = CASES[case]
     x, dt, A, B, C, D, cot = make_inputs(b, L)
     xp, w, cs, Bp, Cp, _ = ssd_ops.prepare(x, dt, dt * A, B, C, None, Q, jnp.float32)
-    rows = []
-    base_cfg = ssd_ops.make_config(x.dtype, B.dtype, (b, L, H, P, G, N), Q)
-    st32, fin = jax.jit(lambda: ssd_gpu.state_scan(base_cfg, xp, Bp, cs, w, None, None, backward=False)[:2])()
+    base = ssd_ops.make_config(x.dtype, B.dtype, (b, L, H, P, G, N), Q)
+    st, fin = jax.jit(lambda xp, Bp, cs, w: ssd_gpu.state_scan(base, xp, Bp, cs, w, None, None, backward=False)[:2])(
+        xp, Bp, cs, w)
     dfinal = jnp.ones_like(fin)
-    Gs32 = jax.jit(lambda: ssd_gpu.state_scan(base_cfg, cot, Cp, cs, w, None, dfinal, backward=True)[0])()
+    Gs = jax.jit(lambda cot, Cp, cs, w, dfinal: ssd_gpu.state_scan(base, cot, Cp, cs, w, None, dfinal,
+                                                                   backward=True)[0])(cot, Cp, cs, w, dfinal)
+    cb32 = jax.jit(lambda Bp, Cp: ssd_gpu.chunk_cb(base, Bp, Cp, jnp.float32))(Bp, Cp)
+    cb16 = cb32.astype(jnp.bfloat16)
+    calls = {  # kernel -> (function of (cfg, *arrays), arrays)
+        "cb": (lambda cfg, Bp, Cp: ssd_gpu.chunk_cb(cfg, Bp, Cp, cfg.out_cb_dtype or jnp.float32), (Bp, Cp)),
+        "scan_fwd": (lambda cfg, xp, Bp, cs, w: ssd_gpu.state_scan(cfg, xp, Bp, cs, w, None, None, backward=False),
+                     (xp, Bp, cs, w)),
+        "scan_bwd": (lambda cfg, cot, Cp, cs, w, dfinal: ssd_gpu.state_scan(cfg, cot, Cp, cs, w, None, dfinal,
+                                                                            backward=True), (cot, Cp, cs, w, dfinal)),
+        "out": (lambda cfg, xp, Bp, Cp, cs, w, st, D, cb32, cb16: ssd_gpu.output(
+            cfg, xp, Bp, Cp, cs, w, st.astype(cfg.state_dtype or jnp.float32), None, D, jnp.bfloat16,
+            (cb16 if cfg.out_cb_dtype == jnp.bfloat16 else cb32) if "out" in cfg.cb_readers else None),
+                (xp, Bp, Cp, cs, w, st, D, cb32, cb16)),
+        "cols": (lambda cfg, xp, cot, Bp, Cp, cs, w, Gs, D, cb32: ssd_gpu.bwd_cols(
+            cfg, xp, cot, Bp, Cp, cs, w, Gs.astype(cfg.state_dtype or jnp.float32), None, D,
+            cb32 if "cols" in cfg.cb_readers else None), (xp, cot, Bp, Cp, cs, w, Gs, D, cb32)),
+        "rows": (lambda cfg, xp, cot, Bp, Cp, cs, w, st, Gs, cb32: ssd_gpu.bwd_rows(
+            cfg, xp, cot, Bp, Cp, cs, w, st.astype(cfg.state_dtype or jnp.float32),
+            Gs.astype(cfg.state_dtype or jnp.float32), None, cb32 if "rows" in cfg.cb_readers else None),
+                 (xp, cot, Bp, Cp, cs, w, st, Gs, cb32)),
+    }
+    rows = []
     for kern, variants in KERNEL_VARIANTS.items():
         if which and kern not in which:
             continue
         for vname, over in variants.items():
-            over = dict(over)
-            if isinstance(over.get("state_dtype"), str):
-                over["state_dtype"] = jnp.dtype(over["state_dtype"])
-            row = {"case": case, "kernel": kern, "variant": vname}
+            if deadline is not None and time.time() > deadline:
+                print(json.dumps({"skipped": f"{kern}:{vname}", "why": "deadline"}), flush=True)
+                continue
+            row = {"case": case, "kernel": kern, "variant": vname, "overrides": over}
             try:
-                cfg = ssd_ops.make_config(x.dtype, B.dtype, (b, L, H, P, G, N), Q, **over)
-                sd = cfg.state_dtype or jnp.float32
-                st, Gs = st32.astype(sd), Gs32.astype(sd)
-                fns = {
-                    "scan_fwd": lambda: ssd_gpu.state_scan(cfg, xp, Bp, cs, w, None, None, backward=False),
-                    "out": lambda: ssd_gpu.output(cfg, xp, Bp, Cp, cs, w, st, None, D, jnp.bfloat16),
-                    "scan_bwd": lambda: ssd_gpu.state_scan(cfg, cot, Cp, cs, w, None, dfinal, backward=True),
-                    "cols": lambda: ssd_gpu.bwd_cols(cfg, xp, cot, Bp, Cp, cs, w, Gs, None, D),
-                    "rows": lambda: ssd_gpu.bwd_rows(cfg, xp, cot, Bp, Cp, cs, w, st, Gs, None),
-                }
-                f = jax.jit(fns[kern])
+                cfg = ssd_ops.make_config(x.dtype, B.dtype, (b, L, H, P, G, N), Q, **_overrides(over))
+                fn, arrays = calls[kern]
+                f = jax.jit(functools.partial(fn, cfg))
                 t0 = time.perf_counter()
-                jax.block_until_ready(f())
+                jax.block_until_ready(f(*arrays))
                 row["compile_s"] = round(time.perf_counter() - t0, 1)
-                row["ms"], row["min_ms"] = time_ms(f, (), iters=iters)
+                row["ms"], row["min_ms"] = time_ms(f, arrays, iters=iters)
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc(limit=2)
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def _merge(*overrides):
+    """One override dict from several (``launch`` tuples concatenated, ``cb_readers`` united)."""
+    out, launch, readers = {}, [], set()
+    for over in overrides:
+        for key, val in over.items():
+            if key == "launch":
+                launch += list(val)
+            elif key == "cb_readers":
+                readers |= set(val)
+            else:
+                out[key] = val
+    if launch:
+        out["launch"] = tuple(launch)
+    if readers:
+        out["cb_readers"] = tuple(sorted(readers))
+    return out
+
+
+def tuned_overrides(kernel_rows):
+    """The fastest combination of the per-kernel variants timed by :func:`kernel_times`.
+
+    Forward: scan + output (+ the ``C B^T`` kernel when the output reads it); backward: both scans + cols + rows
+    (+ one float32 ``C B^T`` kernel when either reads it). A variant's ``cb_readers`` only names the kernel it was
+    timed for in the merged configuration; the two scans share their variant (same fields).
+    """
+    t = {(r["kernel"], r["variant"]): r for r in kernel_rows if "ms" in r}
+    ms = lambda k, v: t[(k, v)]["ms"] if (k, v) in t else float("inf")  # noqa: E731
+    own = lambda k, v: {key: val if key != "cb_readers" else (k,) for key, val in t[(k, v)]["overrides"].items()}
+    uses_cb = lambda k, v: "cb_readers" in t[(k, v)]["overrides"]  # noqa: E731
+    names = lambda k: [v for (kk, v) in t if kk == k]  # noqa: E731
+    scan = min(names("scan_fwd"), key=lambda v: 2 * ms("scan_fwd", v) + ms("scan_bwd", v), default=None)
+    cb_cost = lambda v: (ms("cb", "bf16" if t[("out", v)]["overrides"].get("out_cb_dtype") else "f32")  # noqa: E731
+                         if uses_cb("out", v) else 0.0)
+    out = min(names("out"), key=lambda v: ms("out", v) + cb_cost(v), default=None)
+    best_bwd, bwd_cost = None, float("inf")
+    for cv in names("cols"):
+        for rv in names("rows"):
+            cost = ms("cols", cv) + ms("rows", rv) + (ms("cb", "f32") if uses_cb("cols", cv) or uses_cb("rows", rv)
+                                                      else 0.0)
+            if cost < bwd_cost:
+                best_bwd, bwd_cost = (cv, rv), cost
+    picked = {"scan": scan, "out": out, "cols": best_bwd and best_bwd[0], "rows": best_bwd and best_bwd[1]}
+    parts = [own("scan_fwd", scan)] if scan else []
+    parts += [own(k, v) for k, v in (("out", out), ("cols", picked["cols"]), ("rows", picked["rows"])) if v]
+    return _merge(*parts), picked
 
 
 def markdown(rows):
@@ -286,6 +359,10 @@ def main(argv=None):
     ap.add_argument("--accuracy-variants", default="", help="VARIANTS names also checked with --accuracy")
     ap.add_argument("--check-1m", action="store_true")
     ap.add_argument("--kernels", default="", help="time each kernel alone: 'all' or a comma list of KERNEL_VARIANTS")
+    ap.add_argument("--tune", action="store_true",
+                    help="after --kernels: time fwd and fwd+bwd of the fastest combination of kernel variants against "
+                         "the default configuration on b8xL4096 (also with saved states) and check its accuracy")
+    ap.add_argument("--deadline-s", type=float, default=0.0, help="stop starting kernel variants after this many s")
     ap.add_argument("--smoke", action="store_true", help="first a small correctness check of the kernels")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--xla-cases", default="all", help="cases that also time impl='xla' (comma list or 'all')")
@@ -315,7 +392,23 @@ def main(argv=None):
         print(json.dumps({"smoke": result["smoke"]}), flush=True)
         save()
     if args.kernels:
-        result["kernels"] = kernel_times(which=[k for k in args.kernels.split(",") if k != "all"], iters=args.iters)
+        deadline = time.time() + args.deadline_s if args.deadline_s else None
+        result["kernels"] = kernel_times(which=[k for k in args.kernels.split(",") if k != "all"], iters=args.iters,
+                                         deadline=deadline)
+        save()
+    if args.tune:
+        tuned, picked = tuned_overrides(result.get("kernels", []))
+        result["tuned"] = {"overrides": tuned, "picked": picked}
+        print(json.dumps({"tuned": result["tuned"]}, default=str), flush=True)
+        cfgs = {"fused:default": {}, "fused:tuned": tuned, "fused:tuned+saved": dict(tuned, save_states=True)}
+        result["tuned"]["rows"] = bench_case("b8xL4096", list(cfgs), cfgs, bwd=True, iters=args.iters)
+        save()
+        try:
+            result["tuned"]["accuracy"] = accuracy(2, 4096, ["fused:tuned"], cfgs)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            result["tuned"]["accuracy"] = {"error": f"{type(e).__name__}: {str(e)[:1000]}"}
+        print(json.dumps({"tuned_accuracy": result["tuned"]["accuracy"]}), flush=True)
         save()
     for case in [c for c in args.cases.split(",") if c]:
         big = case == "b1xL1M"

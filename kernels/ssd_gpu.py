@@ -262,6 +262,44 @@ def chunk_decays(cs, doc, Q):
 
 
 # -------------------------------------------------------------------------------------------------
+# C B^T once per (group, chunk) for every head of the group (read by the kernels named in cfg.cb_readers)
+# -------------------------------------------------------------------------------------------------
+
+
+def _chunk_cb_kernel(C_ref, B_ref, cb_ref, *, dots):
+    i, j = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(j <= i)
+    def _():
+        cb_ref[...] = cm.mm(C_ref[...], B_ref[...], cm.NT, dots["cb"]).astype(cb_ref.dtype)
+
+    @pl.when(j > i)  # never used, but read by consumers whose row blocks are taller than BT (masked: must be finite)
+    def _():
+        cb_ref[...] = jnp.zeros(cb_ref.shape, cb_ref.dtype)
+
+
+def chunk_cb(cfg, B, C, dtype):
+    """``C_t . B_s`` of every position pair of a chunk, ``(b, c, g, Q, Q)`` in ``dtype``.
+
+    One program per (group, row block ``i``, column block ``j``, chunk, batch) writes the ``(BT, BT)`` block
+    ``(i, j)``: ``C B^T`` for ``j <= i``, zeros above the diagonal (masked by the consumers, but read by output
+    programs whose row blocks are taller than ``BT``). With ``G`` groups and ``h`` heads this is ``h / G`` times
+    less work than each head program computing its own ``C B^T``.
+    """
+    b, L, g, n = B.shape
+    Q, BT = cfg.chunk, cfg.block_t
+    nb, nc = Q // BT, L // Q
+    kernel = functools.partial(_chunk_cb_kernel, dots=cfg.dots())
+    return _call(
+        kernel, cfg, "cb", grid=(g, nb, nb, nc, b),
+        in_specs=[pl.BlockSpec((None, BT, None, n), lambda gg, i, j, c, bb: (bb, c * nb + i, gg, 0)),
+                  pl.BlockSpec((None, BT, None, n), lambda gg, i, j, c, bb: (bb, c * nb + j, gg, 0))],
+        out_specs=pl.BlockSpec((None, None, None, BT, BT), lambda gg, i, j, c, bb: (bb, c, gg, i, j)),
+        out_shape=jax.ShapeDtypeStruct((b, nc, g, Q, Q), dtype), name="ssd_chunk_cb",
+    )(C, B)
+
+
+# -------------------------------------------------------------------------------------------------
 # BlockSpecs of the kernels on the grid (head block, block inside the chunk, chunk, batch)
 # -------------------------------------------------------------------------------------------------
 
@@ -292,34 +330,45 @@ class _ChunkSpecs:
     def per_head(self):  # D: (h,)
         return pl.BlockSpec((self.HB,), lambda hb, i, c, bb: (hb,))
 
+    def cb(self):  # (b, c, g, Q, Q) from chunk_cb
+        return pl.BlockSpec((None, None, None, self.Q, self.Q), lambda hb, i, c, bb: (bb, c, self.group(hb), 0, 0))
+
+
+def _cb_block(cb_ref, Ci, B_ref, t0, s0, BT, dots, acc):
+    """The ``(rows of Ci, BT)`` block of ``C B^T`` at rows ``t0`` and columns ``s0`` of the chunk: read from the
+    precomputed ``cb_ref`` when there is one, else computed from ``Ci`` (the row block of C) and ``B_ref``."""
+    if cb_ref is not None:
+        return cb_ref[pl.ds(t0, Ci.shape[0]), pl.ds(s0, BT)].astype(acc)
+    return cm.mm(Ci, B_ref[pl.ds(s0, BT), :], cm.NT, dots["cb"])
+
 
 # -------------------------------------------------------------------------------------------------
 # forward output
 # -------------------------------------------------------------------------------------------------
 
 
-def _output_kernel(*refs, Q, BT, HB, has_doc, has_D, dots, acc):
+def _output_kernel(*refs, Q, BM, BT, HB, has_doc, has_D, has_cb, dots, acc):
     it = iter(refs)
-    x_ref, C_ref, B_ref, cs_ref, w_ref, st_ref = (next(it) for _ in range(6))
+    x_ref, C_ref, BorCB_ref, cs_ref, w_ref, st_ref = (next(it) for _ in range(6))
+    B_ref, cb_ref = (None, BorCB_ref) if has_cb else (BorCB_ref, None)
     doc_ref = next(it) if has_doc else None
     D_ref = next(it) if has_D else None
     y_ref = next(it)
 
-    i = pl.program_id(1)
-    t0 = i * BT
-    Ci = C_ref[pl.ds(t0, BT), :]
-    doc_t = _col(doc_ref[pl.ds(t0, BT)]) if has_doc else None
-    cs_t = [_col(cs_ref[hh, pl.ds(t0, BT)]) for hh in range(HB)]
+    i = pl.program_id(1)  # row block of BM rows; the source loop steps BT columns
+    t0 = i * BM
+    Ci = C_ref[pl.ds(t0, BM), :]
+    doc_t = _col(doc_ref[pl.ds(t0, BM)]) if has_doc else None
+    cs_t = [_col(cs_ref[hh, pl.ds(t0, BM)]) for hh in range(HB)]
     accs = tuple(
         cm.off_output(Ci, st_ref[hh], cm.decay_from_start(cs_t[hh], doc_t), dots['out_off']) for hh in range(HB)
     )
 
     def body(j, accs):
         s0 = j * BT
-        Bj = B_ref[pl.ds(s0, BT), :]
-        CB = cm.mm(Ci, Bj, cm.NT, dots['cb'])
+        CB = _cb_block(cb_ref, Ci, B_ref, t0, s0, BT, dots, acc)
         doc_s = _row(doc_ref[pl.ds(s0, BT)]) if has_doc else None
-        mask = cm.intra_mask(t0, s0, BT, BT, doc_t, doc_s)
+        mask = cm.intra_mask(t0, s0, BM, BT, doc_t, doc_s)
         new = []
         for hh in range(HB):
             L = cm.intra_decay(cs_t[hh], _row(cs_ref[hh, pl.ds(s0, BT)]), mask)
@@ -327,25 +376,28 @@ def _output_kernel(*refs, Q, BT, HB, has_doc, has_D, dots, acc):
             new.append(accs[hh] + cm.intra_output(CB, L, w_s, x_ref[pl.ds(s0, BT), hh, :], dots['out_intra']))
         return tuple(new)
 
-    accs = lax.fori_loop(0, i + 1, body, accs)
+    accs = lax.fori_loop(0, (i + 1) * (BM // BT), body, accs)
     for hh in range(HB):
         y = accs[hh]
         if has_D:
-            y = y + D_ref[hh].astype(acc) * x_ref[pl.ds(t0, BT), hh, :].astype(acc)
+            y = y + D_ref[hh].astype(acc) * x_ref[pl.ds(t0, BM), hh, :].astype(acc)
         y_ref[:, hh, :] = y.astype(y_ref.dtype)
 
 
-def output(cfg, x, B, C, cs, w, states, doc, D, out_dtype):
+def output(cfg, x, B, C, cs, w, states, doc, D, out_dtype, cb=None):
+    """``y`` of every chunk from its entering state; ``cb`` is ``chunk_cb``'s output or None (computed inline)."""
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     k = h // g
     Q, BT = cfg.chunk, cfg.block_t
-    nb, nc = Q // BT, L // Q
+    BM = cfg.out_rows()
+    nm, nc = Q // BM, L // Q
     HB = cfg.heads_for(k)
-    grid = (h // HB, nb, nc, b)
+    grid = (h // HB, nm, nc, b)
     spec = _ChunkSpecs(Q, HB, p, n, lambda hb: cm.idiv(hb * HB, k))
-    ins = [x, C, B, cs, w, states]
-    in_specs = [spec.heads(), spec.bc(), spec.bc(), spec.scalars(), spec.scalars(), spec.states()]
+    ins = [x, C, B if cb is None else cb, cs, w, states]
+    in_specs = [spec.heads(), spec.bc(), spec.bc() if cb is None else spec.cb(), spec.scalars(), spec.scalars(),
+                spec.states()]
     if doc is not None:
         ins.append(doc)
         in_specs.append(spec.doc())
@@ -353,11 +405,12 @@ def output(cfg, x, B, C, cs, w, states, doc, D, out_dtype):
         ins.append(D)
         in_specs.append(spec.per_head())
     kernel = functools.partial(
-        _output_kernel, Q=Q, BT=BT, HB=HB, has_doc=doc is not None, has_D=D is not None, dots=cfg.dots(), acc=cfg.acc,
+        _output_kernel, Q=Q, BM=BM, BT=BT, HB=HB, has_doc=doc is not None, has_D=D is not None, has_cb=cb is not None,
+        dots=cfg.dots(), acc=cfg.acc,
     )
     return _call(
         kernel, cfg, "out", grid=grid, in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, BT, HB, p), lambda hb, i, c, bb: (bb, c * nb + i, hb, 0)),
+        out_specs=pl.BlockSpec((None, BM, HB, p), lambda hb, i, c, bb: (bb, c * nm + i, hb, 0)),
         out_shape=jax.ShapeDtypeStruct((b, L, h, p), out_dtype), name="ssd_output",
     )(*ins)
 
@@ -367,9 +420,10 @@ def output(cfg, x, B, C, cs, w, states, doc, D, out_dtype):
 # -------------------------------------------------------------------------------------------------
 
 
-def _bwd_cols_kernel(*refs, Q, BT, HB, nb, has_doc, has_D, dots, acc):
+def _bwd_cols_kernel(*refs, Q, BT, HB, nb, has_doc, has_D, has_cb, dots, acc):
     it = iter(refs)
     x_ref, dy_ref, C_ref, B_ref, cs_ref, w_ref, G_ref = (next(it) for _ in range(7))
+    cb_ref = next(it) if has_cb else None
     doc_ref = next(it) if has_doc else None
     D_ref = next(it) if has_D else None
     dx_ref, dw_ref, V_ref = next(it), next(it), next(it)
@@ -392,8 +446,8 @@ def _bwd_cols_kernel(*refs, Q, BT, HB, nb, has_doc, has_D, dots, acc):
 
     def body(i, accs):
         t0 = i * BT
-        Ci = C_ref[pl.ds(t0, BT), :]
-        CB = cm.mm(Ci, Bj, cm.NT, dots['cb'])
+        CB = cm.mm(C_ref[pl.ds(t0, BT), :], Bj, cm.NT, dots['cb']) if cb_ref is None else cb_ref[
+            pl.ds(t0, BT), pl.ds(s0, BT)].astype(acc)
         doc_t = _col(doc_ref[pl.ds(t0, BT)]) if has_doc else None
         mask = cm.intra_mask(t0, s0, BT, BT, doc_t, doc_s_row)
         new = []
@@ -415,16 +469,20 @@ def _bwd_cols_kernel(*refs, Q, BT, HB, nb, has_doc, has_D, dots, acc):
         dw_ref[hh, :] = jnp.sum(xs * draw, axis=1)
 
 
-def bwd_cols(cfg, x, dy, B, C, cs, w, Gs, doc, D):
+def bwd_cols(cfg, x, dy, B, C, cs, w, Gs, doc, D, cb=None):
+    """``dx``, ``dw`` and the state terms ``V`` per source block; ``cb`` from ``chunk_cb`` or None (inline)."""
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     k = h // g
     Q, BT = cfg.chunk, cfg.block_t
     nb, nc = Q // BT, L // Q
-    HB = cfg.heads_for(k)
+    HB = cfg.heads_for(k, cfg.cols_heads_per_block)
     spec = _ChunkSpecs(Q, HB, p, n, lambda hb: cm.idiv(hb * HB, k))
     ins = [x, dy, C, B, cs, w, Gs]
     in_specs = [spec.heads(), spec.heads(), spec.bc(), spec.bc(), spec.scalars(), spec.scalars(), spec.states()]
+    if cb is not None:
+        ins.append(cb)
+        in_specs.append(spec.cb())
     if doc is not None:
         ins.append(doc)
         in_specs.append(spec.doc())
@@ -443,15 +501,16 @@ def bwd_cols(cfg, x, dy, B, C, cs, w, Gs, doc, D):
         out_specs.append(pl.BlockSpec((None, HB, None), lambda hb, j, c, bb: (bb, hb, c * nb + j)))
     kernel = functools.partial(
         _bwd_cols_kernel, Q=Q, BT=BT, HB=HB, nb=nb, has_doc=doc is not None, has_D=D is not None,
-        dots=cfg.dots(), acc=cfg.acc,
+        has_cb=cb is not None, dots=cfg.dots(), acc=cfg.acc,
     )
     return _call(kernel, cfg, "cols", grid=(h // HB, nb, nc, b), in_specs=in_specs, out_specs=out_specs,
                  out_shape=out_shape, name="ssd_bwd_cols")(*ins)
 
 
-def _bwd_rows_kernel(*refs, Q, BT, k, nb, has_doc, dots, acc, unroll):
+def _bwd_rows_kernel(*refs, Q, BT, k, nb, has_doc, has_cb, dots, acc, unroll):
     it = iter(refs)
     x_ref, dy_ref, C_ref, B_ref, cs_ref, w_ref, H_ref, G_ref = (next(it) for _ in range(8))
+    cb_ref = next(it) if has_cb else None
     doc_ref = next(it) if has_doc else None
     dC_ref, dBs_ref, dBp_ref, rowZ_ref, off_ref, dg_ref = (next(it) for _ in range(6))
 
@@ -484,7 +543,7 @@ def _bwd_rows_kernel(*refs, Q, BT, k, nb, has_doc, dots, acc, unroll):
     def block_pair(j, dC):
         s0 = j * BT
         Bj = B_ref[pl.ds(s0, BT), :]
-        CB = cm.mm(Ci, Bj, cm.NT, dots['cb'])
+        CB = _cb_block(cb_ref, Ci, B_ref, t0, s0, BT, dots, acc)
         doc_s = _row(doc_ref[pl.ds(s0, BT)]) if has_doc else None
         mask = cm.intra_mask(t0, s0, BT, BT, doc_t, doc_s)
 
@@ -520,7 +579,7 @@ def _bwd_rows_kernel(*refs, Q, BT, k, nb, has_doc, dots, acc, unroll):
     dBs_ref[...] = dBs.astype(dBs_ref.dtype)
 
 
-def bwd_rows(cfg, x, dy, B, C, cs, w, Hs, Gs, doc):
+def bwd_rows(cfg, x, dy, B, C, cs, w, Hs, Gs, doc, cb=None):
     """Row-block backward kernel; the heads of a group are split over ``cfg.rows_head_blocks`` programs whose
     partial ``dC`` and ``dB`` sums are added here (more parallelism for the sequential head loops)."""
     b, L, h, p = x.shape
@@ -537,6 +596,9 @@ def bwd_rows(cfg, x, dy, B, C, cs, w, Hs, Gs, doc):
     ins = [x, dy, C, B, cs, w, Hs, Gs]
     in_specs = [spec.heads(), spec.heads(), spec.bc(), spec.bc(), spec.scalars(), spec.scalars(), spec.states(),
                 spec.states()]
+    if cb is not None:
+        ins.append(cb)
+        in_specs.append(spec.cb())
     if doc is not None:
         ins.append(doc)
         in_specs.append(spec.doc())
@@ -558,7 +620,8 @@ def bwd_rows(cfg, x, dy, B, C, cs, w, Hs, Gs, doc):
         pl.BlockSpec((None, kk, None), lambda gq, i, c, bb: (bb, gq, c * nb + i)),
     ]
     kernel = functools.partial(
-        _bwd_rows_kernel, Q=Q, BT=BT, k=kk, nb=nb, has_doc=doc is not None, dots=cfg.dots(), acc=acc,
+        _bwd_rows_kernel, Q=Q, BT=BT, k=kk, nb=nb, has_doc=doc is not None, has_cb=cb is not None, dots=cfg.dots(),
+        acc=acc,
         unroll=cfg.rows_unroll if kk % cfg.rows_unroll == 0 else 1,
     )
     dC, dBs, dBp, rowZp, off, dg = _call(
@@ -582,7 +645,8 @@ def forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype):
     outs = state_scan(cfg, x, B, cs, w, doc, h0, backward=False, max_norm=max_norm)
     states, final = outs[0], outs[1]
     scales = outs[2] if max_norm is not None else None
-    y = output(cfg, x, B, C, cs, w, states, doc, D, out_dtype)
+    cb = chunk_cb(cfg, B, C, cfg.out_cb_dtype or cfg.acc) if "out" in cfg.cb_readers else None
+    y = output(cfg, x, B, C, cs, w, states, doc, D, out_dtype, cb)
     return y, final, states, scales
 
 
@@ -598,10 +662,13 @@ def backward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, states, final, scales, d
     Gs, dh0 = outs[0], outs[1]
     dm_parts = outs[2] if max_norm is not None else None
 
-    col_outs = bwd_cols(cfg, x, dy, B, C, cs, w, Gs, doc, D)
+    # float32 in the backward: C B^T enters dA through (L o CB)^T dy
+    cb = chunk_cb(cfg, B, C, cfg.acc) if {"cols", "rows"} & set(cfg.cb_readers) else None
+    col_outs = bwd_cols(cfg, x, dy, B, C, cs, w, Gs, doc, D, cb if "cols" in cfg.cb_readers else None)
     dx, dw, V = col_outs[:3]
     dD = None if D is None else jnp.sum(col_outs[3], axis=(0, 2))
-    dC, dBs, dBp, rowZp, off, dg = bwd_rows(cfg, x, dy, B, C, cs, w, states, Gs, doc)
+    dC, dBs, dBp, rowZp, off, dg = bwd_rows(cfg, x, dy, B, C, cs, w, states, Gs, doc,
+                                            cb if "rows" in cfg.cb_readers else None)
 
     gdec = chunk_decays(cs, doc, Q)  # (b, h, c)
     dg = dg[:, :, ::nb]  # (b, h, c)

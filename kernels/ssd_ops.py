@@ -44,10 +44,18 @@ class KernelConfig:
       interpret: run the kernels in interpret mode (CPU).
       chunk: chunk length Q (64, 128 or 256).
       block_t: rows/columns of the blocks of the intra-chunk product (GPU).
+      out_block_rows: rows per program of the forward output kernel, a multiple of ``block_t`` (0: ``block_t``).
       heads_per_block: heads sharing one ``C B^T`` block per program (GPU output and bwd_cols kernels).
       state_rows: state rows (headdim) per program of the fused state scan (GPU).
       state_variant: "fused" (one kernel computes and passes the chunk states) or "split" (a parallel
         chunk-state kernel, then a light sequential pass).
+      cb_readers: GPU kernels ("out", "cols", "rows") that read ``C B^T`` from one kernel that writes it per
+        group and chunk (``ssd_gpu.chunk_cb``) instead of computing their own blocks of it per head block.
+      out_cb_dtype: storage dtype of the precomputed ``C B^T`` read by the forward output kernel (None: ``acc``;
+        the backward always reads it in ``acc``).
+      save_states: keep the per-chunk states of the forward pass for the backward pass (memory: as large as
+        ``x`` in ``state_dtype``) instead of recomputing them with one more forward scan.
+      cols_heads_per_block: heads per program of the GPU ``bwd_cols`` kernel (0: ``heads_per_block``).
       num_warps, num_stages: Triton launch parameters.
       op_dtype: operand dtype of the matmuls with a computed operand (bf16 for bf16 inputs: float32
         accumulation; float32 uses TF32 on GPU).
@@ -61,16 +69,21 @@ class KernelConfig:
       rows_unroll, rows_head_blocks: head-loop unrolling and the number of programs sharing a group's heads
         in the GPU row kernel.
       launch: per-kernel ``(name, num_warps, num_stages)`` overrides ("scan", "chunk_states", "out", "cols",
-        "rows").
+        "rows", "cb").
     """
 
     launcher: str = "gpu"
     interpret: bool = False
     chunk: int = 256
     block_t: int = 64
+    out_block_rows: int = 0
     heads_per_block: int = 4
     state_rows: int = 32
     state_variant: str = "fused"
+    cb_readers: tuple = ()
+    cols_heads_per_block: int = 0
+    save_states: bool = False
+    out_cb_dtype: object = None
     num_warps: int = 4
     num_stages: int = 2
     op_dtype: object = jnp.bfloat16
@@ -114,9 +127,13 @@ class KernelConfig:
         out["cb"] = DotSpec(self.data_dtype, self.acc, self.precision, self.emulate_tf32)
         return out
 
-    def heads_for(self, k: int) -> int:
-        """Largest divisor of ``k`` (heads per group) that is at most ``heads_per_block``."""
-        hb = max(1, min(self.heads_per_block, k))
+    def out_rows(self) -> int:
+        """Rows per program of the GPU output kernel."""
+        return self.out_block_rows or self.block_t
+
+    def heads_for(self, k: int, wanted: int = 0) -> int:
+        """Largest divisor of ``k`` (heads per group) that is at most ``wanted`` (0: ``heads_per_block``)."""
+        hb = max(1, min(wanted or self.heads_per_block, k))
         while k % hb:
             hb -= 1
         return hb
@@ -157,16 +174,25 @@ def make_config(x_dtype, bc_dtype, shape, chunk_size: int, *, launcher: Optional
         variant = "fused" if b * h * max(1, p // state_rows) >= 256 else "split"
         # Measured on an H200 (docs/kernel_notes.md): 2 heads per program and one pipeline stage for the
         # intra-chunk kernels, the chunk state in 64-row steps, the row kernel's head loop over 2 programs.
-        kw.update(block_t=block_t, state_rows=state_rows, state_variant=variant, heads_per_block=2, scan_block=64,
-                  rows_head_blocks=2, num_warps=4, num_stages=2, launch=(("out", 4, 1), ("cols", 4, 1)))
+        kw.update(block_t=block_t, state_rows=state_rows, state_variant=variant, heads_per_block=2,
+                  cols_heads_per_block=2, scan_block=64, rows_head_blocks=2, num_warps=4, num_stages=2,
+                  launch=(("out", 4, 1), ("cols", 4, 1)))
     if op_dtype != acc:
         # bf16 operands, except the products whose rounding dominates the error of the gradients (above all dA
         # through (L o CB)^T dy, dB/dC through dCB): their float32 operand is split into two bf16 parts
         # (ssd_common.BF16X2); TF32 is not accurate enough for dA. The per-chunk states travel between kernels
         # in bf16 (they are bf16 matmul operands anyway; the carried state stays float32).
         kw.update(x2_dots=("dx_intra", "dcb", "bstate"), state_dtype=jnp.dtype(jnp.bfloat16))
+    if "launch" in overrides:  # per-kernel launch overrides replace the defaults of the kernels they name only
+        launch = {name: (name, warps, stages) for name, warps, stages in kw.get("launch", ())}
+        launch.update({name: (name, warps, stages) for name, warps, stages in overrides["launch"]})
+        overrides = dict(overrides, launch=tuple(launch.values()))
     kw.update(overrides)
     cfg = KernelConfig(**kw)
+    if cfg.state_variant not in ("fused", "split"):
+        raise ValueError(f"kernel config state_variant must be 'fused' or 'split', got {cfg.state_variant!r}")
+    if not set(cfg.cb_readers) <= {"out", "cols", "rows"}:
+        raise ValueError(f"kernel config cb_readers must name kernels among ('out', 'cols', 'rows'), got {cfg.cb_readers!r}")
     if cfg.launcher == "gpu" and not cfg.interpret:
         _check_gpu_shapes(cfg, p, n)
     return cfg
@@ -183,6 +209,9 @@ def _check_gpu_shapes(cfg, p, n):
         )
     if cfg.chunk % cfg.block_t or cfg.block_t < 16:
         raise ValueError(f"block_t={cfg.block_t} must divide the chunk ({cfg.chunk}) and be >= 16")
+    if cfg.chunk % cfg.out_rows() or cfg.out_rows() % cfg.block_t:
+        raise ValueError(f"out_block_rows={cfg.out_block_rows} must divide the chunk ({cfg.chunk}) and be a multiple "
+                         f"of block_t ({cfg.block_t})")
 
 
 def _launcher_module(cfg):
@@ -207,16 +236,17 @@ def _core(cfg, out_dtype, x, w, cs, B, C, h0, doc, D, max_norm):
 
 
 def _core_fwd(cfg, out_dtype, x, w, cs, B, C, h0, doc, D, max_norm):
-    y, final, _, scales = _launcher_module(cfg).forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype)
-    # The states entering each chunk are as large as x: recomputed in the backward pass, not stored.
-    return (y, final), (x, w, cs, B, C, h0, doc, D, max_norm, final, scales)
+    y, final, states, scales = _launcher_module(cfg).forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype)
+    # The states entering each chunk are as large as x: by default recomputed in the backward pass, not stored.
+    saved = (states, final, scales) if cfg.save_states and states is not None else None  # GPU launcher only
+    return (y, final), (x, w, cs, B, C, h0, doc, D, max_norm, saved)
 
 
 def _core_bwd(cfg, out_dtype, res, cts):
-    x, w, cs, B, C, h0, doc, D, max_norm, final, scales = res
+    x, w, cs, B, C, h0, doc, D, max_norm, saved = res
     dy, dfinal = cts
     mod = _launcher_module(cfg)
-    states, final_re, scales_re = mod.states(cfg, x, w, cs, B, h0, doc, max_norm)
+    states, final_re, scales_re = saved if saved is not None else mod.states(cfg, x, w, cs, B, h0, doc, max_norm)
     dx, dw, dcs, dB, dC, dh0, dD, dm = mod.backward(
         cfg, x, w, cs, B, C, h0, doc, D, max_norm, states, final_re, scales_re, dy, dfinal.astype(cfg.acc)
     )

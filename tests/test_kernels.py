@@ -104,8 +104,15 @@ def test_gradients_match_float64_recurrence(launcher):
             assert rel(g, w) < tol, name
 
 
-def test_gradients_block_loops_and_config_variants():
-    """Several row/column blocks per chunk (block_t=32, chunk 128), the split state pass, head blocks."""
+@pytest.mark.parametrize("variant", [
+    dict(block_t=32, state_variant="split", heads_per_block=2, rows_head_blocks=2, scan_block=32),
+    dict(block_t=32, cb_readers=("out", "cols", "rows"), heads_per_block=1, cols_heads_per_block=2, rows_head_blocks=4,
+         out_block_rows=64),
+    dict(block_t=32, heads_per_block=2, out_block_rows=128, save_states=True),
+], ids=["split_inline_cb", "precomputed_cb", "inline_cb_128_rows"])
+def test_gradients_block_loops_and_config_variants(variant):
+    """Several row/column blocks per chunk (block_t=32, chunk 128), the split state pass, head blocks, ``C B^T``
+    computed by every program or once per group and chunk."""
     with jax.enable_x64(True):
         _, a, seg, cot, cot_state = _inputs(2, seqlen=150, heads=8, groups=2)
         doc = document_ids(jnp.asarray(seg), seg.shape)
@@ -118,8 +125,7 @@ def test_gradients_block_loops_and_config_variants():
 
             return f
 
-        kern = lambda *xs: ssd_ops.ssd_pallas(*xs, doc, chunk_size=128, config=dict(
-            block_t=32, state_variant="split", heads_per_block=2, rows_head_blocks=2, scan_block=32))
+        kern = lambda *xs: ssd_ops.ssd_pallas(*xs, doc, chunk_size=128, config=variant)
         ref = lambda *xs: ssd_chunked(*xs, doc, chunk_size=128)
         args = (a["x"], dt_in, log_a, a["B"], a["C"], a["initial_state"])
         y, final = kern(*args)
