@@ -179,27 +179,35 @@ def bench_case(name, impls, configs=None, bwd=True, iters=10):
 
 
 PRE = ("out", "cols", "rows")  # every reader of the precomputed C B^T
+BF16_DX = {"x2_dots": ("dcb", "bstate")}  # plain bf16 (L o CB)^T dy: accurate dA only with rows_variant "pairs"
+PAIRS = {"rows_variant": "pairs"}
 KERNEL_VARIANTS = {  # per-kernel configurations timed with --kernels (each kernel alone, b8 x L4096)
     "cb": {"f32": {"cb_readers": PRE}, "bf16": {"cb_readers": PRE, "out_cb_dtype": "bfloat16"}},
-    "scan_fwd": {"default": {}, "full-chunk": {"scan_block": 256}, "w8": {"launch": (("scan", 8, 2),)},
-                 "s1": {"launch": (("scan", 4, 1),)}, "rows32": {"state_rows": 32}},
-    "scan_bwd": {"default": {}, "full-chunk": {"scan_block": 256}, "w8": {"launch": (("scan", 8, 2),)},
-                 "s1": {"launch": (("scan", 4, 1),)}, "rows32": {"state_rows": 32}},
-    "out": {"default": {}, "bm128": {"out_block_rows": 128},
-            "pre-hb1": {"cb_readers": PRE, "heads_per_block": 1},
-            "pre-hb1-s2": {"cb_readers": PRE, "heads_per_block": 1, "launch": (("out", 4, 2),)},
-            "pre-hb1-s3": {"cb_readers": PRE, "heads_per_block": 1, "launch": (("out", 4, 3),)},
+    "scan_fwd": {"default": {}, "full-chunk": {"scan_block": 256}},
+    "scan_bwd": {"default": {}, "full-chunk": {"scan_block": 256}},
+    "out": {"default": {}, "pre-hb1": {"cb_readers": PRE, "heads_per_block": 1},
             "pre-hb2": {"cb_readers": PRE, "heads_per_block": 2},
+            "pre-hb4": {"cb_readers": PRE, "heads_per_block": 4},
+            "pre-hb1-bf16cb": {"cb_readers": PRE, "heads_per_block": 1, "out_cb_dtype": "bfloat16"},
+            "pre-hb2-bf16cb": {"cb_readers": PRE, "heads_per_block": 2, "out_cb_dtype": "bfloat16"},
+            "pre-hb1-w8": {"cb_readers": PRE, "heads_per_block": 1, "launch": (("out", 8, 1),)},
             "pre-hb1-bm128": {"cb_readers": PRE, "heads_per_block": 1, "out_block_rows": 128},
-            "pre-hb1-bm128-w8": {"cb_readers": PRE, "heads_per_block": 1, "out_block_rows": 128,
-                                 "launch": (("out", 8, 2),)},
-            "pre-hb1-bf16cb": {"cb_readers": PRE, "heads_per_block": 1, "out_cb_dtype": "bfloat16"}},
-    "cols": {"default": {}, "pre-hb1": {"cb_readers": PRE, "cols_heads_per_block": 1},
-             "pre-hb1-s2": {"cb_readers": PRE, "cols_heads_per_block": 1, "launch": (("cols", 4, 2),)},
-             "pre-hb2": {"cb_readers": PRE, "cols_heads_per_block": 2}},
-    "rows": {"default": {}, "pre": {"cb_readers": PRE}, "pre-nhb4": {"cb_readers": PRE, "rows_head_blocks": 4},
-             "pre-nhb1": {"cb_readers": PRE, "rows_head_blocks": 1},
-             "pre-unroll2": {"cb_readers": PRE, "rows_unroll": 2}},
+            "inline-hb1": {"heads_per_block": 1}},
+    "cols": {"default": {}, "pre-hb2": {"cb_readers": PRE, "cols_heads_per_block": 2},
+             "bf16dx-hb2": dict(BF16_DX, cols_heads_per_block=2),
+             "bf16dx-pre-hb1": dict(BF16_DX, cb_readers=PRE, cols_heads_per_block=1),
+             "bf16dx-pre-hb2": dict(BF16_DX, cb_readers=PRE, cols_heads_per_block=2),
+             "bf16dx-pre-hb4": dict(BF16_DX, cb_readers=PRE, cols_heads_per_block=4),
+             "bf16dx-pre-hb2-w8": dict(BF16_DX, cb_readers=PRE, cols_heads_per_block=2, launch=(("cols", 8, 1),)),
+             "bf16dx-pre-hb2-s2": dict(BF16_DX, cb_readers=PRE, cols_heads_per_block=2, launch=(("cols", 4, 2),))},
+    "rows": {"default": {}, "pre-nhb1": {"cb_readers": PRE, "rows_head_blocks": 1}},
+    "pairs": {"nhb1": dict(PAIRS, rows_head_blocks=1), "nhb2": dict(PAIRS, rows_head_blocks=2),
+              "nhb4": dict(PAIRS, rows_head_blocks=4), "nhb1-s1": dict(PAIRS, rows_head_blocks=1,
+                                                                      launch=(("pairs", 4, 1),)),
+              "nhb1-w8": dict(PAIRS, rows_head_blocks=1, launch=(("pairs", 8, 2),))},
+    "group_rows": {"w4": PAIRS, "w4-s1": dict(PAIRS, launch=(("group_rows", 4, 1),)),
+                   "w8": dict(PAIRS, launch=(("group_rows", 8, 2),)),
+                   "w8-s1": dict(PAIRS, launch=(("group_rows", 8, 1),))},
 }
 
 
@@ -228,6 +236,8 @@ def kernel_times(case="b8xL4096", which=None, iters=10, deadline=None):
                                                                    backward=True)[0])(cot, Cp, cs, w, dfinal)
     cb32 = jax.jit(lambda Bp, Cp: ssd_gpu.chunk_cb(base, Bp, Cp, jnp.float32))(Bp, Cp)
     cb16 = cb32.astype(jnp.bfloat16)
+    dcb = jax.jit(lambda xp, cot, Bp, Cp, cs, w: ssd_gpu.bwd_pairs(base, xp, cot, Bp, Cp, cs, w, None)[0])(
+        xp, cot, Bp, Cp, cs, w)
     calls = {  # kernel -> (function of (cfg, *arrays), arrays)
         "cb": (lambda cfg, Bp, Cp: ssd_gpu.chunk_cb(cfg, Bp, Cp, cfg.out_cb_dtype or jnp.float32), (Bp, Cp)),
         "scan_fwd": (lambda cfg, xp, Bp, cs, w: ssd_gpu.state_scan(cfg, xp, Bp, cs, w, None, None, backward=False),
@@ -245,6 +255,11 @@ def kernel_times(case="b8xL4096", which=None, iters=10, deadline=None):
             cfg, xp, cot, Bp, Cp, cs, w, st.astype(cfg.state_dtype or jnp.float32),
             Gs.astype(cfg.state_dtype or jnp.float32), None, cb32 if "rows" in cfg.cb_readers else None),
                  (xp, cot, Bp, Cp, cs, w, st, Gs, cb32)),
+        "pairs": (lambda cfg, xp, cot, Bp, Cp, cs, w: ssd_gpu.bwd_pairs(cfg, xp, cot, Bp, Cp, cs, w, None),
+                  (xp, cot, Bp, Cp, cs, w)),
+        "group_rows": (lambda cfg, xp, cot, Bp, Cp, cs, w, st, Gs, dcb: ssd_gpu.bwd_group_rows(
+            cfg, xp, cot, Bp, Cp, cs, w, st.astype(cfg.state_dtype or jnp.float32),
+            Gs.astype(cfg.state_dtype or jnp.float32), None, dcb), (xp, cot, Bp, Cp, cs, w, st, Gs, dcb)),
     }
     rows = []
     for kern, variants in KERNEL_VARIANTS.items():
@@ -292,9 +307,10 @@ def _merge(*overrides):
 def tuned_overrides(kernel_rows):
     """The fastest combination of the per-kernel variants timed by :func:`kernel_times`.
 
-    Forward: scan + output (+ the ``C B^T`` kernel when the output reads it); backward: both scans + cols + rows
-    (+ one float32 ``C B^T`` kernel when either reads it). A variant's ``cb_readers`` only names the kernel it was
-    timed for in the merged configuration; the two scans share their variant (same fields).
+    Forward: scan + output (+ the ``C B^T`` kernel when the output reads it); backward: both scans + cols + either
+    the fused row kernel or pairs + group_rows (+ one float32 ``C B^T`` kernel when cols or rows read it). A
+    variant's ``cb_readers`` only names the kernel it was timed for in the merged configuration; the two scans
+    share their variant (same fields).
     """
     t = {(r["kernel"], r["variant"]): r for r in kernel_rows if "ms" in r}
     ms = lambda k, v: t[(k, v)]["ms"] if (k, v) in t else float("inf")  # noqa: E731
@@ -305,16 +321,24 @@ def tuned_overrides(kernel_rows):
     cb_cost = lambda v: (ms("cb", "bf16" if t[("out", v)]["overrides"].get("out_cb_dtype") else "f32")  # noqa: E731
                          if uses_cb("out", v) else 0.0)
     out = min(names("out"), key=lambda v: ms("out", v) + cb_cost(v), default=None)
+    bf16_dx = lambda cv: "dx_intra" not in t[("cols", cv)]["overrides"].get("x2_dots", ("dx_intra",))  # noqa: E731
+    designs = [((("rows", rv),), ms("rows", rv)) for rv in names("rows")]
+    designs += [((("pairs", pv), ("group_rows", gv)), ms("pairs", pv) + ms("group_rows", gv))
+                for pv in names("pairs") for gv in names("group_rows")]
     best_bwd, bwd_cost = None, float("inf")
     for cv in names("cols"):
-        for rv in names("rows"):
-            cost = ms("cols", cv) + ms("rows", rv) + (ms("cb", "f32") if uses_cb("cols", cv) or uses_cb("rows", rv)
-                                                      else 0.0)
+        for design, cost in designs:
+            if bf16_dx(cv) and design[0][0] != "pairs":
+                continue  # the fused row kernel's dA needs the split-bf16 dx product
+            cost = cost + ms("cols", cv)
+            if uses_cb("cols", cv) or any(uses_cb(k, v) for k, v in design if k == "rows"):
+                cost += ms("cb", "f32")
             if cost < bwd_cost:
-                best_bwd, bwd_cost = (cv, rv), cost
-    picked = {"scan": scan, "out": out, "cols": best_bwd and best_bwd[0], "rows": best_bwd and best_bwd[1]}
+                best_bwd, bwd_cost = (("cols", cv),) + design, cost
+    picked = {"scan": scan, "out": out, "bwd": [f"{k}:{v}" for k, v in best_bwd or ()]}
     parts = [own("scan_fwd", scan)] if scan else []
-    parts += [own(k, v) for k, v in (("out", out), ("cols", picked["cols"]), ("rows", picked["rows"])) if v]
+    parts += [own("out", out)] if out else []
+    parts += [own(k, v) for k, v in best_bwd or ()]
     return _merge(*parts), picked
 
 
@@ -404,7 +428,7 @@ def main(argv=None):
         result["tuned"]["rows"] = bench_case("b8xL4096", list(cfgs), cfgs, bwd=True, iters=args.iters)
         save()
         try:
-            result["tuned"]["accuracy"] = accuracy(2, 4096, ["fused:tuned"], cfgs)
+            result["tuned"]["accuracy"] = accuracy(2, 4096, ["fused:default", "fused:tuned"], cfgs)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             result["tuned"]["accuracy"] = {"error": f"{type(e).__name__}: {str(e)[:1000]}"}

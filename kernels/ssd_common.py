@@ -105,17 +105,26 @@ def positions(t0, s0, bt, bs):
     return t, s
 
 
-def intra_mask(t0, s0, bt, bs, doc_t=None, doc_s=None):
-    """``(bt, bs)`` bool: ``s <= t`` and the same document (``doc_t (bt, 1)``, ``doc_s (1, bs)``)."""
-    t, s = positions(t0, s0, bt, bs)
-    mask = s <= t
+def intra_mask(t0, s0, bt, bs, doc_t=None, doc_s=None, causal=True):
+    """``(bt, bs)`` bool: ``s <= t`` and the same document (``doc_t (bt, 1)``, ``doc_s (1, bs)``).
+
+    ``causal=False`` for a block pair entirely below the diagonal (every ``s < t``): only the document test
+    remains, and without documents the mask is ``None`` (no elementwise work).
+    """
+    mask = None
+    if causal:
+        t, s = positions(t0, s0, bt, bs)
+        mask = s <= t
     if doc_t is not None:
-        mask = jnp.logical_and(mask, doc_t == doc_s)
+        same = doc_t == doc_s
+        mask = same if mask is None else jnp.logical_and(mask, same)
     return mask
 
 
 def intra_decay(cs_t, cs_s, mask):
-    """``L[t, s] = exp(cs_t - cs_s)`` where ``mask`` else 0 (masked before ``exp``: no inf, no NaN)."""
+    """``L[t, s] = exp(cs_t - cs_s)`` where ``mask`` (None: everywhere) else 0 (masked before ``exp``: no inf)."""
+    if mask is None:
+        return jnp.exp(cs_t - cs_s)
     return jnp.exp(jnp.where(mask, cs_t - cs_s, NEG_INF))
 
 
@@ -215,6 +224,19 @@ def intra_row_terms(CB, L, w_s, dyt, xs, spec: DotSpec):
     DX = mm(dyt, xs, NT, spec)
     dcb = L * w_s * DX
     return dcb, jnp.sum(dcb * CB, axis=1, keepdims=True)
+
+
+def intra_pair_terms(CB, L, w_s, dyt, xs, spec: DotSpec):
+    """Per-head terms of one (row block, source block) pair: ``(dCB_h (T, S), rowZ (T, 1), colZ (1, S))``.
+
+    ``Z = dCB_h o CB`` with ``dCB_h = L o w_s o (dy_t x_s^T)``; ``rowZ - colZ`` is the intra-chunk part of the
+    log-decay gradient (``colZ_s = w_s x_s.((L o CB)^T dy)_s``), computed from one float32 matrix so that it
+    does not depend on the precision of the ``dx`` product.
+    """
+    DX = mm(dyt, xs, NT, spec)
+    dcb = L * w_s * DX
+    Z = dcb * CB
+    return dcb, jnp.sum(Z, axis=1, keepdims=True), jnp.sum(Z, axis=0, keepdims=True)
 
 
 def off_row_terms(dyt, H, Ct, e_t, spec: DotSpec):

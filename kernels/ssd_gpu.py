@@ -305,33 +305,33 @@ def chunk_cb(cfg, B, C, dtype):
 
 
 class _ChunkSpecs:
-    """The input BlockSpecs shared by ``output``, ``bwd_cols`` and ``bwd_rows``: grid ``(hb, i, c, bb)`` =
-    (head block of ``HB`` heads, block inside the chunk, chunk, batch); ``group(hb)`` is the B/C group the
-    head block reads. Each method returns the spec of one kind of operand, whole chunk ``c``."""
+    """The input BlockSpecs shared by the intra-chunk kernels: grid ``(hb, ..., c, bb)`` = (head block of ``HB``
+    heads, blocks inside the chunk (one or two grid axes), chunk, batch); ``group(hb)`` is the B/C group the head
+    block reads. Each method returns the spec of one kind of operand, whole chunk ``c``."""
 
     def __init__(self, Q: int, HB: int, p: int, n: int, group):
         self.Q, self.HB, self.p, self.n, self.group = Q, HB, p, n, group
 
     def heads(self):  # x, dy: (b, L, h, p)
-        return pl.BlockSpec((None, self.Q, self.HB, self.p), lambda hb, i, c, bb: (bb, c, hb, 0))
+        return pl.BlockSpec((None, self.Q, self.HB, self.p), lambda hb, *r: (r[-1], r[-2], hb, 0))
 
     def bc(self):  # B, C: (b, L, g, n)
-        return pl.BlockSpec((None, self.Q, None, self.n), lambda hb, i, c, bb: (bb, c, self.group(hb), 0))
+        return pl.BlockSpec((None, self.Q, None, self.n), lambda hb, *r: (r[-1], r[-2], self.group(hb), 0))
 
     def scalars(self):  # cs, w: (b, h, L)
-        return pl.BlockSpec((None, self.HB, self.Q), lambda hb, i, c, bb: (bb, hb, c))
+        return pl.BlockSpec((None, self.HB, self.Q), lambda hb, *r: (r[-1], hb, r[-2]))
 
     def states(self):  # (b, h, c, p, n)
-        return pl.BlockSpec((None, self.HB, None, self.p, self.n), lambda hb, i, c, bb: (bb, hb, c, 0, 0))
+        return pl.BlockSpec((None, self.HB, None, self.p, self.n), lambda hb, *r: (r[-1], hb, r[-2], 0, 0))
 
     def doc(self):  # (b, L)
-        return pl.BlockSpec((None, self.Q), lambda hb, i, c, bb: (bb, c))
+        return pl.BlockSpec((None, self.Q), lambda hb, *r: (r[-1], r[-2]))
 
     def per_head(self):  # D: (h,)
-        return pl.BlockSpec((self.HB,), lambda hb, i, c, bb: (hb,))
+        return pl.BlockSpec((self.HB,), lambda hb, *r: (hb,))
 
     def cb(self):  # (b, c, g, Q, Q) from chunk_cb
-        return pl.BlockSpec((None, None, None, self.Q, self.Q), lambda hb, i, c, bb: (bb, c, self.group(hb), 0, 0))
+        return pl.BlockSpec((None, None, None, self.Q, self.Q), lambda hb, *r: (r[-1], r[-2], self.group(hb), 0, 0))
 
 
 def _cb_block(cb_ref, Ci, B_ref, t0, s0, BT, dots, acc):
@@ -364,11 +364,11 @@ def _output_kernel(*refs, Q, BM, BT, HB, has_doc, has_D, has_cb, dots, acc):
         cm.off_output(Ci, st_ref[hh], cm.decay_from_start(cs_t[hh], doc_t), dots['out_off']) for hh in range(HB)
     )
 
-    def body(j, accs):
+    def body(j, accs, causal):
         s0 = j * BT
         CB = _cb_block(cb_ref, Ci, B_ref, t0, s0, BT, dots, acc)
         doc_s = _row(doc_ref[pl.ds(s0, BT)]) if has_doc else None
-        mask = cm.intra_mask(t0, s0, BM, BT, doc_t, doc_s)
+        mask = cm.intra_mask(t0, s0, BM, BT, doc_t, doc_s, causal)
         new = []
         for hh in range(HB):
             L = cm.intra_decay(cs_t[hh], _row(cs_ref[hh, pl.ds(s0, BT)]), mask)
@@ -376,7 +376,9 @@ def _output_kernel(*refs, Q, BM, BT, HB, has_doc, has_D, has_cb, dots, acc):
             new.append(accs[hh] + cm.intra_output(CB, L, w_s, x_ref[pl.ds(s0, BT), hh, :], dots['out_intra']))
         return tuple(new)
 
-    accs = lax.fori_loop(0, (i + 1) * (BM // BT), body, accs)
+    below = i * (BM // BT)  # source blocks entirely before the row block: no causal mask
+    accs = lax.fori_loop(0, below, functools.partial(body, causal=False), accs)
+    accs = lax.fori_loop(below, below + BM // BT, functools.partial(body, causal=True), accs)
     for hh in range(HB):
         y = accs[hh]
         if has_D:
@@ -444,19 +446,20 @@ def _bwd_cols_kernel(*refs, Q, BT, HB, nb, has_doc, has_D, has_cb, dots, acc):
         accs.append(draw)
     doc_s_row = None if doc_s is None else _row(doc_s)
 
-    def body(i, accs):
+    def body(i, accs, causal):
         t0 = i * BT
         CB = cm.mm(C_ref[pl.ds(t0, BT), :], Bj, cm.NT, dots['cb']) if cb_ref is None else cb_ref[
             pl.ds(t0, BT), pl.ds(s0, BT)].astype(acc)
         doc_t = _col(doc_ref[pl.ds(t0, BT)]) if has_doc else None
-        mask = cm.intra_mask(t0, s0, BT, BT, doc_t, doc_s_row)
+        mask = cm.intra_mask(t0, s0, BT, BT, doc_t, doc_s_row, causal)
         new = []
         for hh in range(HB):
             L = cm.intra_decay(_col(cs_ref[hh, pl.ds(t0, BT)]), _row(cs_s[hh]), mask)
             new.append(accs[hh] + cm.intra_input_grad(CB, L, dy_ref[pl.ds(t0, BT), hh, :], dots['dx_intra']))
         return tuple(new)
 
-    accs = lax.fori_loop(j, nb, body, tuple(accs))
+    accs = body(j, tuple(accs), causal=True)  # the diagonal block, then the row blocks below it (unmasked)
+    accs = lax.fori_loop(j + 1, nb, functools.partial(body, causal=False), accs)
     for hh in range(HB):
         xs = x_ref[pl.ds(s0, BT), hh, :].astype(acc)
         draw = accs[hh]
@@ -635,6 +638,161 @@ def bwd_rows(cfg, x, dy, B, C, cs, w, Hs, Gs, doc, cb=None):
     return dC, dBs, dBp, rowZp, off, dg
 
 
+def _bwd_pairs_kernel(*refs, BT, k, has_doc, dots, acc):
+    it = iter(refs)
+    x_ref, dy_ref, C_ref, B_ref, cs_ref, w_ref = (next(it) for _ in range(6))
+    doc_ref = next(it) if has_doc else None
+    dcb_ref, rowZ_ref, colZ_ref = next(it), next(it), next(it)
+
+    i, j = pl.program_id(1), pl.program_id(2)
+    t0, s0 = i * BT, j * BT
+
+    def pair(causal):
+        CB = cm.mm(C_ref[pl.ds(t0, BT), :], B_ref[pl.ds(s0, BT), :], cm.NT, dots['cb'])
+        doc_t = _col(doc_ref[pl.ds(t0, BT)]) if has_doc else None
+        doc_s = _row(doc_ref[pl.ds(s0, BT)]) if has_doc else None
+        mask = cm.intra_mask(t0, s0, BT, BT, doc_t, doc_s, causal)
+
+        def head(hh, dCB):
+            L = cm.intra_decay(_col(cs_ref[hh, pl.ds(t0, BT)]), _row(cs_ref[hh, pl.ds(s0, BT)]), mask)
+            dcb, rowZ, colZ = cm.intra_pair_terms(CB, L, _row(w_ref[hh, pl.ds(s0, BT)]), dy_ref[pl.ds(t0, BT), hh, :],
+                                                  x_ref[pl.ds(s0, BT), hh, :], dots['dxx'])
+            rowZ_ref[hh, :] = _flat(rowZ)
+            colZ_ref[hh, :] = colZ[0]
+            return dCB + dcb
+
+        dcb_ref[...] = lax.fori_loop(0, k, head, jnp.zeros((BT, BT), acc)).astype(dcb_ref.dtype)
+
+    pl.when(j < i)(lambda: pair(causal=False))
+    pl.when(j == i)(lambda: pair(causal=True))
+
+    @pl.when(j > i)
+    def _():
+        dcb_ref[...] = jnp.zeros(dcb_ref.shape, dcb_ref.dtype)
+        rowZ_ref[...] = jnp.zeros(rowZ_ref.shape, rowZ_ref.dtype)
+        colZ_ref[...] = jnp.zeros(colZ_ref.shape, colZ_ref.dtype)
+
+
+def bwd_pairs(cfg, x, dy, B, C, cs, w, doc):
+    """The (row block, source block) terms of the backward pass, one program per block pair and head block.
+
+    Returns ``dCB`` (``(b, c, g * nhb, Q, Q)``: ``sum_heads L o w o (dy x^T)`` over each of the ``nhb`` head
+    blocks of a group, zero above the block diagonal) and the row and column sums of ``dCB_h o CB`` per head,
+    ``rowZ, colZ (b, nb, h, L)``: one slab per source block (rowZ) or row block (colZ), summed by the caller.
+    """
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    k = h // g
+    nhb = max(1, cfg.rows_head_blocks)
+    while k % nhb:
+        nhb -= 1
+    kk = k // nhb
+    Q, BT = cfg.chunk, cfg.block_t
+    nb, nc = Q // BT, L // Q
+    acc = cfg.acc
+    spec = _ChunkSpecs(Q, kk, p, n, lambda gq: cm.idiv(gq, nhb))
+    ins = [x, dy, C, B, cs, w]
+    in_specs = [spec.heads(), spec.heads(), spec.bc(), spec.bc(), spec.scalars(), spec.scalars()]
+    if doc is not None:
+        ins.append(doc)
+        in_specs.append(spec.doc())
+    out_shape = [
+        jax.ShapeDtypeStruct((b, nc, g * nhb, Q, Q), acc),
+        jax.ShapeDtypeStruct((b, nb, h, L), acc),
+        jax.ShapeDtypeStruct((b, nb, h, L), acc),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, None, BT, BT), lambda gq, i, j, c, bb: (bb, c, gq, i, j)),
+        pl.BlockSpec((None, None, kk, BT), lambda gq, i, j, c, bb: (bb, j, gq, c * nb + i)),
+        pl.BlockSpec((None, None, kk, BT), lambda gq, i, j, c, bb: (bb, i, gq, c * nb + j)),
+    ]
+    kernel = functools.partial(_bwd_pairs_kernel, BT=BT, k=kk, has_doc=doc is not None, dots=cfg.dots(), acc=acc)
+    return _call(kernel, cfg, "pairs", grid=(g * nhb, nb, nb, nc, b), in_specs=in_specs, out_specs=out_specs,
+                 out_shape=out_shape, name="ssd_bwd_pairs")(*ins)
+
+
+def _bwd_group_rows_kernel(*refs, Q, BT, k, nb, nhb, has_doc, dots, acc):
+    it = iter(refs)
+    x_ref, dy_ref, C_ref, B_ref, cs_ref, w_ref, H_ref, G_ref, dcb_ref = (next(it) for _ in range(9))
+    doc_ref = next(it) if has_doc else None
+    dC_ref, dB_ref, off_ref, dg_ref = (next(it) for _ in range(4))
+
+    r = pl.program_id(1)
+    t0 = r * BT
+    Cr = C_ref[pl.ds(t0, BT), :]
+    n = Cr.shape[1]
+    doc_t = _col(doc_ref[pl.ds(t0, BT)]) if has_doc else None
+    doc_last = doc_ref[Q - 1] if has_doc else None
+
+    # The state terms of the block's positions, summed over the heads of the group (a K loop over heads).
+    def head_terms(hh, carry):
+        dC, dB = carry
+        H = H_ref[hh].astype(acc)
+        G = G_ref[hh].astype(acc)
+        cs_t = _col(cs_ref[hh, pl.ds(t0, BT)])
+        e = cm.decay_from_start(cs_t, doc_t)
+        d = cm.decay_to_end(cs_t, cs_ref[hh, Q - 1], doc_t, doc_last)
+        dC_off, off = cm.off_row_terms(dy_ref[pl.ds(t0, BT), hh, :], H, Cr, e, dots['dc_off'])
+        off_ref[hh, :] = _flat(off)
+        dB = dB + cm.state_input_grad_B(x_ref[pl.ds(t0, BT), hh, :], _col(w_ref[hh, pl.ds(t0, BT)]) * d, G,
+                                        dots['db_state'])
+        dg_ref[hh] = jnp.sum(G * H)
+        return dC + dC_off, dB
+
+    zeros = jnp.zeros((BT, n), acc)
+    dC, dB = lax.fori_loop(0, k, head_terms, (zeros, zeros))
+
+    def dcb_block(ti, si):  # sum of the head blocks' partial dCB at block (ti, si)
+        blk = dcb_ref[0, pl.ds(ti * BT, BT), pl.ds(si * BT, BT)]
+        for q in range(1, nhb):
+            blk = blk + dcb_ref[q, pl.ds(ti * BT, BT), pl.ds(si * BT, BT)]
+        return blk
+
+    # dC_t += sum_s dCB[t, s] B_s (this block's row of blocks); dB_s += sum_t dCB[t, s] C_t (its column).
+    dC = lax.fori_loop(0, r + 1, lambda j, dC: dC + cm.mm(dcb_block(r, j), B_ref[pl.ds(j * BT, BT), :], cm.NN,
+                                                          dots['dcb']), dC)
+    dB = lax.fori_loop(r, nb, lambda i, dB: dB + cm.mm(dcb_block(i, r), C_ref[pl.ds(i * BT, BT), :], cm.TN,
+                                                       dots['dcb']), dB)
+    dC_ref[...] = dC.astype(dC_ref.dtype)
+    dB_ref[...] = dB.astype(dB_ref.dtype)
+
+
+def bwd_group_rows(cfg, x, dy, B, C, cs, w, Hs, Gs, doc, dcb):
+    """``dC``, ``dB`` (both ``(b, L, g, n)``, complete) and the per-head ``dy.y_off`` and ``<G, H>`` terms: one
+    program per (group, row block, chunk, batch) loops over the group's heads for the state terms, then adds
+    the intra-chunk terms from ``bwd_pairs``' ``dCB``."""
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    k = h // g
+    nhb = dcb.shape[2] // g
+    Q, BT = cfg.chunk, cfg.block_t
+    nb, nc = Q // BT, L // Q
+    acc = cfg.acc
+    spec = _ChunkSpecs(Q, k, p, n, lambda gg: gg)
+    ins = [x, dy, C, B, cs, w, Hs, Gs, dcb]
+    in_specs = [spec.heads(), spec.heads(), spec.bc(), spec.bc(), spec.scalars(), spec.scalars(), spec.states(),
+                spec.states(), pl.BlockSpec((None, None, nhb, Q, Q), lambda gg, r, c, bb: (bb, c, gg, 0, 0))]
+    if doc is not None:
+        ins.append(doc)
+        in_specs.append(spec.doc())
+    out_shape = [
+        jax.ShapeDtypeStruct((b, L, g, n), acc),
+        jax.ShapeDtypeStruct((b, L, g, n), acc),
+        jax.ShapeDtypeStruct((b, h, L), acc),  # dy.y_off
+        jax.ShapeDtypeStruct((b, h, nc * nb), acc),  # <G, H> (identical in every row block)
+    ]
+    out_specs = [
+        pl.BlockSpec((None, BT, None, n), lambda gg, r, c, bb: (bb, c * nb + r, gg, 0)),
+        pl.BlockSpec((None, BT, None, n), lambda gg, r, c, bb: (bb, c * nb + r, gg, 0)),
+        pl.BlockSpec((None, k, BT), lambda gg, r, c, bb: (bb, gg, c * nb + r)),
+        pl.BlockSpec((None, k, None), lambda gg, r, c, bb: (bb, gg, c * nb + r)),
+    ]
+    kernel = functools.partial(_bwd_group_rows_kernel, Q=Q, BT=BT, k=k, nb=nb, nhb=nhb, has_doc=doc is not None,
+                               dots=cfg.dots(), acc=acc)
+    return _call(kernel, cfg, "group_rows", grid=(g, nb, nc, b), in_specs=in_specs, out_specs=out_specs,
+                 out_shape=out_shape, name="ssd_bwd_group_rows")(*ins)
+
+
 # -------------------------------------------------------------------------------------------------
 # launcher entry points used by ssd_ops
 # -------------------------------------------------------------------------------------------------
@@ -667,15 +825,21 @@ def backward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, states, final, scales, d
     col_outs = bwd_cols(cfg, x, dy, B, C, cs, w, Gs, doc, D, cb if "cols" in cfg.cb_readers else None)
     dx, dw, V = col_outs[:3]
     dD = None if D is None else jnp.sum(col_outs[3], axis=(0, 2))
-    dC, dBs, dBp, rowZp, off, dg = bwd_rows(cfg, x, dy, B, C, cs, w, states, Gs, doc,
-                                            cb if "rows" in cfg.cb_readers else None)
+    if cfg.rows_variant == "pairs":
+        dcb, rowZp, colZp = bwd_pairs(cfg, x, dy, B, C, cs, w, doc)
+        dC, dB, off, dg = bwd_group_rows(cfg, x, dy, B, C, cs, w, states, Gs, doc, dcb)
+        intra = rowZp.sum(1) - colZp.sum(1) - V  # rowZ - (w dw - V) without the dx product's rounding
+    else:
+        dC, dBs, dBp, rowZp, off, dg = bwd_rows(cfg, x, dy, B, C, cs, w, states, Gs, doc,
+                                                cb if "rows" in cfg.cb_readers else None)
+        dB = dBs + dBp.sum(1)
+        intra = rowZp.sum(1) - w * dw
 
     gdec = chunk_decays(cs, doc, Q)  # (b, h, c)
     dg = dg[:, :, ::nb]  # (b, h, c)
     Vsum = V.reshape(b, h, nc, Q).sum(-1)
     last = (Vsum + gdec * dg)[..., None] * (jnp.arange(Q) == Q - 1)
-    dcs = rowZp.sum(1) + off - w * dw + last.reshape(b, h, L)
-    dB = dBs + dBp.sum(1)
+    dcs = intra + off + last.reshape(b, h, L)
     dm = None if max_norm is None else jnp.sum(dm_parts, axis=(0, 2))
     return dx, dw, dcs, dB, dC, (dh0 if h0 is not None else None), dD, dm
 

@@ -67,9 +67,12 @@ class KernelConfig:
       state_dtype: storage dtype of the per-chunk states between GPU kernels (None: ``acc``).
       scan_block: rows of the chunk per matmul step in the GPU state scan.
       rows_unroll, rows_head_blocks: head-loop unrolling and the number of programs sharing a group's heads
-        in the GPU row kernel.
+        in the GPU row kernel (``rows_head_blocks``: also in the "pairs" kernel).
+      rows_variant: GPU backward for dB, dC and the log-decay gradient: "fused" (one row kernel with partial dB
+        slabs) or "pairs" (one kernel per block pair writes the head-summed ``dCB``, one per row block adds the
+        state terms; the log-decay gradient from row and column sums of one float32 matrix).
       launch: per-kernel ``(name, num_warps, num_stages)`` overrides ("scan", "chunk_states", "out", "cols",
-        "rows", "cb").
+        "rows", "pairs", "group_rows", "cb").
     """
 
     launcher: str = "gpu"
@@ -97,6 +100,7 @@ class KernelConfig:
     scan_block: int = 256
     rows_unroll: int = 1
     rows_head_blocks: int = 1
+    rows_variant: str = "fused"
     launch: tuple = ()
 
     def launch_for(self, kernel: str):
@@ -191,6 +195,8 @@ def make_config(x_dtype, bc_dtype, shape, chunk_size: int, *, launcher: Optional
     cfg = KernelConfig(**kw)
     if cfg.state_variant not in ("fused", "split"):
         raise ValueError(f"kernel config state_variant must be 'fused' or 'split', got {cfg.state_variant!r}")
+    if cfg.rows_variant not in ("fused", "pairs"):
+        raise ValueError(f"kernel config rows_variant must be 'fused' or 'pairs', got {cfg.rows_variant!r}")
     if not set(cfg.cb_readers) <= {"out", "cols", "rows"}:
         raise ValueError(f"kernel config cb_readers must name kernels among ('out', 'cols', 'rows'), got {cfg.cb_readers!r}")
     if cfg.launcher == "gpu" and not cfg.interpret:

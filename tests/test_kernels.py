@@ -109,7 +109,9 @@ def test_gradients_match_float64_recurrence(launcher):
     dict(block_t=32, cb_readers=("out", "cols", "rows"), heads_per_block=1, cols_heads_per_block=2, rows_head_blocks=4,
          out_block_rows=64),
     dict(block_t=32, heads_per_block=2, out_block_rows=128, save_states=True),
-], ids=["split_inline_cb", "precomputed_cb", "inline_cb_128_rows"])
+    dict(block_t=32, rows_variant="pairs", rows_head_blocks=2),
+    dict(block_t=64, rows_variant="pairs", rows_head_blocks=1, x2_dots=("dcb", "bstate")),
+], ids=["split_inline_cb", "precomputed_cb", "inline_cb_128_rows", "pairs", "pairs_block64"])
 def test_gradients_block_loops_and_config_variants(variant):
     """Several row/column blocks per chunk (block_t=32, chunk 128), the split state pass, head blocks, ``C B^T``
     computed by every program or once per group and chunk."""
