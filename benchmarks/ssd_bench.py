@@ -178,36 +178,21 @@ def bench_case(name, impls, configs=None, bwd=True, iters=10):
     return rows
 
 
-PRE = ("out", "cols", "rows")  # every reader of the precomputed C B^T
-BF16_DX = {"x2_dots": ("dcb", "bstate")}  # plain bf16 (L o CB)^T dy: accurate dA only with rows_variant "pairs"
-PAIRS = {"rows_variant": "pairs"}
+PRE = ("out", "cols")  # every reader of the precomputed C B^T
 KERNEL_VARIANTS = {  # per-kernel configurations timed with --kernels (each kernel alone, b8 x L4096)
-    "cb": {"f32": {"cb_readers": PRE}, "bf16": {"cb_readers": PRE, "out_cb_dtype": "bfloat16"}},
-    "scan_fwd": {"default": {}, "full-chunk": {"scan_block": 256}},
-    "scan_bwd": {"default": {}, "full-chunk": {"scan_block": 256}},
-    "out": {"default": {}, "pre-hb1": {"cb_readers": PRE, "heads_per_block": 1},
-            "pre-hb2": {"cb_readers": PRE, "heads_per_block": 2},
-            "pre-hb4": {"cb_readers": PRE, "heads_per_block": 4},
-            "pre-hb1-bf16cb": {"cb_readers": PRE, "heads_per_block": 1, "out_cb_dtype": "bfloat16"},
-            "pre-hb2-bf16cb": {"cb_readers": PRE, "heads_per_block": 2, "out_cb_dtype": "bfloat16"},
-            "pre-hb1-w8": {"cb_readers": PRE, "heads_per_block": 1, "launch": (("out", 8, 1),)},
-            "pre-hb1-bm128": {"cb_readers": PRE, "heads_per_block": 1, "out_block_rows": 128},
-            "inline-hb1": {"heads_per_block": 1}},
-    "cols": {"default": {}, "pre-hb2": {"cb_readers": PRE, "cols_heads_per_block": 2},
-             "bf16dx-hb2": dict(BF16_DX, cols_heads_per_block=2),
-             "bf16dx-pre-hb1": dict(BF16_DX, cb_readers=PRE, cols_heads_per_block=1),
-             "bf16dx-pre-hb2": dict(BF16_DX, cb_readers=PRE, cols_heads_per_block=2),
-             "bf16dx-pre-hb4": dict(BF16_DX, cb_readers=PRE, cols_heads_per_block=4),
-             "bf16dx-pre-hb2-w8": dict(BF16_DX, cb_readers=PRE, cols_heads_per_block=2, launch=(("cols", 8, 1),)),
-             "bf16dx-pre-hb2-s2": dict(BF16_DX, cb_readers=PRE, cols_heads_per_block=2, launch=(("cols", 4, 2),))},
-    "rows": {"default": {}, "pre-nhb1": {"cb_readers": PRE, "rows_head_blocks": 1}},
-    "pairs": {"nhb1": dict(PAIRS, rows_head_blocks=1), "nhb2": dict(PAIRS, rows_head_blocks=2),
-              "nhb4": dict(PAIRS, rows_head_blocks=4), "nhb1-s1": dict(PAIRS, rows_head_blocks=1,
-                                                                      launch=(("pairs", 4, 1),)),
-              "nhb1-w8": dict(PAIRS, rows_head_blocks=1, launch=(("pairs", 8, 2),))},
-    "group_rows": {"w4": PAIRS, "w4-s1": dict(PAIRS, launch=(("group_rows", 4, 1),)),
-                   "w8": dict(PAIRS, launch=(("group_rows", 8, 2),)),
-                   "w8-s1": dict(PAIRS, launch=(("group_rows", 8, 1),))},
+    "cb": {"f32": {"cb_readers": PRE, "out_cb_dtype": "float32"}, "bf16": {"cb_readers": PRE}},
+    "scan_fwd": {"default": {}, "full-chunk": {"scan_block": 256}, "s2": {"launch": (("scan", 4, 2),)}},
+    "scan_bwd": {"default": {}, "full-chunk": {"scan_block": 256}, "s2": {"launch": (("scan", 4, 2),)},
+                 "bf16-bstate": {"x2_dots": ("dcb",)}},
+    "out": {"default": {}, "inline-hb2": {"cb_readers": (), "heads_per_block": 2},
+            "f32cb": {"out_cb_dtype": "float32"}, "s2": {"launch": (("out", 4, 2),)},
+            "bm128": {"out_block_rows": 128}},
+    "cols": {"default": {}, "hb2": {"cols_heads_per_block": 2}, "pre-f32cb": {"cb_readers": PRE},
+             "x2dx": {"x2_dots": ("bstate", "dcb", "dx_intra")}, "s2": {"launch": (("cols", 4, 2),)}},
+    "pairs": {"default": {}, "nhb2": {"rows_head_blocks": 2}, "s2": {"launch": (("pairs", 4, 2),)},
+              "w8": {"launch": (("pairs", 8, 3),)}},
+    "group_rows": {"default": {}, "ns1": {"rows_state_splits": 1}, "ns4": {"rows_state_splits": 4},
+                   "w8": {"launch": (("group_rows", 8, 2),)}},
 }
 
 
@@ -251,10 +236,6 @@ def kernel_times(case="b8xL4096", which=None, iters=10, deadline=None):
         "cols": (lambda cfg, xp, cot, Bp, Cp, cs, w, Gs, D, cb32: ssd_gpu.bwd_cols(
             cfg, xp, cot, Bp, Cp, cs, w, Gs.astype(cfg.state_dtype or jnp.float32), None, D,
             cb32 if "cols" in cfg.cb_readers else None), (xp, cot, Bp, Cp, cs, w, Gs, D, cb32)),
-        "rows": (lambda cfg, xp, cot, Bp, Cp, cs, w, st, Gs, cb32: ssd_gpu.bwd_rows(
-            cfg, xp, cot, Bp, Cp, cs, w, st.astype(cfg.state_dtype or jnp.float32),
-            Gs.astype(cfg.state_dtype or jnp.float32), None, cb32 if "rows" in cfg.cb_readers else None),
-                 (xp, cot, Bp, Cp, cs, w, st, Gs, cb32)),
         "pairs": (lambda cfg, xp, cot, Bp, Cp, cs, w: ssd_gpu.bwd_pairs(cfg, xp, cot, Bp, Cp, cs, w, None),
                   (xp, cot, Bp, Cp, cs, w)),
         "group_rows": (lambda cfg, xp, cot, Bp, Cp, cs, w, st, Gs, dcb: ssd_gpu.bwd_group_rows(
@@ -287,59 +268,57 @@ def kernel_times(case="b8xL4096", which=None, iters=10, deadline=None):
 
 
 def _merge(*overrides):
-    """One override dict from several (``launch`` tuples concatenated, ``cb_readers`` united)."""
-    out, launch, readers = {}, [], set()
+    """One override dict from several (``launch`` tuples concatenated, ``x2_dots`` intersected: each variant
+    only removes products from the split-bf16 default; ``cb_readers`` is decided by the caller)."""
+    out, launch, x2 = {}, [], None
     for over in overrides:
         for key, val in over.items():
             if key == "launch":
                 launch += list(val)
-            elif key == "cb_readers":
-                readers |= set(val)
-            else:
+            elif key == "x2_dots":
+                x2 = set(val) if x2 is None else x2 & set(val)
+            elif key != "cb_readers":
                 out[key] = val
+    if x2 is not None:
+        out["x2_dots"] = tuple(sorted(x2))
     if launch:
         out["launch"] = tuple(launch)
-    if readers:
-        out["cb_readers"] = tuple(sorted(readers))
     return out
+
+
+def _config(over, case="b8xL4096"):
+    b, L = CASES[case]
+    return ssd_ops.make_config(jnp.bfloat16, jnp.bfloat16, (b, L, H, P, G, N), Q, interpret=False,
+                               **_overrides(over))
 
 
 def tuned_overrides(kernel_rows):
     """The fastest combination of the per-kernel variants timed by :func:`kernel_times`.
 
-    Forward: scan + output (+ the ``C B^T`` kernel when the output reads it); backward: both scans + cols + either
-    the fused row kernel or pairs + group_rows (+ one float32 ``C B^T`` kernel when cols or rows read it). A
-    variant's ``cb_readers`` only names the kernel it was timed for in the merged configuration; the two scans
-    share their variant (same fields).
+    Forward: scan + output (+ the ``C B^T`` kernel when the output reads it); backward: both scans + cols + pairs
+    + group_rows (+ one float32 ``C B^T`` kernel when cols reads it). The merged ``cb_readers`` names the picked
+    output / cols variants that read ``C B^T``; the two scans share their variant (same fields).
     """
     t = {(r["kernel"], r["variant"]): r for r in kernel_rows if "ms" in r}
     ms = lambda k, v: t[(k, v)]["ms"] if (k, v) in t else float("inf")  # noqa: E731
-    own = lambda k, v: {key: val if key != "cb_readers" else (k,) for key, val in t[(k, v)]["overrides"].items()}
-    uses_cb = lambda k, v: "cb_readers" in t[(k, v)]["overrides"]  # noqa: E731
+    reads_cb = lambda k, v: k in _config(t[(k, v)]["overrides"]).cb_readers  # noqa: E731
     names = lambda k: [v for (kk, v) in t if kk == k]  # noqa: E731
     scan = min(names("scan_fwd"), key=lambda v: 2 * ms("scan_fwd", v) + ms("scan_bwd", v), default=None)
-    cb_cost = lambda v: (ms("cb", "bf16" if t[("out", v)]["overrides"].get("out_cb_dtype") else "f32")  # noqa: E731
-                         if uses_cb("out", v) else 0.0)
+    cb_cost = lambda v: (ms("cb", "bf16" if _config(t[("out", v)]["overrides"]).out_cb_dtype == jnp.bfloat16  # noqa: E731
+                            else "f32") if reads_cb("out", v) else 0.0)
     out = min(names("out"), key=lambda v: ms("out", v) + cb_cost(v), default=None)
-    bf16_dx = lambda cv: "dx_intra" not in t[("cols", cv)]["overrides"].get("x2_dots", ("dx_intra",))  # noqa: E731
-    designs = [((("rows", rv),), ms("rows", rv)) for rv in names("rows")]
-    designs += [((("pairs", pv), ("group_rows", gv)), ms("pairs", pv) + ms("group_rows", gv))
-                for pv in names("pairs") for gv in names("group_rows")]
     best_bwd, bwd_cost = None, float("inf")
     for cv in names("cols"):
-        for design, cost in designs:
-            if bf16_dx(cv) and design[0][0] != "pairs":
-                continue  # the fused row kernel's dA needs the split-bf16 dx product
-            cost = cost + ms("cols", cv)
-            if uses_cb("cols", cv) or any(uses_cb(k, v) for k, v in design if k == "rows"):
-                cost += ms("cb", "f32")
-            if cost < bwd_cost:
-                best_bwd, bwd_cost = (("cols", cv),) + design, cost
-    picked = {"scan": scan, "out": out, "bwd": [f"{k}:{v}" for k, v in best_bwd or ()]}
-    parts = [own("scan_fwd", scan)] if scan else []
-    parts += [own("out", out)] if out else []
-    parts += [own(k, v) for k, v in best_bwd or ()]
-    return _merge(*parts), picked
+        for pv in names("pairs"):
+            for gv in names("group_rows"):
+                cost = ms("cols", cv) + ms("pairs", pv) + ms("group_rows", gv)
+                cost += ms("cb", "f32") if reads_cb("cols", cv) else 0.0
+                if cost < bwd_cost:
+                    best_bwd, bwd_cost = (("cols", cv), ("pairs", pv), ("group_rows", gv)), cost
+    picks = ([("scan_fwd", scan)] if scan else []) + ([("out", out)] if out else []) + list(best_bwd or ())
+    merged = _merge(*(t[pick]["overrides"] for pick in picks))
+    merged["cb_readers"] = tuple(k for k, v in picks if k in ("out", "cols") and reads_cb(k, v))
+    return merged, {"scan": scan, "out": out, "bwd": [f"{k}:{v}" for k, v in best_bwd or ()]}
 
 
 def markdown(rows):
@@ -425,10 +404,14 @@ def main(argv=None):
         result["tuned"] = {"overrides": tuned, "picked": picked}
         print(json.dumps({"tuned": result["tuned"]}, default=str), flush=True)
         cfgs = {"fused:default": {}, "fused:tuned": tuned, "fused:tuned+saved": dict(tuned, save_states=True)}
+        if "bstate" not in tuned.get("x2_dots", ("bstate",)):  # also the accurate state-gradient product
+            x2 = tuple(sorted(set(tuned["x2_dots"]) | {"bstate"}))
+            cfgs.update({"fused:tuned-x2bstate": dict(tuned, x2_dots=x2),
+                         "fused:tuned-x2bstate+saved": dict(tuned, x2_dots=x2, save_states=True)})
         result["tuned"]["rows"] = bench_case("b8xL4096", list(cfgs), cfgs, bwd=True, iters=args.iters)
         save()
         try:
-            result["tuned"]["accuracy"] = accuracy(2, 4096, ["fused:default", "fused:tuned"], cfgs)
+            result["tuned"]["accuracy"] = accuracy(2, 4096, [c for c in cfgs if "+saved" not in c], cfgs)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             result["tuned"]["accuracy"] = {"error": f"{type(e).__name__}: {str(e)[:1000]}"}

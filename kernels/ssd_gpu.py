@@ -7,11 +7,15 @@ Pallas emits 64-bit offsets whenever an array exceeds 4 GiB: no flat int32 offse
   local state with one matmul and carries the state in registers (forward: states entering each chunk;
   backward, in reverse: the state gradients). Variant ``"split"`` computes the local states in a separate
   fully parallel kernel (``chunk_states``) and only passes them sequentially (better for few long sequences).
-* ``output``      one program per (head block, row block, chunk, batch): ``C B^T`` once per block pair for all
-  heads of the block, masked intra-chunk product plus the inter-chunk output (and ``D x``).
+* ``chunk_cb``    ``C B^T`` per (group, chunk), written once for the heads of the group (read by ``output``,
+  and by ``bwd_cols`` when configured).
+* ``output``      one program per (head block, row block, chunk, batch): masked intra-chunk product (``C B^T``
+  read from ``chunk_cb`` or computed per block pair) plus the inter-chunk output (and ``D x``).
 * ``bwd_cols``    per (head block, source block, chunk, batch): ``dx``, ``dw`` and the state terms.
-* ``bwd_rows``    per (group, row block, chunk, batch), looping over the group's heads: ``dC``, ``dB`` (the
-  intra part through ``dCB`` summed over heads once per group) and the row terms of the log-decay gradient.
+* ``bwd_pairs``   per (head block, row block, source block, chunk, batch), looping over the heads: ``dCB`` summed
+  over the heads and the row/column sums of ``dCB o CB`` per head (the log-decay gradient).
+* ``bwd_group_rows`` per (group, state-column block, row block, chunk, batch), looping over the group's heads:
+  ``dC`` and ``dB`` (state terms, then the intra-chunk terms from ``dCB``) and the ``dy.y_off`` terms.
 
 Layouts: ``x, dy, y, dx (b, L, h, p)``; ``B, C (b, L, g, n)``; per-position scalars ``(b, h, L)`` float32;
 states ``(b, h, c, p, n)`` float32; ``L`` padded to a multiple of the chunk by the caller.
@@ -510,134 +514,6 @@ def bwd_cols(cfg, x, dy, B, C, cs, w, Gs, doc, D, cb=None):
                  out_shape=out_shape, name="ssd_bwd_cols")(*ins)
 
 
-def _bwd_rows_kernel(*refs, Q, BT, k, nb, has_doc, has_cb, dots, acc, unroll):
-    it = iter(refs)
-    x_ref, dy_ref, C_ref, B_ref, cs_ref, w_ref, H_ref, G_ref = (next(it) for _ in range(8))
-    cb_ref = next(it) if has_cb else None
-    doc_ref = next(it) if has_doc else None
-    dC_ref, dBs_ref, dBp_ref, rowZ_ref, off_ref, dg_ref = (next(it) for _ in range(6))
-
-    i = pl.program_id(1)
-    t0 = i * BT
-    Ci = C_ref[pl.ds(t0, BT), :]
-    n = Ci.shape[1]
-    doc_t = _col(doc_ref[pl.ds(t0, BT)]) if has_doc else None
-    doc_last = doc_ref[Q - 1] if has_doc else None
-
-    # Terms of the row block's own positions: the inter-chunk output and the chunk-state input.
-    def head_terms(hh, carry):
-        dC, dBs = carry
-        H = H_ref[hh].astype(acc)
-        G = G_ref[hh].astype(acc)
-        cs_t = _col(cs_ref[hh, pl.ds(t0, BT)])
-        w_t = _col(w_ref[hh, pl.ds(t0, BT)])
-        e = cm.decay_from_start(cs_t, doc_t)
-        d = cm.decay_to_end(cs_t, cs_ref[hh, Q - 1], doc_t, doc_last)
-        dyt = dy_ref[pl.ds(t0, BT), hh, :]
-        dC_off, off = cm.off_row_terms(dyt, H, Ci, e, dots['dc_off'])
-        off_ref[hh, :] = _flat(off)
-        dBs = dBs + cm.state_input_grad_B(x_ref[pl.ds(t0, BT), hh, :], w_t * d, G, dots['db_state'])
-        dg_ref[hh] = jnp.sum(G * H)
-        return dC + dC_off, dBs
-
-    zeros_tn = jnp.zeros((BT, n), acc)
-    dC, dBs = lax.fori_loop(0, k, head_terms, (zeros_tn, zeros_tn))
-
-    def block_pair(j, dC):
-        s0 = j * BT
-        Bj = B_ref[pl.ds(s0, BT), :]
-        CB = _cb_block(cb_ref, Ci, B_ref, t0, s0, BT, dots, acc)
-        doc_s = _row(doc_ref[pl.ds(s0, BT)]) if has_doc else None
-        mask = cm.intra_mask(t0, s0, BT, BT, doc_t, doc_s)
-
-        def head(hu, dCB):
-            for u in range(unroll):
-                hh = hu * unroll + u
-                L = cm.intra_decay(_col(cs_ref[hh, pl.ds(t0, BT)]), _row(cs_ref[hh, pl.ds(s0, BT)]), mask)
-                w_s = _row(w_ref[hh, pl.ds(s0, BT)])
-                dcb, rowZ = cm.intra_row_terms(
-                    CB, L, w_s, dy_ref[pl.ds(t0, BT), hh, :], x_ref[pl.ds(s0, BT), hh, :], dots['dxx']
-                )
-                rowZ_ref[j, hh, :] = _flat(rowZ)
-                dCB = dCB + dcb
-            return dCB
-
-        dCB = lax.fori_loop(0, k // unroll, head, jnp.zeros((BT, BT), acc))
-        dBp_ref[pl.ds(s0, BT), :] = cm.mm(dCB, Ci, cm.TN, dots['dcb']).astype(dBp_ref.dtype)
-        return dC + cm.mm(dCB, Bj, cm.NN, dots['dcb'])
-
-    dC = lax.fori_loop(0, i + 1, block_pair, dC)
-
-    def zero_fill(j, carry):
-        dBp_ref[pl.ds(j * BT, BT), :] = jnp.zeros((BT, n), dBp_ref.dtype)
-
-        def head(hh, c2):
-            rowZ_ref[j, hh, :] = jnp.zeros((BT,), rowZ_ref.dtype)
-            return c2
-
-        return lax.fori_loop(0, k, head, carry)
-
-    lax.fori_loop(i + 1, nb, zero_fill, 0)
-    dC_ref[...] = dC.astype(dC_ref.dtype)
-    dBs_ref[...] = dBs.astype(dBs_ref.dtype)
-
-
-def bwd_rows(cfg, x, dy, B, C, cs, w, Hs, Gs, doc, cb=None):
-    """Row-block backward kernel; the heads of a group are split over ``cfg.rows_head_blocks`` programs whose
-    partial ``dC`` and ``dB`` sums are added here (more parallelism for the sequential head loops)."""
-    b, L, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    k = h // g
-    nhb = max(1, cfg.rows_head_blocks)
-    while k % nhb:
-        nhb -= 1
-    kk = k // nhb
-    Q, BT = cfg.chunk, cfg.block_t
-    nb, nc = Q // BT, L // Q
-    acc = cfg.acc
-    spec = _ChunkSpecs(Q, kk, p, n, lambda gq: cm.idiv(gq, nhb))  # head block gq: kk heads of group gq // nhb
-    ins = [x, dy, C, B, cs, w, Hs, Gs]
-    in_specs = [spec.heads(), spec.heads(), spec.bc(), spec.bc(), spec.scalars(), spec.scalars(), spec.states(),
-                spec.states()]
-    if cb is not None:
-        ins.append(cb)
-        in_specs.append(spec.cb())
-    if doc is not None:
-        ins.append(doc)
-        in_specs.append(spec.doc())
-    gp = g * nhb
-    out_shape = [
-        jax.ShapeDtypeStruct((b, L, gp, n), acc),  # dC (partial over head blocks)
-        jax.ShapeDtypeStruct((b, L, gp, n), acc),  # dB from the chunk state (partial)
-        jax.ShapeDtypeStruct((b, nb, L, gp, n), acc),  # dB from dCB, one slab per row block (partial)
-        jax.ShapeDtypeStruct((b, nb, h, L), acc),  # row sums of the masked product, one slab per source block
-        jax.ShapeDtypeStruct((b, h, L), acc),  # dy.y_off
-        jax.ShapeDtypeStruct((b, h, nc * nb), acc),  # <G, H> (identical in every row block)
-    ]
-    out_specs = [
-        pl.BlockSpec((None, BT, None, n), lambda gq, i, c, bb: (bb, c * nb + i, gq, 0)),
-        pl.BlockSpec((None, BT, None, n), lambda gq, i, c, bb: (bb, c * nb + i, gq, 0)),
-        pl.BlockSpec((None, None, Q, None, n), lambda gq, i, c, bb: (bb, i, c, gq, 0)),
-        pl.BlockSpec((None, nb, kk, BT), lambda gq, i, c, bb: (bb, 0, gq, c * nb + i)),
-        pl.BlockSpec((None, kk, BT), lambda gq, i, c, bb: (bb, gq, c * nb + i)),
-        pl.BlockSpec((None, kk, None), lambda gq, i, c, bb: (bb, gq, c * nb + i)),
-    ]
-    kernel = functools.partial(
-        _bwd_rows_kernel, Q=Q, BT=BT, k=kk, nb=nb, has_doc=doc is not None, has_cb=cb is not None, dots=cfg.dots(),
-        acc=acc,
-        unroll=cfg.rows_unroll if kk % cfg.rows_unroll == 0 else 1,
-    )
-    dC, dBs, dBp, rowZp, off, dg = _call(
-        kernel, cfg, "rows", grid=(gp, nb, nc, b), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        name="ssd_bwd_rows",
-    )(*ins)
-    if nhb > 1:
-        dC = dC.reshape(b, L, g, nhb, n).sum(3)
-        dBs = dBs.reshape(b, L, g, nhb, n).sum(3)
-        dBp = dBp.reshape(b, nb, L, g, nhb, n).sum(4)
-    return dC, dBs, dBp, rowZp, off, dg
-
-
 def _bwd_pairs_kernel(*refs, BT, k, has_doc, dots, acc):
     it = iter(refs)
     x_ref, dy_ref, C_ref, B_ref, cs_ref, w_ref = (next(it) for _ in range(6))
@@ -759,37 +635,47 @@ def _bwd_group_rows_kernel(*refs, Q, BT, k, nb, nhb, has_doc, dots, acc):
 
 def bwd_group_rows(cfg, x, dy, B, C, cs, w, Hs, Gs, doc, dcb):
     """``dC``, ``dB`` (both ``(b, L, g, n)``, complete) and the per-head ``dy.y_off`` and ``<G, H>`` terms: one
-    program per (group, row block, chunk, batch) loops over the group's heads for the state terms, then adds
-    the intra-chunk terms from ``bwd_pairs``' ``dCB``."""
+    program per (group and block of ``n / cfg.rows_state_splits`` state columns, row block, chunk, batch) loops
+    over the group's heads for the state terms, then adds the intra-chunk terms from ``bwd_pairs``' ``dCB``.
+    ``dy.y_off`` and ``<G, H>`` come back as one partial sum per state-column block, ``(b, splits, h, ...)``."""
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     k = h // g
     nhb = dcb.shape[2] // g
+    ns = max(1, cfg.rows_state_splits)
+    while n % ns or (n // ns) < 16:
+        ns -= 1
+    nn = n // ns
     Q, BT = cfg.chunk, cfg.block_t
     nb, nc = Q // BT, L // Q
     acc = cfg.acc
-    spec = _ChunkSpecs(Q, k, p, n, lambda gg: gg)
+    grp = lambda gs: cm.idiv(gs, ns)  # noqa: E731 - program axis 0 = group * ns + state-column block
+    col = lambda gs: gs - grp(gs) * ns  # noqa: E731
+    heads = pl.BlockSpec((None, Q, k, p), lambda gs, r, c, bb: (bb, c, grp(gs), 0))
+    bc = pl.BlockSpec((None, Q, None, nn), lambda gs, r, c, bb: (bb, c, grp(gs), col(gs)))
+    scal = pl.BlockSpec((None, k, Q), lambda gs, r, c, bb: (bb, grp(gs), c))
+    st = pl.BlockSpec((None, k, None, p, nn), lambda gs, r, c, bb: (bb, grp(gs), c, 0, col(gs)))
     ins = [x, dy, C, B, cs, w, Hs, Gs, dcb]
-    in_specs = [spec.heads(), spec.heads(), spec.bc(), spec.bc(), spec.scalars(), spec.scalars(), spec.states(),
-                spec.states(), pl.BlockSpec((None, None, nhb, Q, Q), lambda gg, r, c, bb: (bb, c, gg, 0, 0))]
+    in_specs = [heads, heads, bc, bc, scal, scal, st, st,
+                pl.BlockSpec((None, None, nhb, Q, Q), lambda gs, r, c, bb: (bb, c, grp(gs), 0, 0))]
     if doc is not None:
         ins.append(doc)
-        in_specs.append(spec.doc())
+        in_specs.append(pl.BlockSpec((None, Q), lambda gs, r, c, bb: (bb, c)))
     out_shape = [
         jax.ShapeDtypeStruct((b, L, g, n), acc),
         jax.ShapeDtypeStruct((b, L, g, n), acc),
-        jax.ShapeDtypeStruct((b, h, L), acc),  # dy.y_off
-        jax.ShapeDtypeStruct((b, h, nc * nb), acc),  # <G, H> (identical in every row block)
+        jax.ShapeDtypeStruct((b, ns, h, L), acc),  # dy.y_off (partial over state-column blocks)
+        jax.ShapeDtypeStruct((b, ns, h, nc * nb), acc),  # <G, H> (partial; identical in every row block)
     ]
     out_specs = [
-        pl.BlockSpec((None, BT, None, n), lambda gg, r, c, bb: (bb, c * nb + r, gg, 0)),
-        pl.BlockSpec((None, BT, None, n), lambda gg, r, c, bb: (bb, c * nb + r, gg, 0)),
-        pl.BlockSpec((None, k, BT), lambda gg, r, c, bb: (bb, gg, c * nb + r)),
-        pl.BlockSpec((None, k, None), lambda gg, r, c, bb: (bb, gg, c * nb + r)),
+        pl.BlockSpec((None, BT, None, nn), lambda gs, r, c, bb: (bb, c * nb + r, grp(gs), col(gs))),
+        pl.BlockSpec((None, BT, None, nn), lambda gs, r, c, bb: (bb, c * nb + r, grp(gs), col(gs))),
+        pl.BlockSpec((None, None, k, BT), lambda gs, r, c, bb: (bb, col(gs), grp(gs), c * nb + r)),
+        pl.BlockSpec((None, None, k, None), lambda gs, r, c, bb: (bb, col(gs), grp(gs), c * nb + r)),
     ]
     kernel = functools.partial(_bwd_group_rows_kernel, Q=Q, BT=BT, k=k, nb=nb, nhb=nhb, has_doc=doc is not None,
                                dots=cfg.dots(), acc=acc)
-    return _call(kernel, cfg, "group_rows", grid=(g, nb, nc, b), in_specs=in_specs, out_specs=out_specs,
+    return _call(kernel, cfg, "group_rows", grid=(g * ns, nb, nc, b), in_specs=in_specs, out_specs=out_specs,
                  out_shape=out_shape, name="ssd_bwd_group_rows")(*ins)
 
 
@@ -820,20 +706,16 @@ def backward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, states, final, scales, d
     Gs, dh0 = outs[0], outs[1]
     dm_parts = outs[2] if max_norm is not None else None
 
-    # float32 in the backward: C B^T enters dA through (L o CB)^T dy
-    cb = chunk_cb(cfg, B, C, cfg.acc) if {"cols", "rows"} & set(cfg.cb_readers) else None
-    col_outs = bwd_cols(cfg, x, dy, B, C, cs, w, Gs, doc, D, cb if "cols" in cfg.cb_readers else None)
+    cb = chunk_cb(cfg, B, C, cfg.acc) if "cols" in cfg.cb_readers else None
+    col_outs = bwd_cols(cfg, x, dy, B, C, cs, w, Gs, doc, D, cb)
     dx, dw, V = col_outs[:3]
     dD = None if D is None else jnp.sum(col_outs[3], axis=(0, 2))
-    if cfg.rows_variant == "pairs":
-        dcb, rowZp, colZp = bwd_pairs(cfg, x, dy, B, C, cs, w, doc)
-        dC, dB, off, dg = bwd_group_rows(cfg, x, dy, B, C, cs, w, states, Gs, doc, dcb)
-        intra = rowZp.sum(1) - colZp.sum(1) - V  # rowZ - (w dw - V) without the dx product's rounding
-    else:
-        dC, dBs, dBp, rowZp, off, dg = bwd_rows(cfg, x, dy, B, C, cs, w, states, Gs, doc,
-                                                cb if "rows" in cfg.cb_readers else None)
-        dB = dBs + dBp.sum(1)
-        intra = rowZp.sum(1) - w * dw
+    dcb, rowZp, colZp = bwd_pairs(cfg, x, dy, B, C, cs, w, doc)
+    dC, dB, off, dg = bwd_group_rows(cfg, x, dy, B, C, cs, w, states, Gs, doc, dcb)
+    off, dg = off.sum(1), dg.sum(1)
+    # The intra-chunk log-decay terms rowZ - colZ - V (= rowZ - w dw) from one float32 matrix: independent of
+    # the rounding of the dx product.
+    intra = rowZp.sum(1) - colZp.sum(1) - V
 
     gdec = chunk_decays(cs, doc, Q)  # (b, h, c)
     dg = dg[:, :, ::nb]  # (b, h, c)

@@ -49,7 +49,7 @@ class KernelConfig:
       state_rows: state rows (headdim) per program of the fused state scan (GPU).
       state_variant: "fused" (one kernel computes and passes the chunk states) or "split" (a parallel
         chunk-state kernel, then a light sequential pass).
-      cb_readers: GPU kernels ("out", "cols", "rows") that read ``C B^T`` from one kernel that writes it per
+      cb_readers: GPU kernels ("out", "cols") that read ``C B^T`` from one kernel that writes it per
         group and chunk (``ssd_gpu.chunk_cb``) instead of computing their own blocks of it per head block.
       out_cb_dtype: storage dtype of the precomputed ``C B^T`` read by the forward output kernel (None: ``acc``;
         the backward always reads it in ``acc``).
@@ -66,13 +66,10 @@ class KernelConfig:
       emulate_tf32: round float32 operands to TF32 (interpret-mode accuracy studies of the GPU path).
       state_dtype: storage dtype of the per-chunk states between GPU kernels (None: ``acc``).
       scan_block: rows of the chunk per matmul step in the GPU state scan.
-      rows_unroll, rows_head_blocks: head-loop unrolling and the number of programs sharing a group's heads
-        in the GPU row kernel (``rows_head_blocks``: also in the "pairs" kernel).
-      rows_variant: GPU backward for dB, dC and the log-decay gradient: "fused" (one row kernel with partial dB
-        slabs) or "pairs" (one kernel per block pair writes the head-summed ``dCB``, one per row block adds the
-        state terms; the log-decay gradient from row and column sums of one float32 matrix).
+      rows_head_blocks: programs sharing a group's heads in the GPU ``bwd_pairs`` kernel (partial ``dCB`` sums).
+      rows_state_splits: blocks of state columns over which the GPU ``bwd_group_rows`` kernel is split.
       launch: per-kernel ``(name, num_warps, num_stages)`` overrides ("scan", "chunk_states", "out", "cols",
-        "rows", "pairs", "group_rows", "cb").
+        "pairs", "group_rows", "cb").
     """
 
     launcher: str = "gpu"
@@ -98,13 +95,12 @@ class KernelConfig:
     emulate_tf32: bool = False
     state_dtype: object = None  # storage dtype of the per-chunk states between kernels (None: acc)
     scan_block: int = 256
-    rows_unroll: int = 1
     rows_head_blocks: int = 1
-    rows_variant: str = "fused"
+    rows_state_splits: int = 1
     launch: tuple = ()
 
     def launch_for(self, kernel: str):
-        """``(num_warps, num_stages)`` of one GPU kernel ("scan", "chunk_states", "out", "cols", "rows")."""
+        """``(num_warps, num_stages)`` of one GPU kernel (names: see ``launch``)."""
         for name, warps, stages in self.launch:
             if name == kernel:
                 return warps, stages
@@ -176,17 +172,21 @@ def make_config(x_dtype, bc_dtype, shape, chunk_size: int, *, launcher: Optional
         state_rows = min(64, p)
         # Enough (batch, head, row-block) programs to fill the GPU: fuse the state computation into the scan.
         variant = "fused" if b * h * max(1, p // state_rows) >= 256 else "split"
-        # Measured on an H200 (docs/kernel_notes.md): 2 heads per program and one pipeline stage for the
-        # intra-chunk kernels, the chunk state in 64-row steps, the row kernel's head loop over 2 programs.
-        kw.update(block_t=block_t, state_rows=state_rows, state_variant=variant, heads_per_block=2,
-                  cols_heads_per_block=2, scan_block=64, rows_head_blocks=2, num_warps=4, num_stages=2,
-                  launch=(("out", 4, 1), ("cols", 4, 1)))
+        # Measured on an H200 (docs/kernel_notes.md, runs 4-6): C B^T written once per group and chunk and read by
+        # one-head output programs, one head per bwd_cols program, one pipeline stage for output/cols and three
+        # for the scans and bwd_pairs, bwd_group_rows split over 2 state-column blocks, the chunk states kept
+        # from the forward pass (no recomputing scan in the backward pass).
+        kw.update(block_t=block_t, state_rows=state_rows, state_variant=variant, heads_per_block=1,
+                  cols_heads_per_block=1, scan_block=64, rows_head_blocks=1, rows_state_splits=2, cb_readers=("out",),
+                  save_states=True, num_warps=4, num_stages=2,
+                  launch=(("out", 4, 1), ("cols", 4, 1), ("scan", 4, 3), ("pairs", 4, 3)))
     if op_dtype != acc:
-        # bf16 operands, except the products whose rounding dominates the error of the gradients (above all dA
-        # through (L o CB)^T dy, dB/dC through dCB): their float32 operand is split into two bf16 parts
-        # (ssd_common.BF16X2); TF32 is not accurate enough for dA. The per-chunk states travel between kernels
-        # in bf16 (they are bf16 matmul operands anyway; the carried state stays float32).
-        kw.update(x2_dots=("dx_intra", "dcb", "bstate"), state_dtype=jnp.dtype(jnp.bfloat16))
+        # bf16 operands, except the products whose rounding dominates the error of the gradients (dB/dC through
+        # dCB, the state gradients (dy e)^T C): their float32 operand is split into two bf16 parts
+        # (ssd_common.BF16X2). dA does not go through the dx product (bwd_pairs), so (L o CB)^T dy is plain bf16.
+        # The per-chunk states and the forward's C B^T travel between kernels in bf16 (bf16 matmul operands
+        # anyway; the carried state stays float32).
+        kw.update(x2_dots=("dcb", "bstate"), state_dtype=jnp.dtype(jnp.bfloat16), out_cb_dtype=jnp.dtype(jnp.bfloat16))
     if "launch" in overrides:  # per-kernel launch overrides replace the defaults of the kernels they name only
         launch = {name: (name, warps, stages) for name, warps, stages in kw.get("launch", ())}
         launch.update({name: (name, warps, stages) for name, warps, stages in overrides["launch"]})
@@ -195,10 +195,8 @@ def make_config(x_dtype, bc_dtype, shape, chunk_size: int, *, launcher: Optional
     cfg = KernelConfig(**kw)
     if cfg.state_variant not in ("fused", "split"):
         raise ValueError(f"kernel config state_variant must be 'fused' or 'split', got {cfg.state_variant!r}")
-    if cfg.rows_variant not in ("fused", "pairs"):
-        raise ValueError(f"kernel config rows_variant must be 'fused' or 'pairs', got {cfg.rows_variant!r}")
-    if not set(cfg.cb_readers) <= {"out", "cols", "rows"}:
-        raise ValueError(f"kernel config cb_readers must name kernels among ('out', 'cols', 'rows'), got {cfg.cb_readers!r}")
+    if not set(cfg.cb_readers) <= {"out", "cols"}:
+        raise ValueError(f"kernel config cb_readers must name kernels among ('out', 'cols'), got {cfg.cb_readers!r}")
     if cfg.launcher == "gpu" and not cfg.interpret:
         _check_gpu_shapes(cfg, p, n)
     return cfg

@@ -105,18 +105,17 @@ def test_gradients_match_float64_recurrence(launcher):
 
 
 @pytest.mark.parametrize("variant", [
-    dict(block_t=32, state_variant="split", heads_per_block=2, rows_head_blocks=2, scan_block=32),
-    dict(block_t=32, cb_readers=("out", "cols", "rows"), heads_per_block=1, cols_heads_per_block=2, rows_head_blocks=4,
+    dict(block_t=32, state_variant="split", heads_per_block=2, cols_heads_per_block=2, cb_readers=(),
+         rows_head_blocks=2, rows_state_splits=2, scan_block=32, save_states=False),
+    dict(block_t=32, cb_readers=("out", "cols"), heads_per_block=1, cols_heads_per_block=2, rows_head_blocks=4,
          out_block_rows=64),
-    dict(block_t=32, heads_per_block=2, out_block_rows=128, save_states=True),
-    dict(block_t=32, rows_variant="pairs", rows_head_blocks=2),
-    dict(block_t=64, rows_variant="pairs", rows_head_blocks=1, x2_dots=("dcb", "bstate")),
-], ids=["split_inline_cb", "precomputed_cb", "inline_cb_128_rows", "pairs", "pairs_block64"])
+    dict(block_t=64, heads_per_block=2, out_block_rows=128, cb_readers=()),
+], ids=["split_inline_cb", "precomputed_cb_tall_rows", "inline_cb_tall_rows"])
 def test_gradients_block_loops_and_config_variants(variant):
     """Several row/column blocks per chunk (block_t=32, chunk 128), the split state pass, head blocks, ``C B^T``
     computed by every program or once per group and chunk."""
     with jax.enable_x64(True):
-        _, a, seg, cot, cot_state = _inputs(2, seqlen=150, heads=8, groups=2)
+        _, a, seg, cot, cot_state = _inputs(2, seqlen=150, heads=8, groups=2, state=32)
         doc = document_ids(jnp.asarray(seg), seg.shape)
         dt_in, log_a = a["dt"], a["dt"] * a["A"]
 
