@@ -180,25 +180,21 @@ def bench_case(name, impls, configs=None, bwd=True, iters=10):
 
 PRE = ("out", "cols")  # every reader of the precomputed C B^T
 KERNEL_VARIANTS = {  # per-kernel configurations timed with --kernels (each kernel alone, b8 x L4096)
-    "cb": {"f32": {"cb_readers": PRE, "out_cb_dtype": "float32"}, "bf16": {"cb_readers": PRE}},
-    "scan_fwd": {"default": {}, "full-chunk": {"scan_block": 256}, "s2": {"launch": (("scan", 4, 2),)}},
-    "scan_bwd": {"default": {}, "full-chunk": {"scan_block": 256}, "s2": {"launch": (("scan", 4, 2),)},
-                 "bf16-bstate": {"x2_dots": ("dcb",)}},
-    "out": {"default": {}, "inline-hb2": {"cb_readers": (), "heads_per_block": 2},
-            "f32cb": {"out_cb_dtype": "float32"}, "s2": {"launch": (("out", 4, 2),)},
-            "bm128": {"out_block_rows": 128}},
-    "cols": {"default": {}, "hb2": {"cols_heads_per_block": 2}, "pre-f32cb": {"cb_readers": PRE},
-             "x2dx": {"x2_dots": ("bstate", "dcb", "dx_intra")}, "s2": {"launch": (("cols", 4, 2),)}},
-    "pairs": {"default": {}, "nhb2": {"rows_head_blocks": 2}, "s2": {"launch": (("pairs", 4, 2),)},
-              "w8": {"launch": (("pairs", 8, 3),)}},
-    "group_rows": {"default": {}, "ns1": {"rows_state_splits": 1}, "ns4": {"rows_state_splits": 4},
-                   "w8": {"launch": (("group_rows", 8, 2),)}},
+    "cb": {"f32": {"cb_dtype": "float32"}, "bf16": {}, "w8": {"launch": (("cb", 8, 2),)}},
+    "scan_fwd": {"default": {}, "s2": {"launch": (("scan", 4, 2),)}, "bf16-bstate": {"x2_dots": ("dcb",)}},
+    "scan_bwd": {"default": {}, "s2": {"launch": (("scan", 4, 2),)}, "bf16-bstate": {"x2_dots": ("dcb",)}},
+    "out": {"default": {}, "inline-hb2": {"cb_readers": ("cols",), "heads_per_block": 2},
+            "f32cb": {"cb_dtype": "float32"}, "s2": {"launch": (("out", 4, 2),)}},
+    "cols": {"default": {}, "inline": {"cb_readers": ("out",)}, "hb2": {"cols_heads_per_block": 2},
+             "f32cb": {"cb_dtype": "float32"}, "s2": {"launch": (("cols", 4, 2),)}},
+    "pairs": {"default": {}, "s2": {"launch": (("pairs", 4, 2),)}, "w8": {"launch": (("pairs", 8, 3),)}},
+    "group_rows": {"default": {}, "ns1": {"rows_state_splits": 1}, "s3": {"launch": (("group_rows", 4, 3),)}},
 }
 
 
 def _overrides(over):
     over = dict(over)
-    for key in ("state_dtype", "out_cb_dtype"):
+    for key in ("state_dtype", "cb_dtype"):
         if isinstance(over.get(key), str):
             over[key] = jnp.dtype(over[key])
     return over
@@ -224,18 +220,19 @@ def kernel_times(case="b8xL4096", which=None, iters=10, deadline=None):
     dcb = jax.jit(lambda xp, cot, Bp, Cp, cs, w: ssd_gpu.bwd_pairs(base, xp, cot, Bp, Cp, cs, w, None)[0])(
         xp, cot, Bp, Cp, cs, w)
     calls = {  # kernel -> (function of (cfg, *arrays), arrays)
-        "cb": (lambda cfg, Bp, Cp: ssd_gpu.chunk_cb(cfg, Bp, Cp, cfg.out_cb_dtype or jnp.float32), (Bp, Cp)),
+        "cb": (lambda cfg, Bp, Cp: ssd_gpu.chunk_cb(cfg, Bp, Cp, cfg.cb_dtype or jnp.float32), (Bp, Cp)),
         "scan_fwd": (lambda cfg, xp, Bp, cs, w: ssd_gpu.state_scan(cfg, xp, Bp, cs, w, None, None, backward=False),
                      (xp, Bp, cs, w)),
         "scan_bwd": (lambda cfg, cot, Cp, cs, w, dfinal: ssd_gpu.state_scan(cfg, cot, Cp, cs, w, None, dfinal,
                                                                             backward=True), (cot, Cp, cs, w, dfinal)),
         "out": (lambda cfg, xp, Bp, Cp, cs, w, st, D, cb32, cb16: ssd_gpu.output(
             cfg, xp, Bp, Cp, cs, w, st.astype(cfg.state_dtype or jnp.float32), None, D, jnp.bfloat16,
-            (cb16 if cfg.out_cb_dtype == jnp.bfloat16 else cb32) if "out" in cfg.cb_readers else None),
+            (cb16 if cfg.cb_dtype == jnp.bfloat16 else cb32) if "out" in cfg.cb_readers else None),
                 (xp, Bp, Cp, cs, w, st, D, cb32, cb16)),
-        "cols": (lambda cfg, xp, cot, Bp, Cp, cs, w, Gs, D, cb32: ssd_gpu.bwd_cols(
+        "cols": (lambda cfg, xp, cot, Bp, Cp, cs, w, Gs, D, cb32, cb16: ssd_gpu.bwd_cols(
             cfg, xp, cot, Bp, Cp, cs, w, Gs.astype(cfg.state_dtype or jnp.float32), None, D,
-            cb32 if "cols" in cfg.cb_readers else None), (xp, cot, Bp, Cp, cs, w, Gs, D, cb32)),
+            (cb16 if cfg.cb_dtype == jnp.bfloat16 else cb32) if "cols" in cfg.cb_readers else None),
+                 (xp, cot, Bp, Cp, cs, w, Gs, D, cb32, cb16)),
         "pairs": (lambda cfg, xp, cot, Bp, Cp, cs, w: ssd_gpu.bwd_pairs(cfg, xp, cot, Bp, Cp, cs, w, None),
                   (xp, cot, Bp, Cp, cs, w)),
         "group_rows": (lambda cfg, xp, cot, Bp, Cp, cs, w, st, Gs, dcb: ssd_gpu.bwd_group_rows(
@@ -295,24 +292,26 @@ def _config(over, case="b8xL4096"):
 def tuned_overrides(kernel_rows):
     """The fastest combination of the per-kernel variants timed by :func:`kernel_times`.
 
-    Forward: scan + output (+ the ``C B^T`` kernel when the output reads it); backward: both scans + cols + pairs
-    + group_rows (+ one float32 ``C B^T`` kernel when cols reads it). The merged ``cb_readers`` names the picked
-    output / cols variants that read ``C B^T``; the two scans share their variant (same fields).
+    Forward: scan + output (+ the ``C B^T`` kernel when the output reads it); backward: the backward scan + cols +
+    pairs + group_rows (+ the ``C B^T`` kernel when cols reads it and the forward did not compute it; states and
+    ``C B^T`` are kept from the forward pass). The merged ``cb_readers`` names the picked output / cols variants
+    that read ``C B^T``; the two scans share their variant (same fields).
     """
     t = {(r["kernel"], r["variant"]): r for r in kernel_rows if "ms" in r}
     ms = lambda k, v: t[(k, v)]["ms"] if (k, v) in t else float("inf")  # noqa: E731
     reads_cb = lambda k, v: k in _config(t[(k, v)]["overrides"]).cb_readers  # noqa: E731
     names = lambda k: [v for (kk, v) in t if kk == k]  # noqa: E731
-    scan = min(names("scan_fwd"), key=lambda v: 2 * ms("scan_fwd", v) + ms("scan_bwd", v), default=None)
-    cb_cost = lambda v: (ms("cb", "bf16" if _config(t[("out", v)]["overrides"]).out_cb_dtype == jnp.bfloat16  # noqa: E731
-                            else "f32") if reads_cb("out", v) else 0.0)
-    out = min(names("out"), key=lambda v: ms("out", v) + cb_cost(v), default=None)
+    scan = min(names("scan_fwd"), key=lambda v: ms("scan_fwd", v) + ms("scan_bwd", v), default=None)
+    cb_name = lambda k, v: "bf16" if _config(t[(k, v)]["overrides"]).cb_dtype == jnp.bfloat16 else "f32"  # noqa: E731
+    out = min(names("out"), key=lambda v: ms("out", v) + (ms("cb", cb_name("out", v)) if reads_cb("out", v) else 0.0),
+              default=None)
+    cb_saved = out is not None and reads_cb("out", out)  # the forward's C B^T is kept for bwd_cols
     best_bwd, bwd_cost = None, float("inf")
     for cv in names("cols"):
         for pv in names("pairs"):
             for gv in names("group_rows"):
                 cost = ms("cols", cv) + ms("pairs", pv) + ms("group_rows", gv)
-                cost += ms("cb", "f32") if reads_cb("cols", cv) else 0.0
+                cost += ms("cb", cb_name("cols", cv)) if reads_cb("cols", cv) and not cb_saved else 0.0
                 if cost < bwd_cost:
                     best_bwd, bwd_cost = (("cols", cv), ("pairs", pv), ("group_rows", gv)), cost
     picks = ([("scan_fwd", scan)] if scan else []) + ([("out", out)] if out else []) + list(best_bwd or ())

@@ -271,34 +271,25 @@ def chunk_decays(cs, doc, Q):
 
 
 def _chunk_cb_kernel(C_ref, B_ref, cb_ref, *, dots):
-    i, j = pl.program_id(1), pl.program_id(2)
-
-    @pl.when(j <= i)
-    def _():
-        cb_ref[...] = cm.mm(C_ref[...], B_ref[...], cm.NT, dots["cb"]).astype(cb_ref.dtype)
-
-    @pl.when(j > i)  # never used, but read by consumers whose row blocks are taller than BT (masked: must be finite)
-    def _():
-        cb_ref[...] = jnp.zeros(cb_ref.shape, cb_ref.dtype)
+    cb_ref[...] = cm.mm(C_ref[...], B_ref[...], cm.NT, dots["cb"]).astype(cb_ref.dtype)
 
 
 def chunk_cb(cfg, B, C, dtype):
     """``C_t . B_s`` of every position pair of a chunk, ``(b, c, g, Q, Q)`` in ``dtype``.
 
-    One program per (group, row block ``i``, column block ``j``, chunk, batch) writes the ``(BT, BT)`` block
-    ``(i, j)``: ``C B^T`` for ``j <= i``, zeros above the diagonal (masked by the consumers, but read by output
-    programs whose row blocks are taller than ``BT``). With ``G`` groups and ``h`` heads this is ``h / G`` times
-    less work than each head program computing its own ``C B^T``.
+    One program per (group, row block of ``BT`` rows, chunk, batch) writes the ``(BT, Q)`` panel of its rows
+    (the part above the diagonal is masked by every consumer, but written: finite values). With ``G`` groups
+    and ``h`` heads this is ``h / G`` times less work than each head program computing its own ``C B^T``.
     """
     b, L, g, n = B.shape
     Q, BT = cfg.chunk, cfg.block_t
     nb, nc = Q // BT, L // Q
     kernel = functools.partial(_chunk_cb_kernel, dots=cfg.dots())
     return _call(
-        kernel, cfg, "cb", grid=(g, nb, nb, nc, b),
-        in_specs=[pl.BlockSpec((None, BT, None, n), lambda gg, i, j, c, bb: (bb, c * nb + i, gg, 0)),
-                  pl.BlockSpec((None, BT, None, n), lambda gg, i, j, c, bb: (bb, c * nb + j, gg, 0))],
-        out_specs=pl.BlockSpec((None, None, None, BT, BT), lambda gg, i, j, c, bb: (bb, c, gg, i, j)),
+        kernel, cfg, "cb", grid=(g, nb, nc, b),
+        in_specs=[pl.BlockSpec((None, BT, None, n), lambda gg, i, c, bb: (bb, c * nb + i, gg, 0)),
+                  pl.BlockSpec((None, Q, None, n), lambda gg, i, c, bb: (bb, c, gg, 0))],
+        out_specs=pl.BlockSpec((None, None, None, BT, Q), lambda gg, i, c, bb: (bb, c, gg, i, 0)),
         out_shape=jax.ShapeDtypeStruct((b, nc, g, Q, Q), dtype), name="ssd_chunk_cb",
     )(C, B)
 
@@ -685,17 +676,18 @@ def bwd_group_rows(cfg, x, dy, B, C, cs, w, Hs, Gs, doc, dcb):
 
 
 def forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype):
-    """Returns ``(y, final, states, clip_scales)``."""
+    """Returns ``(y, final, states, clip_scales, C B^T or None)``."""
     outs = state_scan(cfg, x, B, cs, w, doc, h0, backward=False, max_norm=max_norm)
     states, final = outs[0], outs[1]
     scales = outs[2] if max_norm is not None else None
-    cb = chunk_cb(cfg, B, C, cfg.out_cb_dtype or cfg.acc) if "out" in cfg.cb_readers else None
-    y = output(cfg, x, B, C, cs, w, states, doc, D, out_dtype, cb)
-    return y, final, states, scales
+    cb = chunk_cb(cfg, B, C, cfg.cb_dtype or cfg.acc) if cfg.cb_readers else None
+    y = output(cfg, x, B, C, cs, w, states, doc, D, out_dtype, cb if "out" in cfg.cb_readers else None)
+    return y, final, states, scales, cb
 
 
-def backward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, states, final, scales, dy, dfinal):
-    """Returns ``(dx, dw, dcs, dB, dC, dh0, dD, dmax_norm)`` in the kernel layouts (see ssd_ops)."""
+def backward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, states, final, scales, dy, dfinal, cb=None):
+    """Returns ``(dx, dw, dcs, dB, dC, dh0, dD, dmax_norm)`` in the kernel layouts (see ssd_ops); ``cb`` is the
+    forward pass's ``C B^T`` when it was kept (else recomputed here if ``bwd_cols`` reads it)."""
     b, L, h, p = x.shape
     Q, BT = cfg.chunk, cfg.block_t
     nb, nc = Q // BT, L // Q
@@ -706,7 +698,10 @@ def backward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, states, final, scales, d
     Gs, dh0 = outs[0], outs[1]
     dm_parts = outs[2] if max_norm is not None else None
 
-    cb = chunk_cb(cfg, B, C, cfg.acc) if "cols" in cfg.cb_readers else None
+    if "cols" not in cfg.cb_readers:
+        cb = None
+    elif cb is None:
+        cb = chunk_cb(cfg, B, C, cfg.cb_dtype or cfg.acc)
     col_outs = bwd_cols(cfg, x, dy, B, C, cs, w, Gs, doc, D, cb)
     dx, dw, V = col_outs[:3]
     dD = None if D is None else jnp.sum(col_outs[3], axis=(0, 2))

@@ -51,8 +51,7 @@ class KernelConfig:
         chunk-state kernel, then a light sequential pass).
       cb_readers: GPU kernels ("out", "cols") that read ``C B^T`` from one kernel that writes it per
         group and chunk (``ssd_gpu.chunk_cb``) instead of computing their own blocks of it per head block.
-      out_cb_dtype: storage dtype of the precomputed ``C B^T`` read by the forward output kernel (None: ``acc``;
-        the backward always reads it in ``acc``).
+      cb_dtype: storage dtype of the precomputed ``C B^T`` (None: ``acc``).
       save_states: keep the per-chunk states of the forward pass for the backward pass (memory: as large as
         ``x`` in ``state_dtype``) instead of recomputing them with one more forward scan.
       cols_heads_per_block: heads per program of the GPU ``bwd_cols`` kernel (0: ``heads_per_block``).
@@ -83,7 +82,7 @@ class KernelConfig:
     cb_readers: tuple = ()
     cols_heads_per_block: int = 0
     save_states: bool = False
-    out_cb_dtype: object = None
+    cb_dtype: object = None
     num_warps: int = 4
     num_stages: int = 2
     op_dtype: object = jnp.bfloat16
@@ -177,8 +176,8 @@ def make_config(x_dtype, bc_dtype, shape, chunk_size: int, *, launcher: Optional
         # for the scans and bwd_pairs, bwd_group_rows split over 2 state-column blocks, the chunk states kept
         # from the forward pass (no recomputing scan in the backward pass).
         kw.update(block_t=block_t, state_rows=state_rows, state_variant=variant, heads_per_block=1,
-                  cols_heads_per_block=1, scan_block=64, rows_head_blocks=1, rows_state_splits=2, cb_readers=("out",),
-                  save_states=True, num_warps=4, num_stages=2,
+                  cols_heads_per_block=1, scan_block=64, rows_head_blocks=1, rows_state_splits=2,
+                  cb_readers=("out", "cols"), save_states=True, num_warps=4, num_stages=2,
                   launch=(("out", 4, 1), ("cols", 4, 1), ("scan", 4, 3), ("pairs", 4, 3)))
     if op_dtype != acc:
         # bf16 operands, except the products whose rounding dominates the error of the gradients (dB/dC through
@@ -186,7 +185,7 @@ def make_config(x_dtype, bc_dtype, shape, chunk_size: int, *, launcher: Optional
         # (ssd_common.BF16X2). dA does not go through the dx product (bwd_pairs), so (L o CB)^T dy is plain bf16.
         # The per-chunk states and the forward's C B^T travel between kernels in bf16 (bf16 matmul operands
         # anyway; the carried state stays float32).
-        kw.update(x2_dots=("dcb", "bstate"), state_dtype=jnp.dtype(jnp.bfloat16), out_cb_dtype=jnp.dtype(jnp.bfloat16))
+        kw.update(x2_dots=("dcb", "bstate"), state_dtype=jnp.dtype(jnp.bfloat16), cb_dtype=jnp.dtype(jnp.bfloat16))
     if "launch" in overrides:  # per-kernel launch overrides replace the defaults of the kernels they name only
         launch = {name: (name, warps, stages) for name, warps, stages in kw.get("launch", ())}
         launch.update({name: (name, warps, stages) for name, warps, stages in overrides["launch"]})
@@ -235,14 +234,15 @@ def _launcher_module(cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _core(cfg, out_dtype, x, w, cs, B, C, h0, doc, D, max_norm):
-    y, final, _, _ = _launcher_module(cfg).forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype)
+    y, final = _launcher_module(cfg).forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype)[:2]
     return y, final
 
 
 def _core_fwd(cfg, out_dtype, x, w, cs, B, C, h0, doc, D, max_norm):
-    y, final, states, scales = _launcher_module(cfg).forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype)
-    # The states entering each chunk are as large as x: by default recomputed in the backward pass, not stored.
-    saved = (states, final, scales) if cfg.save_states and states is not None else None  # GPU launcher only
+    y, final, states, scales, cb = _launcher_module(cfg).forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype)
+    # The states entering each chunk (half the size of a bf16 x at state 128, chunk 256) and C B^T (1/8 of it):
+    # kept for the backward pass with save_states (GPU launcher), else recomputed there.
+    saved = (states, final, scales, cb) if cfg.save_states and states is not None else None
     return (y, final), (x, w, cs, B, C, h0, doc, D, max_norm, saved)
 
 
@@ -250,9 +250,12 @@ def _core_bwd(cfg, out_dtype, res, cts):
     x, w, cs, B, C, h0, doc, D, max_norm, saved = res
     dy, dfinal = cts
     mod = _launcher_module(cfg)
-    states, final_re, scales_re = saved if saved is not None else mod.states(cfg, x, w, cs, B, h0, doc, max_norm)
+    if saved is not None:
+        states, final_re, scales_re, cb = saved
+    else:
+        (states, final_re, scales_re), cb = mod.states(cfg, x, w, cs, B, h0, doc, max_norm), None
     dx, dw, dcs, dB, dC, dh0, dD, dm = mod.backward(
-        cfg, x, w, cs, B, C, h0, doc, D, max_norm, states, final_re, scales_re, dy, dfinal.astype(cfg.acc)
+        cfg, x, w, cs, B, C, h0, doc, D, max_norm, states, final_re, scales_re, dy, dfinal.astype(cfg.acc), cb=cb
     )
     dB = dB.astype(B.dtype)
     dC = dC.astype(C.dtype)

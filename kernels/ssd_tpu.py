@@ -181,7 +181,7 @@ def forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype):
     outs = _forward_call(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype, emit_y=True)
     y, final = jnp.swapaxes(outs[0], 1, 2), outs[1]
     scales = outs[2].reshape(outs[2].shape[:3]) if max_norm is not None else None
-    return y, final, None, scales
+    return y, final, None, scales, None
 
 
 def states(cfg, x, w, cs, B, h0, doc, max_norm):
@@ -258,7 +258,7 @@ def _bwd_kernel(*refs, Q, nc, has_doc, has_init, has_D, clip, dots, acc):
             dh0_ref[...] = new.astype(dh0_ref.dtype)
 
 
-def backward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, states_, final, scales, dy, dfinal):
+def backward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, states_, final, scales, dy, dfinal, cb=None):
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     k = h // g
