@@ -105,27 +105,40 @@ def positions(t0, s0, bt, bs):
     return t, s
 
 
-def intra_mask(t0, s0, bt, bs, doc_t=None, doc_s=None, causal=True):
-    """``(bt, bs)`` bool: ``s <= t`` and the same document (``doc_t (bt, 1)``, ``doc_s (1, bs)``).
-
-    ``causal=False`` for a block pair entirely below the diagonal (every ``s < t``): only the document test
-    remains, and without documents the mask is ``None`` (no elementwise work).
-    """
-    mask = None
-    if causal:
-        t, s = positions(t0, s0, bt, bs)
-        mask = s <= t
+def intra_mask(t0, s0, bt, bs, doc_t=None, doc_s=None):
+    """``(bt, bs)`` bool: ``s <= t`` and the same document (``doc_t (bt, 1)``, ``doc_s (1, bs)``)."""
+    t, s = positions(t0, s0, bt, bs)
+    mask = s <= t
     if doc_t is not None:
-        same = doc_t == doc_s
-        mask = same if mask is None else jnp.logical_and(mask, same)
+        mask = jnp.logical_and(mask, doc_t == doc_s)
     return mask
 
 
 def intra_decay(cs_t, cs_s, mask):
-    """``L[t, s] = exp(cs_t - cs_s)`` where ``mask`` (None: everywhere) else 0 (masked before ``exp``: no inf)."""
-    if mask is None:
-        return jnp.exp(cs_t - cs_s)
+    """``L[t, s] = exp(cs_t - cs_s)`` where ``mask`` else 0 (masked before ``exp``: no inf, no NaN)."""
     return jnp.exp(jnp.where(mask, cs_t - cs_s, NEG_INF))
+
+
+def split_decay(cs_t, cs_s, c_ref):
+    """``exp(cs_t - cs_s) = a_t * b_s`` with ``a_t = exp(cs_t - c_ref)`` and ``b_s = exp(c_ref - cs_s)``.
+
+    For a block pair below the diagonal (every ``s`` before every ``t``) and ``c_ref`` the cumulative
+    log-decay at a position between the two blocks, both exponents are <= 0 because the log-decays are <= 0
+    (``A < 0``, ``dt > 0``: ``cs`` never increases), so neither factor overflows; a factor that underflows
+    belongs to a product below float32's range. The ``(T, S)`` exponentials become ``T + S`` of them: the
+    elementwise work (exp throughput, not the matmuls) is what limits the intra-chunk kernels on GPUs.
+    Either position vector may be None (its factor is then None).
+    """
+    a_t = None if cs_t is None else jnp.exp(cs_t - c_ref)
+    b_s = None if cs_s is None else jnp.exp(c_ref - cs_s)
+    return a_t, b_s
+
+
+def same_document(M, doc_t=None, doc_s=None):
+    """``M`` where row ``t`` and column ``s`` are in the same document, else 0 (``M`` itself without documents)."""
+    if doc_t is None:
+        return M
+    return jnp.where(doc_t == doc_s, M, jnp.zeros_like(M))
 
 
 def decay_to_end(cs, cs_last, doc=None, doc_last=None):
@@ -160,6 +173,12 @@ def off_output(Ct, H, e_t, spec: DotSpec):
 def intra_output(CB, L, w_s, xs, spec: DotSpec):
     """Intra-chunk output ``(CB o L o w_s) x_s``: ``CB, L (T, S)``, ``w_s (1, S)``, ``xs (S, P)``."""
     return mm(CB * L * w_s, xs, NN, spec)
+
+
+def intra_output_below(CB, bw_s, xs, spec: DotSpec):
+    """``CB (x o b o w)`` for a block pair below the diagonal, to be scaled by ``a_t`` (:func:`split_decay`):
+    ``CB (T, S)`` (document-masked), ``bw_s (S, 1)`` = ``b_s w_s``, ``xs (S, P)``."""
+    return mm(CB, xs.astype(spec.acc) * bw_s, NN, spec)
 
 
 def chunk_state(xs, coef_s, Ms, spec: DotSpec):
@@ -213,6 +232,12 @@ def state_grad_terms(Bs, G, d_s, w_s, xs, spec: DotSpec):
 def intra_input_grad(CB, L, dyt, spec: DotSpec):
     """``(L o CB)^T dy_t``: ``CB, L (T, S)``, ``dyt (T, P)`` -> ``(S, P)`` (sum over output rows)."""
     return mm(CB * L, dyt, TN, spec)
+
+
+def intra_input_grad_below(CB, dyt, a_t, spec: DotSpec):
+    """``CB^T (dy o a)`` for a block pair below the diagonal, to be scaled by ``b_s`` (:func:`split_decay`):
+    ``CB (T, S)`` (document-masked), ``dyt (T, P)``, ``a_t (T, 1)`` -> ``(S, P)``."""
+    return mm(CB, dyt.astype(spec.acc) * a_t, TN, spec)
 
 
 def intra_row_terms(CB, L, w_s, dyt, xs, spec: DotSpec):

@@ -331,9 +331,11 @@ class _ChunkSpecs:
 
 def _cb_block(cb_ref, Ci, B_ref, t0, s0, BT, dots, acc):
     """The ``(rows of Ci, BT)`` block of ``C B^T`` at rows ``t0`` and columns ``s0`` of the chunk: read from the
-    precomputed ``cb_ref`` when there is one, else computed from ``Ci`` (the row block of C) and ``B_ref``."""
+    precomputed ``cb_ref`` when there is one (in ``acc``, or its storage dtype for ``acc=None``), else computed
+    from ``Ci`` (the row block of C) and ``B_ref``."""
     if cb_ref is not None:
-        return cb_ref[pl.ds(t0, Ci.shape[0]), pl.ds(s0, BT)].astype(acc)
+        blk = cb_ref[pl.ds(t0, Ci.shape[0]), pl.ds(s0, BT)]
+        return blk if acc is None else blk.astype(acc)
     return cm.mm(Ci, B_ref[pl.ds(s0, BT), :], cm.NT, dots["cb"])
 
 
@@ -355,15 +357,32 @@ def _output_kernel(*refs, Q, BM, BT, HB, has_doc, has_D, has_cb, dots, acc):
     Ci = C_ref[pl.ds(t0, BM), :]
     doc_t = _col(doc_ref[pl.ds(t0, BM)]) if has_doc else None
     cs_t = [_col(cs_ref[hh, pl.ds(t0, BM)]) for hh in range(HB)]
+    # Source blocks before the row block: exp(cs_t - cs_s) = a_t b_s around c_ref = cs just before the row block
+    # (0 at the chunk start); the carried state's decay exp(cs_t) = a_t exp(c_ref). Both are summed unscaled,
+    # then multiplied by a_t once; the diagonal blocks are added exactly afterwards.
+    c_ref = [jnp.where(i > 0, cs_ref[hh, jnp.maximum(t0 - 1, 0)], 0.0).astype(acc) for hh in range(HB)]
     accs = tuple(
-        cm.off_output(Ci, st_ref[hh], cm.decay_from_start(cs_t[hh], doc_t), dots['out_off']) for hh in range(HB)
+        cm.off_output(Ci, st_ref[hh], cm.decay_from_start(jnp.broadcast_to(c_ref[hh], cs_t[hh].shape), doc_t),
+                      dots['out_off'])
+        for hh in range(HB)
     )
 
-    def body(j, accs, causal):
+    def below(j, accs):
+        s0 = j * BT
+        CB = cm.same_document(_cb_block(cb_ref, Ci, B_ref, t0, s0, BT, dots, None), doc_t,
+                              _row(doc_ref[pl.ds(s0, BT)]) if has_doc else None)
+        new = []
+        for hh in range(HB):
+            _, b_s = cm.split_decay(None, _col(cs_ref[hh, pl.ds(s0, BT)]), c_ref[hh])
+            bw = b_s * _col(w_ref[hh, pl.ds(s0, BT)])
+            new.append(accs[hh] + cm.intra_output_below(CB, bw, x_ref[pl.ds(s0, BT), hh, :], dots['out_intra']))
+        return tuple(new)
+
+    def diagonal(j, accs):
         s0 = j * BT
         CB = _cb_block(cb_ref, Ci, B_ref, t0, s0, BT, dots, acc)
         doc_s = _row(doc_ref[pl.ds(s0, BT)]) if has_doc else None
-        mask = cm.intra_mask(t0, s0, BM, BT, doc_t, doc_s, causal)
+        mask = cm.intra_mask(t0, s0, BM, BT, doc_t, doc_s)
         new = []
         for hh in range(HB):
             L = cm.intra_decay(cs_t[hh], _row(cs_ref[hh, pl.ds(s0, BT)]), mask)
@@ -371,9 +390,10 @@ def _output_kernel(*refs, Q, BM, BT, HB, has_doc, has_D, has_cb, dots, acc):
             new.append(accs[hh] + cm.intra_output(CB, L, w_s, x_ref[pl.ds(s0, BT), hh, :], dots['out_intra']))
         return tuple(new)
 
-    below = i * (BM // BT)  # source blocks entirely before the row block: no causal mask
-    accs = lax.fori_loop(0, below, functools.partial(body, causal=False), accs)
-    accs = lax.fori_loop(below, below + BM // BT, functools.partial(body, causal=True), accs)
+    nbelow = i * (BM // BT)
+    accs = lax.fori_loop(0, nbelow, below, accs)
+    accs = tuple(jnp.exp(cs_t[hh] - c_ref[hh]) * accs[hh] for hh in range(HB))  # a_t
+    accs = lax.fori_loop(nbelow, nbelow + BM // BT, diagonal, accs)
     for hh in range(HB):
         y = accs[hh]
         if has_D:
@@ -441,23 +461,36 @@ def _bwd_cols_kernel(*refs, Q, BT, HB, nb, has_doc, has_D, has_cb, dots, acc):
         accs.append(draw)
     doc_s_row = None if doc_s is None else _row(doc_s)
 
-    def body(i, accs, causal):
+    def cb_block(t0, dtype):
+        if cb_ref is None:
+            return cm.mm(C_ref[pl.ds(t0, BT), :], Bj, cm.NT, dots['cb'])
+        blk = cb_ref[pl.ds(t0, BT), pl.ds(s0, BT)]
+        return blk if dtype is None else blk.astype(dtype)
+
+    # The diagonal block exactly; the row blocks below it through exp(cs_t - cs_s) = a_t b_s around c_ref = cs
+    # at the end of this source block (cm.split_decay): their sum is scaled by b_s once at the end.
+    CB = cb_block(s0, acc)
+    mask = cm.intra_mask(s0, s0, BT, BT, None if doc_s is None else _col(doc_s), doc_s_row)
+    for hh in range(HB):
+        L = cm.intra_decay(_col(cs_s[hh]), _row(cs_s[hh]), mask)
+        accs[hh] = accs[hh] + cm.intra_input_grad(CB, L, dy_ref[pl.ds(s0, BT), hh, :], dots['dx_intra'])
+    c_ref = [cs_ref[hh, s0 + BT - 1] for hh in range(HB)]
+
+    def below(i, lows):
         t0 = i * BT
-        CB = cm.mm(C_ref[pl.ds(t0, BT), :], Bj, cm.NT, dots['cb']) if cb_ref is None else cb_ref[
-            pl.ds(t0, BT), pl.ds(s0, BT)].astype(acc)
         doc_t = _col(doc_ref[pl.ds(t0, BT)]) if has_doc else None
-        mask = cm.intra_mask(t0, s0, BT, BT, doc_t, doc_s_row, causal)
+        CB = cm.same_document(cb_block(t0, None), doc_t, doc_s_row)
         new = []
         for hh in range(HB):
-            L = cm.intra_decay(_col(cs_ref[hh, pl.ds(t0, BT)]), _row(cs_s[hh]), mask)
-            new.append(accs[hh] + cm.intra_input_grad(CB, L, dy_ref[pl.ds(t0, BT), hh, :], dots['dx_intra']))
+            a_t, _ = cm.split_decay(_col(cs_ref[hh, pl.ds(t0, BT)]), None, c_ref[hh])
+            new.append(lows[hh] + cm.intra_input_grad_below(CB, dy_ref[pl.ds(t0, BT), hh, :], a_t, dots['dx_intra']))
         return tuple(new)
 
-    accs = body(j, tuple(accs), causal=True)  # the diagonal block, then the row blocks below it (unmasked)
-    accs = lax.fori_loop(j + 1, nb, functools.partial(body, causal=False), accs)
+    lows = lax.fori_loop(j + 1, nb, below, tuple(jnp.zeros_like(a) for a in accs))
     for hh in range(HB):
         xs = x_ref[pl.ds(s0, BT), hh, :].astype(acc)
-        draw = accs[hh]
+        _, b_s = cm.split_decay(None, _col(cs_s[hh]), c_ref[hh])
+        draw = accs[hh] + b_s * lows[hh]
         dx = w_s[hh] * draw
         if has_D:
             dys = dy_ref[pl.ds(s0, BT), hh, :].astype(acc)
@@ -518,10 +551,15 @@ def _bwd_pairs_kernel(*refs, BT, k, has_doc, dots, acc):
         CB = cm.mm(C_ref[pl.ds(t0, BT), :], B_ref[pl.ds(s0, BT), :], cm.NT, dots['cb'])
         doc_t = _col(doc_ref[pl.ds(t0, BT)]) if has_doc else None
         doc_s = _row(doc_ref[pl.ds(s0, BT)]) if has_doc else None
-        mask = cm.intra_mask(t0, s0, BT, BT, doc_t, doc_s, causal)
+        mask = cm.intra_mask(t0, s0, BT, BT, doc_t, doc_s) if causal else None
 
         def head(hh, dCB):
-            L = cm.intra_decay(_col(cs_ref[hh, pl.ds(t0, BT)]), _row(cs_ref[hh, pl.ds(s0, BT)]), mask)
+            cs_t, cs_s = _col(cs_ref[hh, pl.ds(t0, BT)]), _row(cs_ref[hh, pl.ds(s0, BT)])
+            if causal:
+                L = cm.intra_decay(cs_t, cs_s, mask)
+            else:  # below the diagonal: an outer product of factors around cs at the end of the source block
+                a_t, b_s = cm.split_decay(cs_t, cs_s, cs_ref[hh, s0 + BT - 1])
+                L = cm.same_document(a_t * b_s, doc_t, doc_s)
             dcb, rowZ, colZ = cm.intra_pair_terms(CB, L, _row(w_ref[hh, pl.ds(s0, BT)]), dy_ref[pl.ds(t0, BT), hh, :],
                                                   x_ref[pl.ds(s0, BT), hh, :], dots['dxx'])
             rowZ_ref[hh, :] = _flat(rowZ)
