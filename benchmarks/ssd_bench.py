@@ -1,15 +1,17 @@
 """Benchmark of the SSD scan on one GPU: Pallas kernels vs impl="xla", forward and forward+backward.
 
     python benchmarks/ssd_bench.py                      # the three issue cases + 1M tokens, default kernels
-    python benchmarks/ssd_bench.py --variants           # also sweep kernel configurations on b8 x L4096
+    python benchmarks/ssd_bench.py --kernels all --tune --cases ""   # per-kernel sweep + best combination
     python benchmarks/ssd_bench.py --cases b8xL4096 --out docs/benchmarks/ssd_h200.json
 
 Shapes (issue 3): x (b, L, 32 heads, 64) bf16, dt fp32 (already softplus'd), A (32,), B/C (b, L, 1 group, 128)
 bf16, D (32,), chunk 256; fwd+bwd = gradients of x, dt, A, B, C, D of sum(y * cotangent).
 
-Rows: ``xla`` (pure-jnp chunked SSD), ``pallas`` (``ssm_jax.ssd(impl="pallas")`` as wired today: float32 y
-from the kernels, D and the cast added by ``ssd()``), ``pallas-fused`` (``ssd_pallas`` with ``D`` and
-``out_dtype=bf16`` fused into the output kernel: what ``ssd()`` runs once it passes them through).
+Rows: ``xla`` (pure-jnp chunked SSD), ``pallas`` (``ssm_jax.ssd(impl="pallas")``: D and the bf16 output fused
+into the output kernel), ``pallas-fused`` (``ssd_pallas`` called directly with the same fusions; ``fused:NAME``
+rows use ``ssd_pallas`` with a configuration override).
+``--kernels`` times each GPU kernel alone per configuration in KERNEL_VARIANTS; ``--tune`` then times fwd and
+fwd+bwd of the fastest combination against the default configuration in the same run, with the accuracy of both.
 Timing: median over repeats of the wall time of ``iters`` back-to-back calls of the jitted function
 (``block_until_ready`` at the end), after a warm-up. Peak memory: the compiled function's
 ``memory_analysis()`` (arguments + outputs + temporaries). Floors: model FLOPs at 682 TFLOP/s (bf16 matmul

@@ -171,7 +171,7 @@ def make_config(x_dtype, bc_dtype, shape, chunk_size: int, *, launcher: Optional
         state_rows = min(64, p)
         # Enough (batch, head, row-block) programs to fill the GPU: fuse the state computation into the scan.
         variant = "fused" if b * h * max(1, p // state_rows) >= 256 else "split"
-        # Measured on an H200 (docs/kernel_notes.md, runs 4-6): C B^T written once per group and chunk and read by
+        # Measured on an H200 (docs/kernel_notes.md, runs 4-10): C B^T written once per group and chunk and read by
         # one-head output and bwd_cols programs (C B^T kept from the forward pass for bwd_cols), one pipeline
         # stage for output/cols and three for the scans, bwd_pairs and bwd_group_rows, bwd_group_rows split over
         # 2 state-column blocks, the chunk states kept from the forward pass (no recomputing scan).
@@ -182,7 +182,7 @@ def make_config(x_dtype, bc_dtype, shape, chunk_size: int, *, launcher: Optional
     if op_dtype != acc:
         # bf16 operands, except dCB B and dCB^T C (dB/dC): their float32 dCB operand is split into two bf16 parts
         # (ssd_common.BF16X2). dA does not go through the dx product (bwd_pairs), so (L o CB)^T dy is plain bf16,
-        # and so are the state gradients (dy e)^T C (measured run 6: dA 1.66e-3, dB 1.76e-3).
+        # and so are the state gradients (dy e)^T C (run 8: dA 1.66e-3, dB 1.76e-3).
         # The per-chunk states and the forward's C B^T travel between kernels in bf16 (bf16 matmul operands
         # anyway; the carried state stays float32).
         kw.update(x2_dots=("dcb",), state_dtype=jnp.dtype(jnp.bfloat16), cb_dtype=jnp.dtype(jnp.bfloat16))
