@@ -187,9 +187,9 @@ KERNEL_VARIANTS = {  # per-kernel configurations timed with --kernels (each kern
     "scan_bwd": {"default": {}, "s2": {"launch": (("scan", 4, 2),)}, "bf16-bstate": {"x2_dots": ("dcb",)}},
     "out": {"default": {}, "inline-hb2": {"cb_readers": ("cols",), "heads_per_block": 2},
             "f32cb": {"cb_dtype": "float32"}, "s2": {"launch": (("out", 4, 2),)}},
-    "cols": {"default": {}, "inline": {"cb_readers": ("out",)}, "hb2": {"cols_heads_per_block": 2},
+    "cols": {"default": {}, "inline": {"cb_readers": ("out",)}, "hb1": {"cols_heads_per_block": 1},
              "f32cb": {"cb_dtype": "float32"}, "s2": {"launch": (("cols", 4, 2),)}},
-    "pairs": {"default": {}, "s2": {"launch": (("pairs", 4, 2),)}, "w8": {"launch": (("pairs", 8, 3),)}},
+    "pairs": {"default": {}, "s2": {"launch": (("pairs", 8, 2),)}, "w4": {"launch": (("pairs", 4, 3),)}},
     "group_rows": {"default": {}, "ns1": {"rows_state_splits": 1}, "s3": {"launch": (("group_rows", 4, 3),)}},
 }
 
@@ -339,6 +339,7 @@ def markdown(rows):
 
 VARIANTS = {  # kernel configurations swept with --variants (on b8 x L4096)
     "default": {},
+    "run10-default": {"cols_heads_per_block": 1, "launch": (("pairs", 4, 3),)},  # the defaults of run 10
     "split": {"state_variant": "split"},
     "hb8": {"heads_per_block": 8},
     "hb2": {"heads_per_block": 2},

@@ -171,14 +171,14 @@ def make_config(x_dtype, bc_dtype, shape, chunk_size: int, *, launcher: Optional
         state_rows = min(64, p)
         # Enough (batch, head, row-block) programs to fill the GPU: fuse the state computation into the scan.
         variant = "fused" if b * h * max(1, p // state_rows) >= 256 else "split"
-        # Measured on an H200 (docs/kernel_notes.md, runs 4-10): C B^T written once per group and chunk and read by
-        # one-head output and bwd_cols programs (C B^T kept from the forward pass for bwd_cols), one pipeline
-        # stage for output/cols and three for the scans, bwd_pairs and bwd_group_rows, bwd_group_rows split over
-        # 2 state-column blocks, the chunk states kept from the forward pass (no recomputing scan).
+        # Measured on an H200 (docs/kernel_notes.md, runs 4-11): C B^T written once per group and chunk and read by
+        # one-head output programs and two-head bwd_cols programs (kept from the forward pass for bwd_cols), one
+        # pipeline stage for output/cols and three for the scans, bwd_pairs (8 warps) and bwd_group_rows,
+        # bwd_group_rows split over 2 state-column blocks, the chunk states kept from the forward pass.
         kw.update(block_t=block_t, state_rows=state_rows, state_variant=variant, heads_per_block=1,
-                  cols_heads_per_block=1, scan_block=64, rows_head_blocks=1, rows_state_splits=2,
+                  cols_heads_per_block=2, scan_block=64, rows_head_blocks=1, rows_state_splits=2,
                   cb_readers=("out", "cols"), save_states=True, num_warps=4, num_stages=2,
-                  launch=(("out", 4, 1), ("cols", 4, 1), ("scan", 4, 3), ("pairs", 4, 3), ("group_rows", 4, 3)))
+                  launch=(("out", 4, 1), ("cols", 4, 1), ("scan", 4, 3), ("pairs", 8, 3), ("group_rows", 4, 3)))
     if op_dtype != acc:
         # bf16 operands, except dCB B and dCB^T C (dB/dC): their float32 dCB operand is split into two bf16 parts
         # (ssd_common.BF16X2). dA does not go through the dx product (bwd_pairs), so (L o CB)^T dy is plain bf16,

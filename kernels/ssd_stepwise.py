@@ -57,13 +57,14 @@ class StepwiseConfig:
     Attributes:
       time_block: steps per statically unrolled block (the block's loads are issued together).
       num_warps, num_stages: Triton launch parameters (more warps: fewer state elements per thread, so a
-        shorter dependent chain per step, but a wider cross-warp reduction). On an H200 (p=64, n=128) 8 warps
-        ran twice as fast as 4, and 4 warps took minutes to compile.
+        shorter dependent chain per step, but a wider cross-warp reduction). On an H200 (p=64, n=128, one
+        8192-step layer call, docs/benchmarks/stepwise_h200.json): 8-step blocks with 16 warps 29.3 ms, 16/16
+        31.3 ms, 16/8 38.8 ms; 4 warps ran at half the speed of 8 and took minutes to compile.
       interpret: run in Pallas interpret mode (CPU and other non-GPU backends).
     """
 
-    time_block: int = 16
-    num_warps: int = 8
+    time_block: int = 8
+    num_warps: int = 16
     num_stages: int = 1
     interpret: bool = False
 
@@ -79,8 +80,8 @@ def ssd_stepwise(
     *,
     max_norm=None,
     interpret: Optional[bool] = None,
-    time_block: int = 16,
-    num_warps: int = 8,
+    time_block: int = 8,
+    num_warps: int = 16,
     num_stages: int = 1,
 ) -> Tuple[Array, Array]:
     """Exact per-step SSD recurrence (without the ``D`` skip), optionally clipping the state norm every step.
