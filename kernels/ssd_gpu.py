@@ -18,7 +18,8 @@ Pallas emits 64-bit offsets whenever an array exceeds 4 GiB: no flat int32 offse
   ``dC`` and ``dB`` (state terms, then the intra-chunk terms from ``dCB``) and the ``dy.y_off`` terms.
 
 Layouts: ``x, dy, y, dx (b, L, h, p)``; ``B, C (b, L, g, n)``; per-position scalars ``(b, h, L)`` float32;
-states ``(b, h, c, p, n)`` float32; ``L`` padded to a multiple of the chunk by the caller.
+states ``(b, h, c, p, n)`` in ``state_dtype``; ``C B^T`` ``(b, c, g, Q, Q)``; ``L`` padded to a multiple of the chunk
+by the caller.
 """
 
 from __future__ import annotations

@@ -45,15 +45,16 @@ class KernelConfig:
       chunk: chunk length Q (64, 128 or 256).
       block_t: rows/columns of the blocks of the intra-chunk product (GPU).
       out_block_rows: rows per program of the forward output kernel, a multiple of ``block_t`` (0: ``block_t``).
-      heads_per_block: heads sharing one ``C B^T`` block per program (GPU output and bwd_cols kernels).
+      heads_per_block: heads per program of the GPU output kernel (they share its ``C B^T`` blocks).
       state_rows: state rows (headdim) per program of the fused state scan (GPU).
       state_variant: "fused" (one kernel computes and passes the chunk states) or "split" (a parallel
         chunk-state kernel, then a light sequential pass).
       cb_readers: GPU kernels ("out", "cols") that read ``C B^T`` from one kernel that writes it per
         group and chunk (``ssd_gpu.chunk_cb``) instead of computing their own blocks of it per head block.
       cb_dtype: storage dtype of the precomputed ``C B^T`` (None: ``acc``).
-      save_states: keep the per-chunk states of the forward pass for the backward pass (memory: as large as
-        ``x`` in ``state_dtype``) instead of recomputing them with one more forward scan.
+      save_states: keep the per-chunk states (and ``C B^T``) of the forward pass for the backward pass instead of
+        recomputing them with one more forward scan (memory per position: ``h * p * n / chunk`` state elements in
+        ``state_dtype``, half of a bf16 ``x`` at n=128, chunk 256).
       cols_heads_per_block: heads per program of the GPU ``bwd_cols`` kernel (0: ``heads_per_block``).
       num_warps, num_stages: Triton launch parameters.
       op_dtype: operand dtype of the matmuls with a computed operand (bf16 for bf16 inputs: float32
