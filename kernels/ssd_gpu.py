@@ -331,11 +331,11 @@ class _ChunkSpecs:
 
 
 def _cb_block(cb_ref, Ci, B_ref, t0, s0, BT, dots, acc):
-    """The ``(rows of Ci, BT)`` block of ``C B^T`` at rows ``t0`` and columns ``s0`` of the chunk: read from the
+    """The ``(BT, BT)`` block of ``C B^T`` at rows ``t0`` and columns ``s0`` of the chunk: read from the
     precomputed ``cb_ref`` when there is one (in ``acc``, or its storage dtype for ``acc=None``), else computed
     from ``Ci`` (the row block of C) and ``B_ref``."""
     if cb_ref is not None:
-        blk = cb_ref[pl.ds(t0, Ci.shape[0]), pl.ds(s0, BT)]
+        blk = cb_ref[pl.ds(t0, BT), pl.ds(s0, BT)]
         return blk if acc is None else blk.astype(acc)
     return cm.mm(Ci, B_ref[pl.ds(s0, BT), :], cm.NT, dots["cb"])
 
@@ -345,7 +345,7 @@ def _cb_block(cb_ref, Ci, B_ref, t0, s0, BT, dots, acc):
 # -------------------------------------------------------------------------------------------------
 
 
-def _output_kernel(*refs, Q, BM, BT, HB, has_doc, has_D, has_cb, dots, acc):
+def _output_kernel(*refs, Q, BT, HB, has_doc, has_D, has_cb, dots, acc):
     it = iter(refs)
     x_ref, C_ref, BorCB_ref, cs_ref, w_ref, st_ref = (next(it) for _ in range(6))
     B_ref, cb_ref = (None, BorCB_ref) if has_cb else (BorCB_ref, None)
@@ -353,14 +353,14 @@ def _output_kernel(*refs, Q, BM, BT, HB, has_doc, has_D, has_cb, dots, acc):
     D_ref = next(it) if has_D else None
     y_ref = next(it)
 
-    i = pl.program_id(1)  # row block of BM rows; the source loop steps BT columns
-    t0 = i * BM
-    Ci = C_ref[pl.ds(t0, BM), :]
-    doc_t = _col(doc_ref[pl.ds(t0, BM)]) if has_doc else None
-    cs_t = [_col(cs_ref[hh, pl.ds(t0, BM)]) for hh in range(HB)]
+    i = pl.program_id(1)  # row block
+    t0 = i * BT
+    Ci = C_ref[pl.ds(t0, BT), :]
+    doc_t = _col(doc_ref[pl.ds(t0, BT)]) if has_doc else None
+    cs_t = [_col(cs_ref[hh, pl.ds(t0, BT)]) for hh in range(HB)]
     # Source blocks before the row block: exp(cs_t - cs_s) = a_t b_s around c_ref = cs just before the row block
     # (0 at the chunk start); the carried state's decay exp(cs_t) = a_t exp(c_ref). Both are summed unscaled,
-    # then multiplied by a_t once; the diagonal blocks are added exactly afterwards.
+    # then multiplied by a_t once; the diagonal block is added exactly afterwards.
     c_ref = [jnp.where(i > 0, cs_ref[hh, jnp.maximum(t0 - 1, 0)], 0.0).astype(acc) for hh in range(HB)]
     accs = tuple(
         cm.off_output(Ci, st_ref[hh], cm.decay_from_start(jnp.broadcast_to(c_ref[hh], cs_t[hh].shape), doc_t),
@@ -379,26 +379,22 @@ def _output_kernel(*refs, Q, BM, BT, HB, has_doc, has_D, has_cb, dots, acc):
             new.append(accs[hh] + cm.intra_output_below(CB, bw, x_ref[pl.ds(s0, BT), hh, :], dots['out_intra']))
         return tuple(new)
 
-    def diagonal(j, accs):
-        s0 = j * BT
-        CB = _cb_block(cb_ref, Ci, B_ref, t0, s0, BT, dots, acc)
-        doc_s = _row(doc_ref[pl.ds(s0, BT)]) if has_doc else None
-        mask = cm.intra_mask(t0, s0, BM, BT, doc_t, doc_s)
+    def diagonal(accs):  # the row block's own positions, with the exact masked exponentials
+        CB = _cb_block(cb_ref, Ci, B_ref, t0, t0, BT, dots, acc)
+        mask = cm.intra_mask(t0, t0, BT, BT, doc_t, _row(doc_ref[pl.ds(t0, BT)]) if has_doc else None)
         new = []
         for hh in range(HB):
-            L = cm.intra_decay(cs_t[hh], _row(cs_ref[hh, pl.ds(s0, BT)]), mask)
-            w_s = _row(w_ref[hh, pl.ds(s0, BT)])
-            new.append(accs[hh] + cm.intra_output(CB, L, w_s, x_ref[pl.ds(s0, BT), hh, :], dots['out_intra']))
+            L = cm.intra_decay(cs_t[hh], _row(cs_ref[hh, pl.ds(t0, BT)]), mask)
+            w_s = _row(w_ref[hh, pl.ds(t0, BT)])
+            new.append(accs[hh] + cm.intra_output(CB, L, w_s, x_ref[pl.ds(t0, BT), hh, :], dots['out_intra']))
         return tuple(new)
 
-    nbelow = i * (BM // BT)
-    accs = lax.fori_loop(0, nbelow, below, accs)
-    accs = tuple(jnp.exp(cs_t[hh] - c_ref[hh]) * accs[hh] for hh in range(HB))  # a_t
-    accs = lax.fori_loop(nbelow, nbelow + BM // BT, diagonal, accs)
+    accs = lax.fori_loop(0, i, below, accs)
+    accs = diagonal(tuple(jnp.exp(cs_t[hh] - c_ref[hh]) * accs[hh] for hh in range(HB)))  # a_t, then the diagonal
     for hh in range(HB):
         y = accs[hh]
         if has_D:
-            y = y + D_ref[hh].astype(acc) * x_ref[pl.ds(t0, BM), hh, :].astype(acc)
+            y = y + D_ref[hh].astype(acc) * x_ref[pl.ds(t0, BT), hh, :].astype(acc)
         y_ref[:, hh, :] = y.astype(y_ref.dtype)
 
 
@@ -408,10 +404,9 @@ def output(cfg, x, B, C, cs, w, states, doc, D, out_dtype, cb=None):
     g, n = B.shape[2], B.shape[3]
     k = h // g
     Q, BT = cfg.chunk, cfg.block_t
-    BM = cfg.out_rows()
-    nm, nc = Q // BM, L // Q
+    nb, nc = Q // BT, L // Q
     HB = cfg.heads_for(k)
-    grid = (h // HB, nm, nc, b)
+    grid = (h // HB, nb, nc, b)
     spec = _ChunkSpecs(Q, HB, p, n, lambda hb: cm.idiv(hb * HB, k))
     ins = [x, C, B if cb is None else cb, cs, w, states]
     in_specs = [spec.heads(), spec.bc(), spec.bc() if cb is None else spec.cb(), spec.scalars(), spec.scalars(),
@@ -423,12 +418,12 @@ def output(cfg, x, B, C, cs, w, states, doc, D, out_dtype, cb=None):
         ins.append(D)
         in_specs.append(spec.per_head())
     kernel = functools.partial(
-        _output_kernel, Q=Q, BM=BM, BT=BT, HB=HB, has_doc=doc is not None, has_D=D is not None, has_cb=cb is not None,
+        _output_kernel, Q=Q, BT=BT, HB=HB, has_doc=doc is not None, has_D=D is not None, has_cb=cb is not None,
         dots=cfg.dots(), acc=cfg.acc,
     )
     return _call(
         kernel, cfg, "out", grid=grid, in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, BM, HB, p), lambda hb, i, c, bb: (bb, c * nm + i, hb, 0)),
+        out_specs=pl.BlockSpec((None, BT, HB, p), lambda hb, i, c, bb: (bb, c * nb + i, hb, 0)),
         out_shape=jax.ShapeDtypeStruct((b, L, h, p), out_dtype), name="ssd_output",
     )(*ins)
 

@@ -44,7 +44,6 @@ class KernelConfig:
       interpret: run the kernels in interpret mode (CPU).
       chunk: chunk length Q (64, 128 or 256).
       block_t: rows/columns of the blocks of the intra-chunk product (GPU).
-      out_block_rows: rows per program of the forward output kernel, a multiple of ``block_t`` (0: ``block_t``).
       heads_per_block: heads per program of the GPU output kernel (they share its ``C B^T`` blocks).
       state_rows: state rows (headdim) per program of the fused state scan (GPU).
       state_variant: "fused" (one kernel computes and passes the chunk states) or "split" (a parallel
@@ -76,7 +75,6 @@ class KernelConfig:
     interpret: bool = False
     chunk: int = 256
     block_t: int = 64
-    out_block_rows: int = 0
     heads_per_block: int = 4
     state_rows: int = 32
     state_variant: str = "fused"
@@ -126,10 +124,6 @@ class KernelConfig:
             out[name] = DotSpec(op, self.acc, self.precision, self.emulate_tf32)
         out["cb"] = DotSpec(self.data_dtype, self.acc, self.precision, self.emulate_tf32)
         return out
-
-    def out_rows(self) -> int:
-        """Rows per program of the GPU output kernel."""
-        return self.out_block_rows or self.block_t
 
     def heads_for(self, k: int, wanted: int = 0) -> int:
         """Largest divisor of ``k`` (heads per group) that is at most ``wanted`` (0: ``heads_per_block``)."""
@@ -213,9 +207,6 @@ def _check_gpu_shapes(cfg, p, n):
         )
     if cfg.chunk % cfg.block_t or cfg.block_t < 16:
         raise ValueError(f"block_t={cfg.block_t} must divide the chunk ({cfg.chunk}) and be >= 16")
-    if cfg.chunk % cfg.out_rows() or cfg.out_rows() % cfg.block_t:
-        raise ValueError(f"out_block_rows={cfg.out_block_rows} must divide the chunk ({cfg.chunk}) and be a multiple "
-                         f"of block_t ({cfg.block_t})")
 
 
 def _launcher_module(cfg):

@@ -107,10 +107,9 @@ def test_gradients_match_float64_recurrence(launcher):
 @pytest.mark.parametrize("variant", [
     dict(block_t=32, state_variant="split", heads_per_block=2, cols_heads_per_block=2, cb_readers=(),
          rows_head_blocks=2, rows_state_splits=2, scan_block=32, save_states=False),
-    dict(block_t=32, cb_readers=("out", "cols"), heads_per_block=1, cols_heads_per_block=2, rows_head_blocks=4,
-         out_block_rows=64),
-    dict(block_t=64, heads_per_block=2, out_block_rows=128, cb_readers=()),
-], ids=["split_inline_cb", "precomputed_cb_tall_rows", "inline_cb_tall_rows"])
+    dict(block_t=32, cb_readers=("out", "cols"), heads_per_block=1, cols_heads_per_block=2, rows_head_blocks=4),
+    dict(block_t=64, heads_per_block=2, cb_readers=()),
+], ids=["split_inline_cb", "precomputed_cb", "inline_cb_block64"])
 def test_gradients_block_loops_and_config_variants(variant):
     """Several row/column blocks per chunk (block_t=32, chunk 128), the split state pass, head blocks, ``C B^T``
     computed by every program or once per group and chunk."""
