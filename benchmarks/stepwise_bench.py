@@ -16,7 +16,6 @@ token stream multiplies one layer call by 24 layers and 128 calls of 8192 tokens
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -35,6 +34,7 @@ import numpy as np  # noqa: E402
 import ssm_jax  # noqa: E402,F401  (registers ssm_jax.kernels when run from a checkout)
 from timing import time_ms  # noqa: E402
 from ssm_jax.kernels.ssd_stepwise import ssd_stepwise  # noqa: E402
+from ssm_jax.eval_lib import write_json  # noqa: E402
 from ssm_jax.ssd import ssd_recurrent  # noqa: E402
 
 FULL = dict(b=1, l=8192, h=24, p=64, n=128, g=1)
@@ -134,9 +134,7 @@ def main(argv=None) -> Dict:
         python=platform.python_version(), smoke=args.smoke, sizes=sizes, dtypes="x/B/C bf16, dt/log_a float32",
         clip_active_heads=clip_active, heads=sizes["h"], results=rows,
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+    write_json(args.out, summary)  # atomic, strict JSON
     print(f"wrote {args.out}")
     return summary
 

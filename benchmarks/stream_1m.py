@@ -17,7 +17,6 @@ mitigations}, so it runs on images without grain / ml_collections / tensorflow-d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -31,6 +30,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from ssm_jax import inference  # noqa: E402
+from ssm_jax.eval_lib import write_json  # noqa: E402
 from ssm_jax import mitigations as mitigations_lib  # noqa: E402
 from ssm_jax.model import Mamba2Config, Mamba2LM  # noqa: E402
 
@@ -157,9 +157,7 @@ def main(argv=None):
         "tokens": args.tokens, "batch": args.batch, "chunk_len": args.chunk_len, "window": args.window,
         "max_norm": args.max_norm, "results": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=1)
+    write_json(args.out, out)  # atomic, strict JSON
     print(f"\nwrote {args.out}")
     return out
 
