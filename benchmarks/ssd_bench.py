@@ -13,7 +13,9 @@ rows use ``ssd_pallas`` with a configuration override).
 ``--kernels`` times each GPU kernel alone per configuration in KERNEL_VARIANTS; ``--tune`` then times fwd and
 fwd+bwd of the fastest combination against the default configuration in the same run, with the accuracy of both.
 Timing: median over repeats of the wall time of ``iters`` back-to-back calls of the jitted function
-(``block_until_ready`` at the end), after a warm-up. Peak memory: the compiled function's
+(``block_until_ready`` at the end), after a warm-up; on GPU also the device time (kernels busy per call, from a
+profiler trace of ``iters`` back-to-back calls: ``timing.device_profile``), which leaves out host dispatch as a
+CUDA-graph measurement does. Peak memory: the compiled function's
 ``memory_analysis()`` (arguments + outputs + temporaries). Floors: model FLOPs at 682 TFLOP/s (bf16 matmul
 rate measured on the H200) and model bytes at 4.27 TB/s (copy rate measured there).
 Accuracy: relative error (||a - r|| / ||r||) of y and every gradient against impl="xla" on float32 copies of
@@ -42,7 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import ssm_jax  # noqa: E402,F401  (registers ssm_jax.kernels when run from a checkout)
 from ssm_jax.kernels import ssd_ops  # noqa: E402
-from timing import time_ms  # noqa: E402
+from timing import device_profile, time_ms  # noqa: E402
 from ssm_jax.ssd import ssd  # noqa: E402
 
 CASES = {"smoke": (1, 512), "b8xL4096": (8, 4096), "b2xL16384": (2, 16384), "b1xL65536": (1, 65536),
@@ -65,15 +67,15 @@ def model_bytes(b, L, bwd=False):
     return 3 * io if bwd else io  # bwd: read x, B, C, dt, dy; write dx, dB, dC, ddt (about twice the forward)
 
 
-def make_inputs(b, L, seed=0):
+def make_inputs(b, L, seed=0, heads=H):
     k = jax.random.split(jax.random.PRNGKey(seed), 7)
-    x = jax.random.normal(k[0], (b, L, H, P), jnp.bfloat16)
-    dt = jnp.exp(jax.random.uniform(k[1], (b, L, H), jnp.float32, np.log(1e-3), np.log(1e-1)))
-    A = -jnp.exp(jax.random.uniform(k[2], (H,), jnp.float32, 0.0, np.log(16.0)))
+    x = jax.random.normal(k[0], (b, L, heads, P), jnp.bfloat16)
+    dt = jnp.exp(jax.random.uniform(k[1], (b, L, heads), jnp.float32, np.log(1e-3), np.log(1e-1)))
+    A = -jnp.exp(jax.random.uniform(k[2], (heads,), jnp.float32, 0.0, np.log(16.0)))
     B = jax.random.normal(k[3], (b, L, G, N), jnp.bfloat16)
     C = jax.random.normal(k[4], (b, L, G, N), jnp.bfloat16)
-    D = jax.random.normal(k[5], (H,), jnp.float32)
-    cot = jax.random.normal(k[6], (b, L, H, P), jnp.bfloat16)
+    D = jax.random.normal(k[5], (heads,), jnp.float32)
+    cot = jax.random.normal(k[6], (b, L, heads, P), jnp.bfloat16)
     return x, dt, A, B, C, D, cot
 
 
@@ -147,6 +149,31 @@ def check_1m(b=1, L=1 << 20, tail=1 << 15):
     return {"y_tail": rel(y[:, s:], yr), "final": rel(final, fr), "finite": bool(jnp.all(jnp.isfinite(y)))}
 
 
+def check_heads(heads, b=2, L=1000, seed=4):
+    """Values and gradients of ``ssd(impl="pallas")`` at a public model's head count (24: 130m, 80: 2.7b; not a
+    power of two), a padded length, segments and an initial state, against impl="xla" on float32 copies."""
+    x, dt, A, B, C, D, cot = make_inputs(b, L, seed, heads=heads)
+    k = jax.random.split(jax.random.PRNGKey(seed + 1), 2)
+    h0 = jax.random.normal(k[0], (b, heads, P, N), jnp.float32)
+    seg = jnp.cumsum(jax.random.uniform(k[1], (b, L)) < 3e-3, axis=1)
+
+    def grads(impl, f32):
+        cast = (lambda v: v.astype(jnp.float32)) if f32 else (lambda v: v)
+
+        def loss(x, dt, A, B, C, h0):
+            y, final = ssd(cast(x), dt, A, cast(B), cast(C), D=D, chunk_size=Q, initial_state=h0, segment_ids=seg,
+                           impl=impl)
+            return jnp.sum(y.astype(jnp.float32) * cot.astype(jnp.float32)) + jnp.sum(final), y
+
+        return jax.jit(jax.value_and_grad(loss, argnums=range(6), has_aux=True))(x, dt, A, B, C, h0)
+
+    (_, y), g = grads("pallas", False)
+    (_, y_ref), g_ref = grads("xla", True)
+    out = {"heads": heads, "y": rel(y, y_ref)}
+    out.update({name: rel(a, r) for name, a, r in zip(("dx", "ddt", "dA", "dB", "dC", "dh0"), g, g_ref)})
+    return out
+
+
 def bench_case(name, impls, configs=None, bwd=True, iters=10):
     b, L = CASES[name]
     x, dt, A, B, C, D, cot = make_inputs(b, L)
@@ -162,6 +189,8 @@ def bench_case(name, impls, configs=None, bwd=True, iters=10):
             row["fwd_mem_gb"] = (mem or 0) / 1e9
             row["fwd_tflops"] = model_flops(b, L) / row["fwd_ms"] / 1e9
             row["fwd_gbs"] = model_bytes(b, L) / row["fwd_ms"] / 1e6
+            if jax.default_backend() == "gpu":
+                row["fwd_device_ms"] = device_profile(jf, (x, dt, A, B, C, D), calls=iters)["busy_us"] / 1e3
         except Exception as e:  # noqa: BLE001
             traceback.print_exc(limit=3)
             row["error"] = f"fwd: {type(e).__name__}: {str(e)[:300]}"
@@ -172,6 +201,8 @@ def bench_case(name, impls, configs=None, bwd=True, iters=10):
                 row["fwdbwd_ms"], row["fwdbwd_min_ms"] = time_ms(gf, (x, dt, A, B, C, D, cot), iters=iters)
                 row["fwdbwd_mem_gb"] = (mem or 0) / 1e9
                 row["fwdbwd_tflops"] = model_flops(b, L, True) / row["fwdbwd_ms"] / 1e9
+                if jax.default_backend() == "gpu":
+                    row["fwdbwd_device_ms"] = device_profile(gf, (x, dt, A, B, C, D, cot), calls=iters)["busy_us"] / 1e3
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc(limit=3)
                 row["error"] = f"bwd: {type(e).__name__}: {str(e)[:300]}"
@@ -181,12 +212,17 @@ def bench_case(name, impls, configs=None, bwd=True, iters=10):
 
 
 PRE = ("out", "cols")  # every reader of the precomputed C B^T
+SCAN_VARIANTS = {  # forward and backward state scans (same fields)
+    "default": {}, "s2": {"launch": (("scan", 4, 2),)}, "s4": {"launch": (("scan", 4, 4),)},
+    "q128": {"scan_block": 128}, "r32": {"state_rows": 32},
+}
 KERNEL_VARIANTS = {  # per-kernel configurations timed with --kernels (each kernel alone, b8 x L4096)
+    "prepare": {"xla": {}},  # the XLA prologue (cumulative log-decays, layouts) that every kernel reads
     "cb": {"f32": {"cb_dtype": "float32"}, "bf16": {}, "w8": {"launch": (("cb", 8, 2),)}},
-    "scan_fwd": {"default": {}, "s2": {"launch": (("scan", 4, 2),)}, "bf16-bstate": {"x2_dots": ("dcb",)}},
-    "scan_bwd": {"default": {}, "s2": {"launch": (("scan", 4, 2),)}, "bf16-bstate": {"x2_dots": ("dcb",)}},
+    "scan_fwd": SCAN_VARIANTS,
+    "scan_bwd": SCAN_VARIANTS,
     "out": {"default": {}, "inline-hb2": {"cb_readers": ("cols",), "heads_per_block": 2},
-            "f32cb": {"cb_dtype": "float32"}, "s2": {"launch": (("out", 4, 2),)}},
+            "s2": {"launch": (("out", 4, 2),)}},
     "cols": {"default": {}, "inline": {"cb_readers": ("out",)}, "hb1": {"cols_heads_per_block": 1},
              "f32cb": {"cb_dtype": "float32"}, "s2": {"launch": (("cols", 4, 2),)}},
     "pairs": {"default": {}, "s2": {"launch": (("pairs", 8, 2),)}, "w4": {"launch": (("pairs", 4, 3),)}},
@@ -222,6 +258,8 @@ def kernel_times(case="b8xL4096", which=None, iters=10, deadline=None):
     dcb = jax.jit(lambda xp, cot, Bp, Cp, cs, w: ssd_gpu.bwd_pairs(base, xp, cot, Bp, Cp, cs, w, None)[0])(
         xp, cot, Bp, Cp, cs, w)
     calls = {  # kernel -> (function of (cfg, *arrays), arrays)
+        "prepare": (lambda cfg, x, dt, A, B, C: ssd_ops.prepare(x, dt, dt * A, B, C, None, Q, jnp.float32),
+                    (x, dt, A, B, C)),
         "cb": (lambda cfg, Bp, Cp: ssd_gpu.chunk_cb(cfg, Bp, Cp, cfg.cb_dtype or jnp.float32), (Bp, Cp)),
         "scan_fwd": (lambda cfg, xp, Bp, cs, w: ssd_gpu.state_scan(cfg, xp, Bp, cs, w, None, None, backward=False),
                      (xp, Bp, cs, w)),
@@ -258,6 +296,8 @@ def kernel_times(case="b8xL4096", which=None, iters=10, deadline=None):
                 jax.block_until_ready(f(*arrays))
                 row["compile_s"] = round(time.perf_counter() - t0, 1)
                 row["ms"], row["min_ms"] = time_ms(f, arrays, iters=iters)
+                if jax.default_backend() == "gpu":  # the kernel's own time, without the host's dispatch
+                    row["device_ms"] = device_profile(f, arrays, calls=iters)["busy_us"] / 1e3
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc(limit=2)
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -300,7 +340,7 @@ def tuned_overrides(kernel_rows):
     that read ``C B^T``; the two scans share their variant (same fields).
     """
     t = {(r["kernel"], r["variant"]): r for r in kernel_rows if "ms" in r}
-    ms = lambda k, v: t[(k, v)]["ms"] if (k, v) in t else float("inf")  # noqa: E731
+    ms = lambda k, v: t[(k, v)].get("device_ms", t[(k, v)]["ms"]) if (k, v) in t else float("inf")  # noqa: E731
     reads_cb = lambda k, v: k in _config(t[(k, v)]["overrides"]).cb_readers  # noqa: E731
     names = lambda k: [v for (kk, v) in t if kk == k]  # noqa: E731
     scan = min(names("scan_fwd"), key=lambda v: ms("scan_fwd", v) + ms("scan_bwd", v), default=None)
@@ -323,14 +363,15 @@ def tuned_overrides(kernel_rows):
 
 
 def markdown(rows):
-    lines = ["| case | impl | fwd ms | fwd TFLOP/s | fwd GB/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak mem fwd / fwd+bwd GB"
-             " | official fwd / fwd+bwd ms |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | impl | fwd ms wall (device) | fwd TFLOP/s | fwd GB/s | fwd+bwd ms wall (device) | fwd+bwd TFLOP/s"
+             " | peak mem fwd / fwd+bwd GB | official fwd / fwd+bwd ms |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         off = OFFICIAL.get(r["case"])
         fmt = lambda k, f="{:.3f}": f.format(r[k]) if k in r else "-"
+        both = lambda k: fmt(f"{k}_ms") + (f" ({r[k + '_device_ms']:.3f})" if f"{k}_device_ms" in r else "")
         lines.append(
-            f"| {r['case']} | {r['impl']} | {fmt('fwd_ms')} | {fmt('fwd_tflops', '{:.0f}')} | {fmt('fwd_gbs', '{:.0f}')}"
-            f" | {fmt('fwdbwd_ms')} | {fmt('fwdbwd_tflops', '{:.0f}')} | {fmt('fwd_mem_gb', '{:.2f}')} /"
+            f"| {r['case']} | {r['impl']} | {both('fwd')} | {fmt('fwd_tflops', '{:.0f}')} | {fmt('fwd_gbs', '{:.0f}')}"
+            f" | {both('fwdbwd')} | {fmt('fwdbwd_tflops', '{:.0f}')} | {fmt('fwd_mem_gb', '{:.2f}')} /"
             f" {fmt('fwdbwd_mem_gb', '{:.2f}')} | {'%.3f / %.2f' % off if off else '-'} |"
             + (f" error: {r['error'][:80]}" if "error" in r else "")
         )
@@ -340,6 +381,7 @@ def markdown(rows):
 VARIANTS = {  # kernel configurations swept with --variants (on b8 x L4096)
     "default": {},
     "run10-default": {"cols_heads_per_block": 1, "launch": (("pairs", 4, 3),)},  # the defaults of run 10
+    "xla-scalars": {"scalars_kernel": False},
     "split": {"state_variant": "split"},
     "hb8": {"heads_per_block": 8},
     "hb2": {"heads_per_block": 2},
@@ -363,6 +405,7 @@ def main(argv=None):
     ap.add_argument("--accuracy-impls", default="pallas,pallas-fused")
     ap.add_argument("--accuracy-variants", default="", help="VARIANTS names also checked with --accuracy")
     ap.add_argument("--check-1m", action="store_true")
+    ap.add_argument("--check-heads", default="", help="comma list of head counts for check_heads (e.g. 24,80)")
     ap.add_argument("--kernels", default="", help="time each kernel alone: 'all' or a comma list of KERNEL_VARIANTS")
     ap.add_argument("--tune", action="store_true",
                     help="after --kernels: time fwd and fwd+bwd of the fastest combination of kernel variants against "
@@ -444,6 +487,15 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             result["check_1m"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(json.dumps({"check_1m": result["check_1m"]}), flush=True)
+    for heads in [int(v) for v in args.check_heads.split(",") if v]:
+        try:
+            row = check_heads(heads)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            row = {"heads": heads, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        result.setdefault("check_heads", []).append(row)
+        print(json.dumps({"check_heads": row}), flush=True)
+        save()
     if args.variants:
         names = [v for v in args.variants.split(",") if v]
         cfgs = {f"fused:{v}": VARIANTS[v] for v in names}

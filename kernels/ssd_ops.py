@@ -65,10 +65,12 @@ class KernelConfig:
       emulate_tf32: round float32 operands to TF32 (interpret-mode accuracy studies of the GPU path).
       state_dtype: storage dtype of the per-chunk states between GPU kernels (None: ``acc``).
       scan_block: rows of the chunk per matmul step in the GPU state scan.
+      scalars_kernel: the GPU launcher computes the per-position scalars (dt and the in-chunk cumulative log-decays
+        in the ``(b, h, L)`` layout) with one kernel (``ssd_gpu.chunk_scalars``) instead of XLA.
       rows_head_blocks: programs sharing a group's heads in the GPU ``bwd_pairs`` kernel (partial ``dCB`` sums).
       rows_state_splits: blocks of state columns over which the GPU ``bwd_group_rows`` kernel is split.
       launch: per-kernel ``(name, num_warps, num_stages)`` overrides ("scan", "chunk_states", "out", "cols",
-        "pairs", "group_rows", "cb").
+        "pairs", "group_rows", "cb", "scalars").
     """
 
     launcher: str = "gpu"
@@ -93,6 +95,7 @@ class KernelConfig:
     emulate_tf32: bool = False
     state_dtype: object = None  # storage dtype of the per-chunk states between kernels (None: acc)
     scan_block: int = 256
+    scalars_kernel: bool = False
     rows_head_blocks: int = 1
     rows_state_splits: int = 1
     launch: tuple = ()
@@ -166,14 +169,19 @@ def make_config(x_dtype, bc_dtype, shape, chunk_size: int, *, launcher: Optional
         state_rows = min(64, p)
         # Enough (batch, head, row-block) programs to fill the GPU: fuse the state computation into the scan.
         variant = "fused" if b * h * max(1, p // state_rows) >= 256 else "split"
-        # Measured on an H200 (docs/kernel_notes.md, runs 4-11): C B^T written once per group and chunk and read by
+        if variant == "split":  # the light pass: narrower state-row blocks until 512 programs (or 8 rows)
+            while state_rows > 8 and b * h * (p // state_rows) < 512:
+                state_rows //= 2
+        # Measured on an H200 (docs/kernel_notes.md, runs 4-18): C B^T written once per group and chunk and read by
         # one-head output programs and two-head bwd_cols programs (kept from the forward pass for bwd_cols), one
         # pipeline stage for output/cols and three for the scans, bwd_pairs (8 warps) and bwd_group_rows,
-        # bwd_group_rows split over 2 state-column blocks, the chunk states kept from the forward pass.
+        # bwd_group_rows split over 2 state-column blocks, the chunk states kept from the forward pass, the
+        # per-position scalars from one kernel (6 us instead of 13 us in two XLA fusions).
         kw.update(block_t=block_t, state_rows=state_rows, state_variant=variant, heads_per_block=1,
                   cols_heads_per_block=2, scan_block=64, rows_head_blocks=1, rows_state_splits=2,
-                  cb_readers=("out", "cols"), save_states=True, num_warps=4, num_stages=2,
-                  launch=(("out", 4, 1), ("cols", 4, 1), ("scan", 4, 3), ("pairs", 8, 3), ("group_rows", 4, 3)))
+                  cb_readers=("out", "cols"), save_states=True, scalars_kernel=True, num_warps=4, num_stages=2,
+                  launch=(("out", 4, 1), ("cols", 4, 1), ("scan", 4, 3), ("chunk_states", 4, 3), ("pairs", 8, 3),
+                          ("group_rows", 4, 3)))
     if op_dtype != acc:
         # bf16 operands, except dCB B and dCB^T C (dB/dC): their float32 dCB operand is split into two bf16 parts
         # (ssd_common.BF16X2). dA does not go through the dx product (bwd_pairs), so (L o CB)^T dy is plain bf16,
@@ -268,8 +276,12 @@ _core.defvjp(_core_fwd, _core_bwd)
 # -------------------------------------------------------------------------------------------------
 
 
-def prepare(x, dt_in, log_a, B, C, doc, chunk, acc):
-    """Pads to a multiple of ``chunk`` and builds the kernel inputs ``(x, w, cs, B, C, docrel)``."""
+def prepare(x, dt_in, log_a, B, C, doc, chunk, acc, chunk_scalars=None):
+    """Pads to a multiple of ``chunk`` and builds the kernel inputs ``(x, w, cs, B, C, docrel)``.
+
+    ``chunk_scalars``: a function ``(dt_in, log_a) -> (w, cs)`` of the padded ``(b, L, h)`` inputs that computes the
+    per-position scalars in the kernels' layout (a launcher's kernel), or None for the same computation in ``jnp``.
+    """
     b, l, h, p = x.shape
     nc = -(-l // chunk)
     L = nc * chunk
@@ -279,9 +291,12 @@ def prepare(x, dt_in, log_a, B, C, doc, chunk, acc):
         return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), mode=mode) if pad else a
 
     xp, Bp, Cp = pad_seq(x), pad_seq(B), pad_seq(C)
-    w = jnp.swapaxes(pad_seq(dt_in.astype(acc)), 1, 2)  # (b, h, L)
-    a = pad_seq(log_a.astype(acc)).reshape(b, nc, chunk, h)
-    cs = jnp.moveaxis(jnp.cumsum(a, axis=2), 3, 1).reshape(b, h, L)  # in-chunk inclusive cumsum
+    if chunk_scalars is not None:
+        w, cs = chunk_scalars(pad_seq(dt_in.astype(acc)), pad_seq(log_a.astype(acc)))
+    else:
+        w = jnp.swapaxes(pad_seq(dt_in.astype(acc)), 1, 2)  # (b, h, L)
+        a = pad_seq(log_a.astype(acc)).reshape(b, nc, chunk, h)
+        cs = jnp.moveaxis(jnp.cumsum(a, axis=2), 3, 1).reshape(b, h, L)  # in-chunk inclusive cumsum
     docrel = None
     if doc is not None:
         d = pad_seq(doc.astype(jnp.int32), mode="edge").reshape(b, nc, chunk)
@@ -344,7 +359,12 @@ def ssd_pallas(
         return y.astype(out_dtype), final
     cfg = make_config(x.dtype, B.dtype, (b, l, h, p, g, n), chunk_size, launcher=launcher, interpret=interpret,
                       **(config or {}))
-    xp, w, cs, Bp, Cp, docrel = prepare(x, dt_in, log_a, B, C, doc, chunk_size, acc)
+    scalars = None
+    if cfg.launcher == "gpu" and cfg.scalars_kernel:
+        from . import ssd_gpu
+
+        scalars = functools.partial(ssd_gpu.chunk_scalars, cfg)
+    xp, w, cs, Bp, Cp, docrel = prepare(x, dt_in, log_a, B, C, doc, chunk_size, acc, chunk_scalars=scalars)
     h0 = None if initial_state is None else initial_state.astype(acc)
     Dv = None if D is None else jnp.asarray(D).astype(acc)
     mn = None if max_norm is None else jnp.broadcast_to(jnp.asarray(max_norm, acc), (h,))

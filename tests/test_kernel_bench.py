@@ -6,6 +6,8 @@ the merge of per-kernel variants keeps each variant's fields, intersects the spl
 the ``C B^T`` kernel where it is needed.
 """
 
+import gzip
+import json
 import os
 import sys
 
@@ -14,6 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import ssd_bench  # noqa: E402
+import timing  # noqa: E402
 from ssm_jax.kernels import ssd_ops  # noqa: E402
 
 
@@ -59,7 +62,7 @@ def test_tuned_overrides_picks_the_fastest_combination():
 
 
 def test_kernel_sweep_runs_every_kernel_in_interpret_mode(monkeypatch):
-    keep = {"cb": "bf16", "scan_fwd": "default", "scan_bwd": "default", "out": "inline-hb2", "cols": "default",
+    keep = {"prepare": "xla", "cb": "bf16", "scan_fwd": "s2", "scan_bwd": "s2", "out": "inline-hb2", "cols": "default",
             "pairs": "default", "group_rows": "default"}
     monkeypatch.setattr(ssd_bench, "KERNEL_VARIANTS", {k: {v: ssd_bench.KERNEL_VARIANTS[k][v]} for k, v in keep.items()})
     one_call = ssd_bench.time_ms
@@ -70,10 +73,64 @@ def test_kernel_sweep_runs_every_kernel_in_interpret_mode(monkeypatch):
         assert "error" not in r, r
         assert r["ms"] > 0
     _, picked = ssd_bench.tuned_overrides(rows)
-    assert picked["out"] == "inline-hb2" and picked["bwd"] == ["cols:default", "pairs:default", "group_rows:default"]
+    assert picked["scan"] == "s2" and picked["out"] == "inline-hb2" and picked["bwd"] == ["cols:default", "pairs:default", "group_rows:default"]
 
 
 @pytest.mark.parametrize("bad", [{"cb_readers": ("rows",)}, {"state_variant": "fast"}])
 def test_bad_kernel_config_is_a_clear_error(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         ssd_ops.make_config(jnp.bfloat16, jnp.bfloat16, (1, 512, 4, 64, 1, 128), 256, **bad)
+
+
+def _write_trace(directory, events):
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 7, "tid": 1, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
+        {"ph": "M", "pid": 7, "tid": 2, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "M", "pid": 1, "tid": 3, "name": "thread_name", "args": {"name": "python"}},
+    ]
+    path = os.path.join(directory, "plugins", "profile", "run")
+    os.makedirs(path)
+    with gzip.open(os.path.join(path, "perfetto_trace.json.gz"), "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+
+
+def test_device_profile_sums_stream_kernels_per_call(tmp_path):
+    """The trace reader keeps kernels on device stream threads only (not the derived "XLA Ops" line, not host
+    events), sums them per name and call, and splits calls at idle gaps: two calls of kernels a (10 + 12 us),
+    b (5 us) with a 3 us launch gap inside each call."""
+    def x(pid, tid, ts, dur, name):
+        return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name}
+
+    events = []
+    for start in (0.0, 1000.0):
+        events += [x(7, 1, start, 10.0, "a"), x(7, 1, start + 13.0, 5.0, "b"), x(7, 1, start + 18.0, 12.0, "a"),
+                   x(7, 2, start, 30.0, "a"), x(1, 3, start, 50.0, "PjitFunction")]
+    _write_trace(str(tmp_path), events)
+    got = timing.summarize(timing.device_events(str(tmp_path)), calls=2, split_gap_us=200.0)
+    assert got["calls_seen"] == 2
+    assert got["span_us"] == pytest.approx(30.0) and got["busy_us"] == pytest.approx(27.0)
+    assert got["gaps_us"] == pytest.approx(3.0)
+    per_kernel = {k["name"]: (k["us_per_call"], k["launches_per_call"]) for k in got["kernels"]}
+    assert per_kernel == {"a": (22.0, 2.0), "b": (5.0, 1.0)}
+    # back to back (no split): one span over both calls
+    assert timing.summarize(timing.device_events(str(tmp_path)), calls=2, split_gap_us=float("inf"))["calls_seen"] == 1
+
+
+def test_device_profile_without_device_events_is_a_clear_error(tmp_path):
+    _write_trace(str(tmp_path), [{"ph": "X", "pid": 1, "tid": 3, "ts": 0.0, "dur": 5.0, "name": "host"}])
+    with pytest.raises(RuntimeError, match="no kernel events on a device stream thread"):
+        timing.device_events(str(tmp_path))
+
+
+def test_check_heads_runs_at_a_head_count_that_is_not_a_power_of_two(monkeypatch):
+    """``--check-heads`` (values and gradients at the public models' head counts) on CPU: 3 heads, small head and
+    state sizes, a padded length; bf16 inputs against the float32 reference, so errors of bf16 size."""
+    monkeypatch.setattr(ssd_bench, "P", 16)
+    monkeypatch.setattr(ssd_bench, "N", 16)
+    got = ssd_bench.check_heads(3, b=1, L=150)
+    assert set(got) == {"heads", "y", "dx", "ddt", "dA", "dB", "dC", "dh0"}
+    for name, err in got.items():
+        if name != "heads":
+            assert 0 < err < 1e-2, (name, err)

@@ -107,12 +107,14 @@ def test_gradients_match_float64_recurrence(launcher):
 @pytest.mark.parametrize("variant", [
     dict(block_t=32, state_variant="split", heads_per_block=2, cols_heads_per_block=2, cb_readers=(),
          rows_head_blocks=2, rows_state_splits=2, scan_block=32, save_states=False),
-    dict(block_t=32, cb_readers=("out", "cols"), heads_per_block=1, cols_heads_per_block=2, rows_head_blocks=4),
-    dict(block_t=64, heads_per_block=2, cb_readers=()),
+    dict(block_t=32, cb_readers=("out", "cols"), heads_per_block=1, cols_heads_per_block=2, rows_head_blocks=4,
+         scan_block=32, scalars_kernel=True),
+    dict(block_t=64, heads_per_block=2, cb_readers=(), scan_block=128, scalars_kernel=False),
 ], ids=["split_inline_cb", "precomputed_cb", "inline_cb_block64"])
 def test_gradients_block_loops_and_config_variants(variant):
     """Several row/column blocks per chunk (block_t=32, chunk 128), the split state pass, head blocks, ``C B^T``
-    computed by every program or once per group and chunk."""
+    computed by every program or once per group and chunk, the fused state scans with several row steps or one
+    per chunk, the per-position scalars from the GPU launcher's kernel or from XLA (padded length)."""
     with jax.enable_x64(True):
         _, a, seg, cot, cot_state = _inputs(2, seqlen=150, heads=8, groups=2, state=32)
         doc = document_ids(jnp.asarray(seg), seg.shape)
@@ -154,7 +156,7 @@ def test_extreme_decays_stay_finite_and_exact():
         def loss(fn):
             return lambda *xs: jnp.sum(fn(*xs)[0] * cot) + jnp.sum(fn(*xs)[1])
 
-        kern = lambda *xs: ssd_ops.ssd_pallas(*xs, doc, chunk_size=64, config=dict(block_t=16))
+        kern = lambda *xs: ssd_ops.ssd_pallas(*xs, doc, chunk_size=64, config=dict(block_t=16, scalars_kernel=True))
         ref = lambda *xs: ssd_chunked(*xs, doc, chunk_size=64)
         y, final = kern(*args)
         y_ref, final_ref = ref(*args)
@@ -177,18 +179,24 @@ def test_state_norm_values_and_gradients():
         for name, g, w in zip(ARGS, grads, want):
             assert rel(g, w) < 1e-9, name
 
-        def of_bound(m):
-            y, final = ssd_ops.ssd_pallas(a["x"], a["dt"], a["dt"] * a["A"], a["B"], a["C"], a["initial_state"],
-                                          None, chunk_size=64, max_norm=m)
+        def of_bound(config):
+            def f(x, log_a, B, m):
+                y, final = ssd_ops.ssd_pallas(x, a["dt"], log_a, B, a["C"], a["initial_state"], None, chunk_size=64,
+                                              max_norm=m, config=config)
+                return jnp.sum(y * cot) + jnp.sum(final * cot_state)
+
+            return f
+
+        def of_bound_ref(x, log_a, B, m):
+            y, final = ssd_chunked(x, a["dt"], log_a, B, a["C"], a["initial_state"], None, chunk_size=64, max_norm=m)
             return jnp.sum(y * cot) + jnp.sum(final * cot_state)
 
-        def of_bound_ref(m):
-            y, final = ssd_chunked(a["x"], a["dt"], a["dt"] * a["A"], a["B"], a["C"], a["initial_state"], None,
-                                   chunk_size=64, max_norm=m)
-            return jnp.sum(y * cot) + jnp.sum(final * cot_state)
-
-        m = jnp.asarray([0.5, 1.0, 2.0, 3.0])
-        assert rel(jax.grad(of_bound)(m), jax.grad(of_bound_ref)(m)) < 1e-9
+        bound_args = (a["x"], a["dt"] * a["A"], a["B"], jnp.asarray([0.5, 1.0, 2.0, 3.0]))
+        want = jax.grad(of_bound_ref, argnums=range(4))(*bound_args)
+        for config in (None, dict(state_variant="split")):  # the fused and the split state pass
+            grads = jax.grad(of_bound(config), argnums=range(4))(*bound_args)
+            for name, g, w in zip(("x", "log_a", "B", "max_norm"), grads, want):
+                assert rel(g, w) < 1e-9, (config, name)
 
 
 def test_sliding_window_uses_the_chunked_path():
@@ -254,7 +262,7 @@ def test_bf16_accuracy_against_float32_reference():
 # ------------------------------------------------------------------------------------------------
 
 
-def _lowered_text(launcher, platform, b, l, h, p=64, g=1, n=128, chunk=256, max_norm=None):
+def _lowered_text(launcher, platform, b, l, h, p=64, g=1, n=128, chunk=256, max_norm=None, config=None):
     x = jax.ShapeDtypeStruct((b, l, h, p), jnp.bfloat16)
     bc = jax.ShapeDtypeStruct((b, l, g, n), jnp.bfloat16)
     dt = jax.ShapeDtypeStruct((b, l, h), jnp.float32)
@@ -264,7 +272,7 @@ def _lowered_text(launcher, platform, b, l, h, p=64, g=1, n=128, chunk=256, max_
 
     def f(x, dt, la, B, C, h0, doc, D):
         y, final = ssd_ops.ssd_pallas(x, dt, la, B, C, h0, doc, chunk_size=chunk, D=D, out_dtype=jnp.bfloat16,
-                                      max_norm=max_norm, launcher=launcher, interpret=False)
+                                      max_norm=max_norm, launcher=launcher, interpret=False, config=config)
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(final)
 
     grad = jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4, 5, 7))
@@ -278,9 +286,13 @@ def test_tpu_kernels_lower_for_tpu_at_model_shapes(heads, max_norm):
     assert text.count("tpu_custom_call") == 3  # forward, states recompute, backward
 
 
-def test_gpu_kernels_lower_through_triton():
-    text = _lowered_text("gpu", "cuda", 2, 1024, 8)
-    assert text.count("__gpu$xla.gpu.triton") >= 5
+@pytest.mark.parametrize("heads", [8, 24, 80])
+def test_gpu_kernels_lower_through_triton(heads):
+    """Triton block shapes (powers of two) at the public models' head counts (24 heads: 130m; 80: 2.7b), 1000
+    tokens (padded), segments and an initial state, with the default kernels and with the other variants."""
+    for config in (None, dict(scalars_kernel=False, state_variant="split", save_states=False)):
+        text = _lowered_text("gpu", "cuda", 2, 1000, heads, config=config)
+        assert text.count("__gpu$xla.gpu.triton") >= 5
 
 
 def test_gpu_kernels_lower_at_one_million_tokens():
