@@ -12,6 +12,8 @@ into the output kernel), ``pallas-fused`` (``ssd_pallas`` called directly with t
 rows use ``ssd_pallas`` with a configuration override).
 ``--kernels`` times each GPU kernel alone per configuration in KERNEL_VARIANTS; ``--tune`` then times fwd and
 fwd+bwd of the fastest combination against the default configuration in the same run, with the accuracy of both.
+fwd+bwd: ``value_and_grad`` of ``sum(y * cotangent)`` (``fwdbwd_*``), and ``jax.vjp`` with the cotangent given
+(``vjp_*`` in the JSON: no loss reduction over y, as ``y.backward(dy)`` in PyTorch).
 Timing: median over repeats of the wall time of ``iters`` back-to-back calls of the jitted function
 (``block_until_ready`` at the end), after a warm-up; on GPU also the device time (kernels busy per call, from a
 profiler trace of ``iters`` back-to-back calls: ``timing.device_profile``), which leaves out host dispatch as a
@@ -96,6 +98,16 @@ def loss_grad_fn(fwd):
         return jnp.sum(fwd(x, dt, A, B, C, D).astype(jnp.float32) * cot.astype(jnp.float32))
 
     return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+
+
+def vjp_fn(fwd):
+    """``(y, gradients of x, dt, A, B, C, D)`` for a given cotangent of y: forward+backward as a framework's
+    ``y.backward(dy)`` measures it, without the loss reduction over y that ``loss_grad_fn`` adds."""
+    def f(x, dt, A, B, C, D, cot):
+        y, pullback = jax.vjp(fwd, x, dt, A, B, C, D)
+        return y, pullback(cot.astype(y.dtype))
+
+    return f
 
 
 def compile_fn(f, args):
@@ -203,6 +215,10 @@ def bench_case(name, impls, configs=None, bwd=True, iters=10):
                 row["fwdbwd_tflops"] = model_flops(b, L, True) / row["fwdbwd_ms"] / 1e9
                 if jax.default_backend() == "gpu":
                     row["fwdbwd_device_ms"] = device_profile(gf, (x, dt, A, B, C, D, cot), calls=iters)["busy_us"] / 1e3
+                vf, _, _ = compile_fn(vjp_fn(fwd), (x, dt, A, B, C, D, cot))
+                row["vjp_ms"], _ = time_ms(vf, (x, dt, A, B, C, D, cot), iters=iters)
+                if jax.default_backend() == "gpu":
+                    row["vjp_device_ms"] = device_profile(vf, (x, dt, A, B, C, D, cot), calls=iters)["busy_us"] / 1e3
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc(limit=3)
                 row["error"] = f"bwd: {type(e).__name__}: {str(e)[:300]}"

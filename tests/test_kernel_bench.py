@@ -134,3 +134,22 @@ def test_check_heads_runs_at_a_head_count_that_is_not_a_power_of_two(monkeypatch
     for name, err in got.items():
         if name != "heads":
             assert 0 < err < 1e-2, (name, err)
+
+
+def test_bench_case_times_forward_loss_gradient_and_vjp(monkeypatch):
+    """One case through bench_case on CPU (xla impl, one call per timing): every timed field is present."""
+    monkeypatch.setattr(ssd_bench, "time_ms", lambda f, a, iters: (1.0, 1.0) if f(*a) is not None else None)
+    (row,) = ssd_bench.bench_case("smoke", ["xla"], iters=1)
+    assert "error" not in row, row
+    assert {"fwd_ms", "fwdbwd_ms", "vjp_ms", "fwd_mem_gb", "fwdbwd_mem_gb"} <= set(row)
+
+
+def test_vjp_fn_matches_value_and_grad():
+    x, dt, A, B, C, D, cot = ssd_bench.make_inputs(1, 256, heads=2)
+    fwd = ssd_bench.forward_fn("xla")
+    y, grads = ssd_bench.vjp_fn(fwd)(x, dt, A, B, C, D, cot)
+    _, want = ssd_bench.loss_grad_fn(fwd)(x, dt, A, B, C, D, cot)
+    assert y.shape == x.shape
+    for g, w in zip(grads, want):
+        g, w = jnp.asarray(g, jnp.float32), jnp.asarray(w, jnp.float32)
+        assert float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) < 1e-2
