@@ -1,9 +1,10 @@
-"""The kernel benchmark's per-kernel sweep and its choice of the fastest combination (benchmarks/ssd_bench.py).
+"""The kernel benchmark's helpers (benchmarks/ssd_bench.py, benchmarks/timing.py).
 
-The GPU figures in docs/benchmarks.md come from ``--kernels all --tune``: these tests check on CPU (kernels in
-interpret mode, tiny sizes) that every kernel of the sweep runs with the arguments the sweep builds, and that
-the merge of per-kernel variants keeps each variant's fields, intersects the split-bf16 products and charges
-the ``C B^T`` kernel where it is needed.
+The per-kernel sweeps in docs/kernel_notes.md come from ``--kernels ... --tune``: these tests check on CPU (kernels
+in interpret mode, tiny sizes) that every kernel of the sweep runs with the arguments the sweep builds, that the
+merge of per-kernel variants keeps each variant's fields, intersects the split-bf16 products and charges the
+``C B^T`` kernel where it is needed, that the profiler-trace reader behind the device times sums the right
+events, and that the table's other measurements (fwd+bwd through ``jax.vjp``, ``--check-heads``) run.
 """
 
 import gzip
