@@ -394,11 +394,15 @@ def markdown(rows):
     return "\n".join(lines)
 
 
-VARIANTS = {  # kernel configurations swept with --variants (on b8 x L4096)
+VARIANTS = {  # kernel configurations swept with --variants (on the --variant-cases)
     "default": {},
     "run10-default": {"cols_heads_per_block": 1, "launch": (("pairs", 4, 3),)},  # the defaults of run 10
     "xla-scalars": {"scalars_kernel": False},
-    "split": {"state_variant": "split"},
+    "split": {"state_variant": "split", "state_rows": 8},  # the few-programs default of run 20
+    "fused-scan": {"state_variant": "fused"},  # one scan over the whole sequence even with few programs
+    "seg128": {"state_variant": "segments", "scan_programs": 128},
+    "seg512": {"state_variant": "segments", "scan_programs": 512},
+    "seg1024": {"state_variant": "segments", "scan_programs": 1024},
     "hb8": {"heads_per_block": 8},
     "hb2": {"heads_per_block": 2},
     "warps8": {"num_warps": 8},
@@ -415,7 +419,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="b8xL4096,b2xL16384,b1xL65536,b1xL1M")
     ap.add_argument("--impls", default="xla,pallas,pallas-fused")
-    ap.add_argument("--variants", default="", help="comma list of VARIANTS names to sweep on b8xL4096")
+    ap.add_argument("--variants", default="", help="comma list of VARIANTS names to sweep on --variant-cases")
+    ap.add_argument("--variant-cases", default="b8xL4096", help="comma list of cases the --variants run on")
     ap.add_argument("--variants-bwd", action="store_true", help="also time fwd+bwd of each variant")
     ap.add_argument("--accuracy", action="store_true", help="relative errors vs the float32 reference")
     ap.add_argument("--accuracy-impls", default="pallas,pallas-fused")
@@ -515,8 +520,9 @@ def main(argv=None):
     if args.variants:
         names = [v for v in args.variants.split(",") if v]
         cfgs = {f"fused:{v}": VARIANTS[v] for v in names}
-        result["variants"] = bench_case("b8xL4096", list(cfgs), cfgs, bwd=args.variants_bwd, iters=args.iters)
-        save()
+        for case in [c for c in args.variant_cases.split(",") if c]:
+            result["variants"] += bench_case(case, list(cfgs), cfgs, bwd=args.variants_bwd, iters=args.iters)
+            save()
     save()
     print(markdown(result["variants"] + result["rows"]))
 

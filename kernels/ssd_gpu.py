@@ -86,7 +86,7 @@ def _rows_state(X_ref, M_ref, cs_ref, w_ref, doc_ref, r0, rows, cs_last, doc_las
                           dots["bstate" if backward else "state"])
 
 
-def _scan_kernel(*refs, Q, nc, backward, fused, has_doc, has_init, clip, dots, acc, sub):
+def _scan_kernel(*refs, Q, nc, backward, fused, has_doc, has_init, clip, dots, acc, sub, run=0):
     it = iter(refs)
     if fused:
         X_ref, M_ref, cs_ref = next(it), next(it), next(it)
@@ -105,6 +105,13 @@ def _scan_kernel(*refs, Q, nc, backward, fused, has_doc, has_init, clip, dots, a
 
     shape = final_ref.shape
     carry0 = init_ref[...].astype(acc) if has_init else jnp.zeros(shape, acc)
+    lo, n_run = 0, nc  # the chunks [lo, lo + n_run) this program scans
+    if run:  # segments: a run of `run` chunks from a zero state (the initial state enters the first run only)
+        seg = pl.program_id(3).astype(jax.dtypes.canonicalize_dtype(jnp.int64))  # the default int (as in fused)
+        lo = seg * run
+        n_run = jnp.minimum(run, nc - lo)
+        if has_init:
+            carry0 = jnp.where(seg == (pl.num_programs(3) - 1 if backward else 0), carry0, 0.0).astype(acc)
 
     def part(r0, rows, cs_last, doc_last):
         return _rows_state(X_ref, M_ref, cs_ref, w_ref, doc_ref, r0, rows, cs_last, doc_last, backward, dots)
@@ -122,16 +129,16 @@ def _scan_kernel(*refs, Q, nc, backward, fused, has_doc, has_init, clip, dots, a
         steps = Q // sub
 
         def step(k, state):
-            kk = lax.div(k, steps)
+            kk = cm.idiv(k, steps)
             r = k - kk * steps
-            c = nc - 1 - kk if backward else kk
+            c = lo + n_run - 1 - kk if backward else lo + kk
             first = r == 0
             pltriton.store(states_ref.at[c], state.astype(states_ref.dtype), mask=jnp.broadcast_to(first, shape))
             cs_last, doc_last = chunk_ends(c)
             state = jnp.where(first, cm.chunk_decay(cs_last, doc_last), 1.0).astype(acc) * state
             return state + part(c * Q + r * sub, sub, cs_last, doc_last)
 
-        final_ref[...] = lax.fori_loop(0, nc * steps, step, carry0).astype(final_ref.dtype)
+        final_ref[...] = lax.fori_loop(0, n_run * steps, step, carry0).astype(final_ref.dtype)
         return
 
     def local_state(c):
@@ -182,7 +189,8 @@ def _chunk_states_kernel(X_ref, M_ref, cs_ref, *refs, Q, sub, backward, has_doc,
     S_ref[...] = S.astype(S_ref.dtype)
 
 
-def state_scan(cfg, X, M, cs, w, doc, init, *, backward, max_norm=None, scale_in=None, hout=None):
+def state_scan(cfg, X, M, cs, w, doc, init, *, backward, max_norm=None, scale_in=None, hout=None,
+               join_later=False):
     """Sequential pass over chunks.
 
     Forward (``backward=False``): ``X = x``, ``M = B``; returns the states entering each chunk
@@ -190,6 +198,10 @@ def state_scan(cfg, X, M, cs, w, doc, init, *, backward, max_norm=None, scale_in
     Backward: ``X = dy``, ``M = C``, ``init = dfinal``; returns the gradients of the states leaving each
     chunk (after the clip's backward), the gradient of the initial state and (with ``max_norm``) the
     max_norm gradient parts ``(b, h, c)``.
+    With ``join_later`` it returns ``(states, final, clip scales or None, join or None)``: with the ``"segments"``
+    variant the states are then the runs' local ones and ``join = (entering, decay, run)`` (:func:`run_entering`)
+    completes them: the output kernel adds it to the states it loads, so that a forward pass alone does not go
+    through the states twice.
     """
     b, L, h, p = X.shape
     g, n = M.shape[2], M.shape[3]
@@ -200,17 +212,22 @@ def state_scan(cfg, X, M, cs, w, doc, init, *, backward, max_norm=None, scale_in
     clip = max_norm is not None
     has_doc = doc is not None
     has_init = init is not None
-    fused = cfg.state_variant == "fused"
+    variant = "split" if (clip and cfg.state_variant == "segments") else cfg.state_variant
+    fused = variant != "split"
     bp = p if clip else min(p, cfg.state_rows)
     npb = p // bp
-    grid = (h, npb, b)
+    run = segment_run(nc, b * h * npb, cfg.scan_programs) if variant == "segments" else 0
+    run = run if run < nc else 0  # one run: the plain fused scan
+    nseg = -(-nc // run) if run else 1
+    grid = (h, npb, b, nseg) if run else (h, npb, b)
 
     out_shape = [
         jax.ShapeDtypeStruct((b, h, nc, p, n), acc if (clip or cfg.state_dtype is None) else cfg.state_dtype),
-        jax.ShapeDtypeStruct((b, h, p, n), acc),
+        jax.ShapeDtypeStruct((b, h, nseg, p, n) if run else (b, h, p, n), acc),
     ]
     out_specs = [
-        pl.BlockSpec((None, None, nc, bp, n), lambda hh, pb, bb: (bb, hh, 0, pb, 0)),
+        pl.BlockSpec((None, None, nc, bp, n), lambda hh, pb, bb, *s: (bb, hh, 0, pb, 0)),
+        pl.BlockSpec((None, None, None, bp, n), lambda hh, pb, bb, s: (bb, hh, s, pb, 0)) if run else
         pl.BlockSpec((None, None, bp, n), lambda hh, pb, bb: (bb, hh, pb, 0)),
     ]
     if clip:
@@ -221,44 +238,92 @@ def state_scan(cfg, X, M, cs, w, doc, init, *, backward, max_norm=None, scale_in
     if fused:
         ins += [X, M, cs]
         in_specs += [
-            pl.BlockSpec((None, L, None, bp), lambda hh, pb, bb: (bb, 0, hh, pb)),
-            pl.BlockSpec((None, L, None, n), lambda hh, pb, bb: (bb, 0, cm.idiv(hh, k), 0)),
-            pl.BlockSpec((None, None, L), lambda hh, pb, bb: (bb, hh, 0)),
+            pl.BlockSpec((None, L, None, bp), lambda hh, pb, bb, *s: (bb, 0, hh, pb)),
+            pl.BlockSpec((None, L, None, n), lambda hh, pb, bb, *s: (bb, 0, cm.idiv(hh, k), 0)),
+            pl.BlockSpec((None, None, L), lambda hh, pb, bb, *s: (bb, hh, 0)),
         ]
         if not backward:
             ins.append(w)
-            in_specs.append(pl.BlockSpec((None, None, L), lambda hh, pb, bb: (bb, hh, 0)))
+            in_specs.append(pl.BlockSpec((None, None, L), lambda hh, pb, bb, *s: (bb, hh, 0)))
         if has_doc:
             ins.append(doc)
-            in_specs.append(pl.BlockSpec((None, L), lambda hh, pb, bb: (bb, 0)))
+            in_specs.append(pl.BlockSpec((None, L), lambda hh, pb, bb, *s: (bb, 0)))
     else:
         S = chunk_states(cfg, X, M, cs, w, doc, backward=backward)
         gdec = chunk_decays(cs, doc, Q)
         ins += [S, gdec]
         in_specs += [
-            pl.BlockSpec((None, None, nc, bp, n), lambda hh, pb, bb: (bb, hh, 0, pb, 0)),
-            pl.BlockSpec((None, None, nc), lambda hh, pb, bb: (bb, hh, 0)),
+            pl.BlockSpec((None, None, nc, bp, n), lambda hh, pb, bb, *s: (bb, hh, 0, pb, 0)),
+            pl.BlockSpec((None, None, nc), lambda hh, pb, bb, *s: (bb, hh, 0)),
         ]
     if has_init:
         ins.append(init)
-        in_specs.append(pl.BlockSpec((None, None, bp, n), lambda hh, pb, bb: (bb, hh, pb, 0)))
+        in_specs.append(pl.BlockSpec((None, None, bp, n), lambda hh, pb, bb, *s: (bb, hh, pb, 0)))
     if clip:
         ins.append(max_norm.astype(acc))
-        in_specs.append(pl.BlockSpec((None,), lambda hh, pb, bb: (hh,)))
+        in_specs.append(pl.BlockSpec((None,), lambda hh, pb, bb, *s: (hh,)))
         if backward:
             ins += [scale_in, hout]
             in_specs += [
-                pl.BlockSpec((None, None, nc), lambda hh, pb, bb: (bb, hh, 0)),
-                pl.BlockSpec((None, None, nc, bp, n), lambda hh, pb, bb: (bb, hh, 0, pb, 0)),
+                pl.BlockSpec((None, None, nc), lambda hh, pb, bb, *s: (bb, hh, 0)),
+                pl.BlockSpec((None, None, nc, bp, n), lambda hh, pb, bb, *s: (bb, hh, 0, pb, 0)),
             ]
 
     kernel = functools.partial(
         _scan_kernel, Q=Q, nc=nc, backward=backward, fused=fused, has_doc=has_doc, has_init=has_init, clip=clip,
-        dots=cfg.dots(), acc=acc, sub=min(cfg.scan_block, Q),
+        dots=cfg.dots(), acc=acc, sub=min(cfg.scan_block, Q), run=run,
     )
     outs = _call(kernel, cfg, "scan", grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                  name="ssd_state_scan_bwd" if backward else "ssd_state_scan")(*ins)
+    join = None
+    if run:
+        entering, decay, final = run_entering(outs[1], chunk_decays(cs, doc, Q), run, backward=backward)
+        join = (entering, decay, run)
+        outs = [outs[0] if join_later else add_entering(outs[0], *join), final]
+    if join_later:
+        return outs[0], outs[1], (outs[2] if clip else None), join
     return outs
+
+
+def segment_run(nc: int, programs: int, wanted: int) -> int:
+    """Chunks per run of the ``"segments"`` state scan: runs short enough for ``wanted`` programs in all (each of
+    the ``programs`` (head, row block, batch) scans ``nc / run`` runs side by side), at least one chunk."""
+    runs = max(1, min(nc, -(-wanted // programs)))
+    return -(-nc // runs)
+
+
+def run_entering(finals, gdec, run: int, *, backward: bool):
+    """What the ``"segments"`` scan's runs lacked: the true state entering each run and the decay from a run's start
+    to each chunk.
+
+    ``finals (b, h, nseg, p, n)``: each run's last carried state (from a zero state; the initial state in the first
+    run only); ``gdec (b, h, nc)``: the decay over each chunk. The state entering run ``s`` is
+    ``E_s = sum_{j<s} (prod_{j<i<s} G_i) F_j`` with ``G_i`` the decay over run ``i``: one small matrix product over
+    the runs. Backward (state gradients, runs scanned in reverse) is the same recurrence with the runs and chunks
+    reversed. Returns ``(entering (b, h, nseg, p, n), decay (b, h, nc), final (b, h, p, n))``; a chunk's true state
+    is its run-local state plus ``decay * entering`` of its run (:func:`add_entering`, or inside the output kernel).
+    """
+    b, h, nc = gdec.shape
+    nseg = finals.shape[2]
+    acc = finals.dtype
+    pad = nseg * run - nc  # chunks past the end (decay 1) fill the last run
+    log_g = jnp.log(jnp.pad(gdec.astype(acc), ((0, 0), (0, 0), (0, pad)), constant_values=1.0))
+    log_g = log_g.reshape(b, h, nseg, run)  # (b, h, runs, chunks per run)
+    if backward:
+        log_g, finals = log_g[:, :, ::-1, ::-1], finals[:, :, ::-1]
+    # log decay from a run's start to each of its chunks (exclusive cumulative sum; -inf after a document change)
+    into = jnp.concatenate([jnp.zeros_like(log_g[..., :1]), jnp.cumsum(log_g[..., :-1], axis=-1)], axis=-1)
+    total = jnp.sum(log_g, axis=-1)  # (b, h, runs)
+    i = jnp.arange(nseg)
+    # exponent[t, j] = sum_{j < i <= t} total_i: the decay from the end of run j to the end of run t
+    exponent = jnp.cumsum(jnp.where(i[:, None] > i[None, :], total[..., :, None], 0.0), axis=-2)
+    weights = jnp.where(i[None, :] <= i[:, None], jnp.exp(exponent), 0.0)  # (b, h, runs t, runs j)
+    leaving = jnp.einsum("bhtj,bhjpn->bhtpn", weights, finals, precision=lax.Precision.HIGHEST)
+    entering = jnp.concatenate([jnp.zeros_like(leaving[:, :, :1]), leaving[:, :, :-1]], axis=2)
+    decay = jnp.exp(into)
+    if backward:
+        decay, entering = decay[:, :, ::-1, ::-1], entering[:, :, ::-1]
+    return entering, decay.reshape(b, h, nseg * run)[:, :, :nc], leaving[:, :, -1]
 
 
 def chunk_states(cfg, X, M, cs, w, doc, *, backward):
@@ -295,6 +360,13 @@ def chunk_decays(cs, doc, Q):
     last = cs.reshape(b, h, L // Q, Q)[..., -1]
     d_last = None if doc is None else doc.reshape(b, 1, L // Q, Q)[..., -1]
     return cm.chunk_decay(last, d_last)
+
+
+def add_entering(local, entering, decay, run: int):
+    """True chunk states ``(b, h, nc, p, n)`` from the run-local ones and :func:`run_entering`'s results."""
+    nc = local.shape[2]
+    entering = jnp.repeat(entering, run, axis=2)[:, :, :nc]  # (b, h, nc, p, n)
+    return (local.astype(entering.dtype) + decay[..., None, None] * entering).astype(local.dtype)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -423,13 +495,19 @@ def _cb_block(cb_ref, Ci, B_ref, t0, s0, BT, dots, acc):
 # -------------------------------------------------------------------------------------------------
 
 
-def _output_kernel(*refs, Q, BT, HB, has_doc, has_D, has_cb, dots, acc):
+def _output_kernel(*refs, Q, BT, HB, has_doc, has_D, has_cb, has_join, dots, acc):
     it = iter(refs)
     x_ref, C_ref, BorCB_ref, cs_ref, w_ref, st_ref = (next(it) for _ in range(6))
     B_ref, cb_ref = (None, BorCB_ref) if has_cb else (BorCB_ref, None)
+    ent_ref, dec_ref = (next(it), next(it)) if has_join else (None, None)
     doc_ref = next(it) if has_doc else None
     D_ref = next(it) if has_D else None
     y_ref = next(it)
+
+    def state(hh):  # the state entering the chunk (a "segments" scan's run-local state + decay * its run's)
+        if not has_join:
+            return st_ref[hh]
+        return st_ref[hh].astype(acc) + dec_ref[hh, pl.program_id(2)] * ent_ref[hh]
 
     i = pl.program_id(1)  # row block
     t0 = i * BT
@@ -463,7 +541,7 @@ def _output_kernel(*refs, Q, BT, HB, has_doc, has_D, has_cb, dots, acc):
         return tuple(new)
 
     accs = tuple(
-        cm.off_output(Ci, st_ref[hh], cm.decay_from_start(jnp.broadcast_to(c_ref[hh], cs_t[hh].shape), doc_t),
+        cm.off_output(Ci, state(hh), cm.decay_from_start(jnp.broadcast_to(c_ref[hh], cs_t[hh].shape), doc_t),
                       dots['out_off'])
         for hh in range(HB)
     )
@@ -475,8 +553,9 @@ def _output_kernel(*refs, Q, BT, HB, has_doc, has_D, has_cb, dots, acc):
         y_ref[:, hh, :] = y.astype(y_ref.dtype)
 
 
-def output(cfg, x, B, C, cs, w, states, doc, D, out_dtype, cb=None):
-    """``y`` of every chunk from its entering state; ``cb`` is ``chunk_cb``'s output or None (computed inline)."""
+def output(cfg, x, B, C, cs, w, states, doc, D, out_dtype, cb=None, join=None):
+    """``y`` of every chunk from its entering state; ``cb`` is ``chunk_cb``'s output or None (computed inline);
+    ``join``: ``(entering, decay, run)`` of a ``"segments"`` scan whose run-local ``states`` these are."""
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     k = h // g
@@ -488,6 +567,11 @@ def output(cfg, x, B, C, cs, w, states, doc, D, out_dtype, cb=None):
     ins = [x, C, B if cb is None else cb, cs, w, states]
     in_specs = [spec.heads(), spec.bc(), spec.bc() if cb is None else spec.cb(), spec.scalars(), spec.scalars(),
                 spec.states()]
+    if join is not None:
+        entering, decay, run = join
+        ins += [entering, decay]
+        in_specs += [pl.BlockSpec((None, HB, None, p, n), lambda hb, i, c, bb: (bb, hb, cm.idiv(c, run), 0, 0)),
+                     pl.BlockSpec((None, HB, nc), lambda hb, i, c, bb: (bb, hb, 0))]
     if doc is not None:
         ins.append(doc)
         in_specs.append(spec.doc())
@@ -496,7 +580,7 @@ def output(cfg, x, B, C, cs, w, states, doc, D, out_dtype, cb=None):
         in_specs.append(spec.per_head())
     kernel = functools.partial(
         _output_kernel, Q=Q, BT=BT, HB=HB, has_doc=doc is not None, has_D=D is not None, has_cb=cb is not None,
-        dots=cfg.dots(), acc=cfg.acc,
+        has_join=join is not None, dots=cfg.dots(), acc=cfg.acc,
     )
     return _call(
         kernel, cfg, "out", grid=grid, in_specs=in_specs,
@@ -789,11 +873,12 @@ def bwd_group_rows(cfg, x, dy, B, C, cs, w, Hs, Gs, doc, dcb):
 
 def forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype):
     """Returns ``(y, final, states, clip_scales, C B^T or None)``."""
-    outs = state_scan(cfg, x, B, cs, w, doc, h0, backward=False, max_norm=max_norm)
-    states, final = outs[0], outs[1]
-    scales = outs[2] if max_norm is not None else None
+    states, final, scales, join = state_scan(cfg, x, B, cs, w, doc, h0, backward=False, max_norm=max_norm,
+                                             join_later=True)
     cb = chunk_cb(cfg, B, C, cfg.cb_dtype or cfg.acc) if cfg.cb_readers else None
-    y = output(cfg, x, B, C, cs, w, states, doc, D, out_dtype, cb if "out" in cfg.cb_readers else None)
+    y = output(cfg, x, B, C, cs, w, states, doc, D, out_dtype, cb if "out" in cfg.cb_readers else None, join)
+    if join is not None:  # the true states, for the backward pass (unused, so not computed, in a forward pass)
+        states = add_entering(states, *join)
     return y, final, states, scales, cb
 
 

@@ -23,6 +23,7 @@ from jax import lax
 
 CHUNK_SIZES = (64, 128, 256)
 LAUNCHERS = ("gpu", "tpu")
+STATE_VARIANTS = ("fused", "segments", "split")
 
 _default_launcher: Optional[str] = None
 
@@ -46,8 +47,12 @@ class KernelConfig:
       block_t: rows/columns of the blocks of the intra-chunk product (GPU).
       heads_per_block: heads per program of the GPU output kernel (they share its ``C B^T`` blocks).
       state_rows: state rows (headdim) per program of the fused state scan (GPU).
-      state_variant: "fused" (one kernel computes and passes the chunk states) or "split" (a parallel
-        chunk-state kernel, then a light sequential pass).
+      state_variant: "fused" (one kernel computes and passes the chunk states), "segments" (the fused scan over
+        runs of chunks side by side, each from a zero state, joined by a small product over the runs; with
+        state_norm, whose clip is not linear, "split") or "split" (a parallel chunk-state kernel, then a light
+        sequential pass).
+      scan_programs: programs the "segments" scan aims for (it cuts the sequence into that many runs per (head,
+        row block, batch) divided into it).
       cb_readers: GPU kernels ("out", "cols") that read ``C B^T`` from one kernel that writes it per
         group and chunk (``ssd_gpu.chunk_cb``) instead of computing their own blocks of it per head block.
       cb_dtype: storage dtype of the precomputed ``C B^T`` (None: ``acc``).
@@ -80,6 +85,7 @@ class KernelConfig:
     heads_per_block: int = 4
     state_rows: int = 32
     state_variant: str = "fused"
+    scan_programs: int = 256
     cb_readers: tuple = ()
     cols_heads_per_block: int = 0
     save_states: bool = False
@@ -167,11 +173,9 @@ def make_config(x_dtype, bc_dtype, shape, chunk_size: int, *, launcher: Optional
     if launcher == "gpu":
         block_t = min(64, chunk_size)
         state_rows = min(64, p)
-        # Enough (batch, head, row-block) programs to fill the GPU: fuse the state computation into the scan.
-        variant = "fused" if b * h * max(1, p // state_rows) >= 256 else "split"
-        if variant == "split":  # the light pass: narrower state-row blocks until 512 programs (or 8 rows)
-            while state_rows > 8 and b * h * (p // state_rows) < 512:
-                state_rows //= 2
+        # Enough (batch, head, row-block) programs to fill the GPU: one fused scan over the whole sequence; fewer
+        # (few long sequences): the same scan over runs of chunks side by side.
+        variant = "fused" if b * h * max(1, p // state_rows) >= 256 else "segments"
         # Measured on an H200 (docs/kernel_notes.md, runs 4-18): C B^T written once per group and chunk and read by
         # one-head output programs and two-head bwd_cols programs (kept from the forward pass for bwd_cols), one
         # pipeline stage for output/cols and three for the scans, bwd_pairs (8 warps) and bwd_group_rows,
@@ -195,8 +199,10 @@ def make_config(x_dtype, bc_dtype, shape, chunk_size: int, *, launcher: Optional
         overrides = dict(overrides, launch=tuple(launch.values()))
     kw.update(overrides)
     cfg = KernelConfig(**kw)
-    if cfg.state_variant not in ("fused", "split"):
-        raise ValueError(f"kernel config state_variant must be 'fused' or 'split', got {cfg.state_variant!r}")
+    if cfg.state_variant not in STATE_VARIANTS:
+        raise ValueError(f"kernel config state_variant must be one of {STATE_VARIANTS}, got {cfg.state_variant!r}")
+    if cfg.scan_programs < 1:
+        raise ValueError(f"kernel config scan_programs must be >= 1, got {cfg.scan_programs!r}")
     if not set(cfg.cb_readers) <= {"out", "cols"}:
         raise ValueError(f"kernel config cb_readers must name kernels among ('out', 'cols'), got {cfg.cb_readers!r}")
     if cfg.launcher == "gpu" and not cfg.interpret:

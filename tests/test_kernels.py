@@ -24,7 +24,7 @@ import pytest
 from reference import random_segment_ids, random_ssd_inputs, ssd_reference
 from ssm_jax import mitigations as M
 from ssm_jax import ssd
-from ssm_jax.kernels import ssd_ops
+from ssm_jax.kernels import ssd_gpu, ssd_ops
 from ssm_jax.ssd import document_ids, ssd_chunked
 
 ARGS = ("x", "dt", "A", "B", "C", "D", "initial_state")
@@ -137,6 +137,50 @@ def test_gradients_block_loops_and_config_variants(variant):
         want = jax.grad(loss(ref), argnums=range(6))(*args)
         for name, g, w in zip(("x", "dt_in", "log_a", "B", "C", "initial_state"), grads, want):
             assert rel(g, w) < 1e-9, name
+
+
+@pytest.mark.parametrize("programs", [16, 24], ids=["runs_4_3", "runs_3_3_1"])
+def test_segmented_state_scans_match_the_chunked_reference(programs):
+    """The ``"segments"`` state scans (forward and backward: runs of chunks scanned side by side from a zero state,
+    then joined by ``ssd_gpu.run_entering``, in the output kernel and in XLA) with 7 chunks in runs that do not divide them, document resets
+    inside and across runs, an initial state (first run) and a final-state cotangent (last run of the backward
+    scan): values and gradients against the float64 chunked reference."""
+    with jax.enable_x64(True):
+        _, a, seg, cot, cot_state = _inputs(12, batch=2, seqlen=64 * 7 - 5, heads=4, groups=2, state=16)
+        doc = document_ids(jnp.asarray(seg), seg.shape)
+        config = dict(state_variant="segments", scan_programs=programs)  # 2 x 4 (batch, head) programs
+
+        def loss(fn):
+            def f(*xs):
+                y, final = fn(*xs)
+                return jnp.sum(y * cot) + jnp.sum(final * cot_state)
+
+            return f
+
+        kern = lambda *xs: ssd_ops.ssd_pallas(*xs, doc, chunk_size=64, config=config)
+        ref = lambda *xs: ssd_chunked(*xs, doc, chunk_size=64)
+        args = (a["x"], a["dt"], a["dt"] * a["A"], a["B"], a["C"], a["initial_state"])
+        for got, want in zip(kern(*args), ref(*args)):
+            assert rel(got, want) < 1e-10
+        grads = jax.grad(loss(kern), argnums=range(6))(*args)
+        want = jax.grad(loss(ref), argnums=range(6))(*args)
+        for name, g, w in zip(("x", "dt_in", "log_a", "B", "C", "initial_state"), grads, want):
+            assert rel(g, w) < 1e-9, name
+
+
+def test_segment_runs_cover_every_chunk():
+    """``segment_run``: runs of equal length (the last one shorter), as many as the wanted programs allow, never
+    empty."""
+    assert ssd_gpu.segment_run(64, 64, 256) == 16  # b2 x L16384: 4 runs of 16 chunks
+    assert ssd_gpu.segment_run(256, 32, 256) == 32  # b1 x L65536: 8 runs of 32
+    assert ssd_gpu.segment_run(7, 8, 24) == 3  # 3, 3, 1
+    assert ssd_gpu.segment_run(3, 8, 4096) == 1  # never more runs than chunks
+    assert ssd_gpu.segment_run(16, 256, 256) == 16  # enough programs: one run
+    for nc in range(1, 40):
+        for programs in (1, 3, 8):
+            run = ssd_gpu.segment_run(nc, programs, 64)
+            nseg = -(-nc // run)
+            assert 1 <= run <= nc and (nseg - 1) * run < nc
 
 
 def test_extreme_decays_stay_finite_and_exact():
