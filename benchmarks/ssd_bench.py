@@ -402,6 +402,9 @@ VARIANTS = {  # kernel configurations swept with --variants (on the --variant-ca
     "fused-scan": {"state_variant": "fused"},  # one scan over the whole sequence even with few programs
     "seg128": {"state_variant": "segments", "scan_programs": 128},
     "seg512": {"state_variant": "segments", "scan_programs": 512},
+    "seg-xla-join": {"state_variant": "segments", "join_in_output": False},
+    "triton-out": {"output_kernel": "triton", "join_in_output": True},  # Triton's output kernel (Hopper: Mosaic's)
+    "mosaic-join": {"join_in_output": True},  # the "segments" join inside the Mosaic output kernel
     "seg1024": {"state_variant": "segments", "scan_programs": 1024},
     "hb8": {"heads_per_block": 8},
     "hb2": {"heads_per_block": 2},

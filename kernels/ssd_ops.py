@@ -24,6 +24,7 @@ from jax import lax
 CHUNK_SIZES = (64, 128, 256)
 LAUNCHERS = ("gpu", "tpu")
 STATE_VARIANTS = ("fused", "segments", "split")
+OUTPUT_KERNELS = ("triton", "mosaic")
 
 _default_launcher: Optional[str] = None
 
@@ -53,6 +54,13 @@ class KernelConfig:
         sequential pass).
       scan_programs: programs the "segments" scan aims for (it cuts the sequence into that many runs per (head,
         row block, batch) divided into it).
+      output_kernel: "triton" (``ssd_gpu.output``) or "mosaic" (``ssd_mosaic_gpu.output``: TMA + wgmma, Hopper only;
+        calls it does not support (document ids, inputs other than bf16, other head/state sizes) use "triton").
+      join_in_output: the "segments" forward's output kernel adds the runs' entering states to the run-local
+        states it loads (else XLA completes the states first, one more pass over them). Off in the forward pass
+        of a gradient with ``save_states``: the states are completed for the backward pass anyway (measured at
+        b2 x L16384 on an H200: forward alone 0.407 ms with it, 0.428 without; forward+backward 1.760 with it,
+        1.734 without).
       cb_readers: GPU kernels ("out", "cols") that read ``C B^T`` from one kernel that writes it per
         group and chunk (``ssd_gpu.chunk_cb``) instead of computing their own blocks of it per head block.
       cb_dtype: storage dtype of the precomputed ``C B^T`` (None: ``acc``).
@@ -86,6 +94,8 @@ class KernelConfig:
     state_rows: int = 32
     state_variant: str = "fused"
     scan_programs: int = 256
+    join_in_output: bool = True
+    output_kernel: str = "triton"
     cb_readers: tuple = ()
     cols_heads_per_block: int = 0
     save_states: bool = False
@@ -142,6 +152,12 @@ class KernelConfig:
         return hb
 
 
+def _on_hopper() -> bool:
+    """Whether the default device is an NVIDIA Hopper GPU (compute capability 9.x: wgmma)."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
 def default_launcher() -> str:
     if _default_launcher is not None:
         return _default_launcher
@@ -181,6 +197,11 @@ def make_config(x_dtype, bc_dtype, shape, chunk_size: int, *, launcher: Optional
         # pipeline stage for output/cols and three for the scans, bwd_pairs (8 warps) and bwd_group_rows,
         # bwd_group_rows split over 2 state-column blocks, the chunk states kept from the forward pass, the
         # per-position scalars from one kernel (6 us instead of 13 us in two XLA fusions).
+        # The output kernel through Mosaic GPU on Hopper (wgmma): 0.199 vs 0.243 ms device at b8 x L4096 (H200).
+        # With the "segments" join inside it, it was slower than Triton's (0.294 vs 0.263 ms at b2 x L16384): the
+        # Mosaic one reads states completed by XLA instead.
+        mosaic = not interpret and _on_hopper()
+        kw.update(output_kernel="mosaic" if mosaic else "triton", join_in_output=not mosaic)
         kw.update(block_t=block_t, state_rows=state_rows, state_variant=variant, heads_per_block=1,
                   cols_heads_per_block=2, scan_block=64, rows_head_blocks=1, rows_state_splits=2,
                   cb_readers=("out", "cols"), save_states=True, scalars_kernel=True, num_warps=4, num_stages=2,
@@ -201,6 +222,8 @@ def make_config(x_dtype, bc_dtype, shape, chunk_size: int, *, launcher: Optional
     cfg = KernelConfig(**kw)
     if cfg.state_variant not in STATE_VARIANTS:
         raise ValueError(f"kernel config state_variant must be one of {STATE_VARIANTS}, got {cfg.state_variant!r}")
+    if cfg.output_kernel not in OUTPUT_KERNELS:
+        raise ValueError(f"kernel config output_kernel must be one of {OUTPUT_KERNELS}, got {cfg.output_kernel!r}")
     if cfg.scan_programs < 1:
         raise ValueError(f"kernel config scan_programs must be >= 1, got {cfg.scan_programs!r}")
     if not set(cfg.cb_readers) <= {"out", "cols"}:
@@ -245,7 +268,12 @@ def _core(cfg, out_dtype, x, w, cs, B, C, h0, doc, D, max_norm):
 
 
 def _core_fwd(cfg, out_dtype, x, w, cs, B, C, h0, doc, D, max_norm):
-    y, final, states, scales, cb = _launcher_module(cfg).forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype)
+    if cfg.save_states:  # the states are completed for the backward pass anyway: the output kernel reads those
+        cfg_fwd = dataclasses.replace(cfg, join_in_output=False)
+    else:
+        cfg_fwd = cfg
+    y, final, states, scales, cb = _launcher_module(cfg).forward(cfg_fwd, x, w, cs, B, C, h0, doc, D, max_norm,
+                                                                 out_dtype)
     # The states entering each chunk (half the size of a bf16 x at state 128, chunk 256) and C B^T (1/8 of it):
     # kept for the backward pass with save_states (GPU launcher), else recomputed there.
     saved = (states, final, scales, cb) if cfg.save_states and states is not None else None

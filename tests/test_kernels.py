@@ -339,6 +339,63 @@ def test_gpu_kernels_lower_through_triton(heads):
         assert text.count("__gpu$xla.gpu.triton") >= 5
 
 
+def test_mosaic_output_kernel_through_ssd_pallas():
+    """``output_kernel="mosaic"`` (the Hopper default): ``ssd_pallas``'s forward with the Mosaic GPU output kernel
+    (its interpreter on CPU) with the "segments" scan's join inside it and done by XLA before it (2 x 2 programs,
+    3 chunks in runs of 1), bf16
+    inputs against the float32 chunked reference (relative error <= 5e-3: bf16 operands and output); gradients
+    (Triton backward kernels) against the reference's (<= 1e-2); with document ids it falls back to Triton."""
+    _, a, seg, cot, cot_state = _inputs(13, batch=2, seqlen=64 * 3 - 7, heads=2, headdim=64, groups=1, state=64,
+                                        dtype=jnp.bfloat16)
+    args = (a["x"], a["dt"], a["dt"] * a["A"], a["B"], a["C"], a["initial_state"])
+    f32 = tuple(v.astype(jnp.float32) for v in args)
+    config = dict(output_kernel="mosaic")
+    assert ssd_gpu._output_kernel_for(
+        ssd_ops.make_config(jnp.bfloat16, jnp.bfloat16, (2, 192, 2, 64, 1, 64), 64, launcher="gpu", **config),
+        a["x"], a["B"], a["C"], jnp.zeros((1,), jnp.bfloat16), None, jnp.bfloat16) == "mosaic"
+
+    def loss(fn):
+        def f(*xs):
+            y, final = fn(*xs)
+            return jnp.sum(y.astype(jnp.float32) * cot) + jnp.sum(final * cot_state)
+
+        return f
+
+    kern = lambda *xs: ssd_ops.ssd_pallas(*xs, None, chunk_size=64, launcher="gpu", config=config)
+    ref = lambda *xs: ssd_chunked(*xs, None, chunk_size=64)
+    (y, final), (y_ref, final_ref) = kern(*args), ref(*f32)
+    assert rel(y, y_ref) < 5e-3 and rel(final, final_ref) < 5e-3
+    y_xla_join, _ = ssd_ops.ssd_pallas(*args, None, chunk_size=64, launcher="gpu",
+                                       config=dict(config, join_in_output=False))  # the Hopper default
+    assert rel(y_xla_join, y_ref) < 5e-3
+    grads = jax.grad(loss(kern), argnums=range(6))(*args)
+    want = jax.grad(loss(ref), argnums=range(6))(*f32)
+    for name, g, w in zip(("x", "dt_in", "log_a", "B", "C", "initial_state"), grads, want):
+        assert rel(g, w) < 1e-2, name
+    doc = document_ids(jnp.asarray(seg), seg.shape)
+    y_doc, _ = ssd_ops.ssd_pallas(*args, doc, chunk_size=64, launcher="gpu", config=config)
+    assert rel(y_doc, ssd_chunked(*f32, doc, chunk_size=64)[0]) < 5e-3
+
+
+def test_mosaic_output_kernel_lowers_for_cuda():
+    """At the benchmark's few-sequences shape (b2 x 16384 tokens: the "segments" join in the output kernel) the
+    forward lowers with one Mosaic GPU call and Triton kernels; a gradient keeps the output kernel Mosaic too."""
+    x = jax.ShapeDtypeStruct((2, 16384, 32, 64), jnp.bfloat16)
+    bc = jax.ShapeDtypeStruct((2, 16384, 1, 128), jnp.bfloat16)
+    dt = jax.ShapeDtypeStruct((2, 16384, 32), jnp.float32)
+
+    def f(x, dt, la, B, C):
+        return ssd_ops.ssd_pallas(x, dt, la, B, C, None, None, chunk_size=256, out_dtype=jnp.bfloat16,
+                                  launcher="gpu", interpret=False, config=dict(output_kernel="mosaic"))[0]
+
+    text = jax.jit(f).trace(x, dt, dt, bc, bc).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 1 and "__gpu$xla.gpu.triton" in text
+    loss = lambda *xs: jnp.sum(f(*xs).astype(jnp.float32))
+    grad = jax.value_and_grad(loss)  # (jax.grad alone: y is not needed, the output kernel is dropped)
+    text = jax.jit(grad).trace(x, dt, dt, bc, bc).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 1
+
+
 def test_gpu_kernels_lower_at_one_million_tokens():
     """1M tokens (x has 2^31 elements): grid and block index arithmetic are per dimension."""
     text = _lowered_text("gpu", "cuda", 1, 1 << 20, 32)
