@@ -882,13 +882,11 @@ def bwd_group_rows(cfg, x, dy, B, C, cs, w, Hs, Gs, doc, dcb):
 # -------------------------------------------------------------------------------------------------
 
 
-def _output_kernel_for(cfg, x, B, C, states, doc, out_dtype) -> str:
+def _output_kernel_for(cfg, x, B, C, cs, states, doc, out_dtype) -> str:
     """``"mosaic"`` where the config asks for it and ``ssd_mosaic_gpu.output`` supports the call, else ``"triton"``."""
-    mg = ssd_mosaic_gpu
-    supported = (doc is None and cfg.chunk in mg.CHUNKS and x.shape[3] in mg.HEADDIMS and B.shape[3] in mg.STATE_SIZES
-                 and jnp.dtype(out_dtype) in mg.OUT_DTYPES
-                 and all(a.dtype == jnp.bfloat16 for a in (x, B, C, states)))
-    return "mosaic" if (cfg.output_kernel == "mosaic" and supported) else "triton"
+    if cfg.output_kernel != "mosaic" or ssd_mosaic_gpu.unsupported(x, B, C, cs, states, doc, out_dtype, cfg.chunk):
+        return "triton"
+    return "mosaic"
 
 
 def forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype):
@@ -901,7 +899,7 @@ def forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype):
     join_out = None if join is None else (join[0].astype(states.dtype), *join[1:])
     if join is not None and not cfg.join_in_output:
         states, join, join_out = add_entering(states, *join), None, None
-    if _output_kernel_for(cfg, x, B, C, states, doc, out_dtype) == "mosaic":
+    if _output_kernel_for(cfg, x, B, C, cs, states, doc, out_dtype) == "mosaic":
         cb_out = cb if cb is not None else chunk_cb(cfg, B, C, jnp.bfloat16)
         y = ssd_mosaic_gpu.output(cfg, x, B, C, cs, w, states, doc, D, out_dtype, cb_out.astype(jnp.bfloat16),
                                   join=join_out)

@@ -268,29 +268,40 @@ def _output_body(*refs, plan: _Plan) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
-def _check(x, B, C, cs, states, doc, out_dtype, Q: int, join) -> None:
-    """ValueError naming the argument for everything this kernel does not support."""
+def unsupported(x, B, C, cs, states, doc, out_dtype, Q: int) -> Optional[str]:
+    """Why this kernel cannot take the call (naming the argument and the accepted values), or None: callers fall
+    back to ``ssd_gpu.output`` where it is not None."""
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     if doc is not None:
-        raise ValueError("ssd_mosaic_gpu.output: doc (document ids) must be None; use ssd_gpu.output with documents")
+        return "doc (document ids) must be None; use ssd_gpu.output with documents"
     if Q not in CHUNKS:
-        raise ValueError(f"ssd_mosaic_gpu.output: cfg.chunk must be one of {CHUNKS}, got {Q!r}")
+        return f"cfg.chunk must be one of {CHUNKS}, got {Q!r}"
     if p not in HEADDIMS:
-        raise ValueError(f"ssd_mosaic_gpu.output: headdim p = x.shape[3] must be one of {HEADDIMS}, got {p}")
+        return f"headdim p = x.shape[3] must be one of {HEADDIMS}, got {p}"
     if n not in STATE_SIZES:
-        raise ValueError(f"ssd_mosaic_gpu.output: state size n = B.shape[3] must be one of {STATE_SIZES}, got {n}")
+        return f"state size n = B.shape[3] must be one of {STATE_SIZES}, got {n}"
     if jnp.dtype(out_dtype) not in OUT_DTYPES:
-        raise ValueError(f"ssd_mosaic_gpu.output: out_dtype must be bfloat16 or float32, got {jnp.dtype(out_dtype)}")
+        return f"out_dtype must be bfloat16 or float32, got {jnp.dtype(out_dtype)}"
     if g < 1 or h % g:
-        raise ValueError(f"ssd_mosaic_gpu.output: groups g = B.shape[2] must divide heads h = {h}, got g = {g}")
+        return f"groups g = B.shape[2] must divide heads h = {h}, got g = {g}"
     if L % Q:
-        raise ValueError(f"ssd_mosaic_gpu.output: sequence length x.shape[1] = {L} must be a multiple of the chunk {Q}")
+        return f"sequence length x.shape[1] = {L} must be a multiple of the chunk {Q}"
     for name, arr in (("x", x), ("B", B), ("C", C), ("states", states)):
         if arr.dtype != jnp.bfloat16:
-            raise ValueError(f"ssd_mosaic_gpu.output: {name} must be bfloat16 (wgmma operands), got {arr.dtype}")
+            return f"{name} must be bfloat16 (wgmma operands), got {arr.dtype}"
     if cs.dtype != jnp.float32:
-        raise ValueError(f"ssd_mosaic_gpu.output: cs and w must be float32, got {cs.dtype}")
+        return f"cs and w must be float32, got {cs.dtype}"
+    return None
+
+
+def _check(x, B, C, cs, states, doc, out_dtype, Q: int, join) -> None:
+    """ValueError naming the argument for everything this kernel does not support."""
+    reason = unsupported(x, B, C, cs, states, doc, out_dtype, Q)
+    if reason is not None:
+        raise ValueError(f"ssd_mosaic_gpu.output: {reason}")
+    b, L, h, p = x.shape
+    n = B.shape[3]
     if join is not None:
         entering, decay, run = join
         nc = L // Q
