@@ -6,8 +6,10 @@ be overridden on the command line (``--config.model.d_model=256``). Fields:
 * ``seed``: parameter initialisation, data order and the training RNG.
 * ``model``: the fields of :class:`ssm_jax.model.Mamba2Config` (``dtype`` is the compute dtype,
   ``param_dtype`` the master-weight dtype).
-* ``data``: ``corpus`` ("shakespeare", "kjv", "tiny" or "local": a corpus prepared with
-  :func:`ssm_jax.data.build_local_corpus` under ``local_data_dir`` / ``local_name``), ``tokenizer``
+* ``data``: ``corpus`` ("shakespeare", "kjv", "tiny", "local": a text corpus prepared with
+  :func:`ssm_jax.data.build_local_corpus` under ``local_data_dir`` / ``local_name``, or "tokens": a
+  tokenised corpus directory ``tokens_dir`` such as ``python -m ssm_jax.data.linux_corpus`` builds, whose
+  ``train`` / ``validation`` splits are read as token ids), ``tokenizer``
   ("byte", "neox"), ``mode`` ("packed": documents packed with segment ids, no state crosses a document
   boundary; "concat": documents joined by EOS and read across; "stream": consecutive windows of
   document streams, for truncated BPTT; "passkey": synthetic passkey fine-tuning examples),
@@ -55,7 +57,7 @@ __all__ = [
 
 DATA_MODES = ("packed", "concat", "stream", "passkey")
 NAN_POLICIES = ("skip", "stop")
-CORPORA = ("shakespeare", "kjv", "tiny", "local")
+CORPORA = ("shakespeare", "kjv", "tiny", "local", "tokens")
 _TOKENIZER_VOCAB = {"byte": 257, "neox": 50277}
 
 
@@ -72,7 +74,7 @@ def base_config():
 
     c.data = ml_collections.ConfigDict(dict(
         corpus="shakespeare", tokenizer="byte", mode="packed", seq_len=256, validation_fraction=0.1, split_seed=0,
-        shuffle=True, num_threads=2, prefetch_buffer_size=8, local_data_dir="", local_name="default",
+        shuffle=True, num_threads=2, prefetch_buffer_size=8, local_data_dir="", local_name="default", tokens_dir="",
         passkey_min_context=0, passkey_max_context=0,
     ))
     c.train = ml_collections.ConfigDict(dict(
@@ -190,6 +192,10 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None, process_c
     need_choice("data.corpus", d.corpus, CORPORA)
     if d.corpus == "local" and not d.local_data_dir:
         bad("data.local_data_dir", d.local_data_dir, "must name the prepared corpus directory when data.corpus='local'")
+    if d.corpus == "tokens" and not d.tokens_dir:
+        bad("data.tokens_dir", d.tokens_dir, "must name a token corpus directory (manifest.json) when data.corpus='tokens'")
+    if d.corpus == "tokens" and d.mode == "passkey":
+        bad("data.mode", d.mode, "is not available with data.corpus='tokens' (use packed, concat or stream)")
     if need_choice("data.tokenizer", d.tokenizer, tuple(_TOKENIZER_VOCAB)) and model_cfg is not None:
         if not (config.init.workdir or config.init.pretrained) and model_cfg.vocab_size < _TOKENIZER_VOCAB[d.tokenizer]:
             bad("model.vocab_size", model_cfg.vocab_size,

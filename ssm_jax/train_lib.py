@@ -399,7 +399,7 @@ class _Data:
     tokenizer: Any
     train: Any  # grain IterDataset (per-process batches)
     make_validation: Callable[[], Any]  # -> iterable of per-process batches
-    validation_docs: Optional[List[Any]] = None  # corpus modes only
+    validation_tokens: Optional[List[np.ndarray]] = None  # corpus modes: held-out documents' token ids
 
 
 def _load_documents(config):
@@ -431,6 +431,22 @@ def _build_data(config, shard_index: int, shard_count: int) -> _Data:
         def make_validation():
             return data_lib.make_passkey_dataset(tokenizer, batch_size=eval_batch, seed=config.seed + 1_000_003,
                                                  num_examples=n_val, **kw, **common)
+    elif d.corpus == "tokens":
+        corpus = data_lib.TokenCorpus(d.tokens_dir)
+        if corpus.tokenizer["name"] != tokenizer.name:
+            raise ValueError(f"config.data.tokenizer={d.tokenizer!r}, but {d.tokens_dir} was tokenised with "
+                             f"{corpus.tokenizer['name']!r}")
+        train_tokens = [doc.tokens for doc in corpus.documents("train")]
+        val_tokens = [doc.tokens for doc in corpus.documents("validation")]
+        train = data_lib.make_token_dataset(train_tokens, tokenizer.eos_id, mode=d.mode, seq_len=d.seq_len,
+                                            batch_size=local_batch, seed=config.seed, shuffle=d.shuffle,
+                                            num_epochs=None, **common)
+
+        def make_validation():
+            return data_lib.make_token_dataset(val_tokens, tokenizer.eos_id, mode=d.mode, seq_len=d.seq_len,
+                                               batch_size=eval_batch, seed=config.seed, shuffle=False,
+                                               num_epochs=1, **common)
+        return _Data(tokenizer=tokenizer, train=train, make_validation=make_validation, validation_tokens=val_tokens)
     else:
         train_docs, val_docs = _load_documents(config)
         train = data_lib.make_dataset(train_docs, tokenizer, mode=d.mode, seq_len=d.seq_len, batch_size=local_batch,
@@ -439,7 +455,8 @@ def _build_data(config, shard_index: int, shard_count: int) -> _Data:
         def make_validation():
             return data_lib.make_dataset(val_docs, tokenizer, mode=d.mode, seq_len=d.seq_len, batch_size=eval_batch,
                                          seed=config.seed, shuffle=False, num_epochs=1, **common)
-        return _Data(tokenizer=tokenizer, train=train, make_validation=make_validation, validation_docs=val_docs)
+        return _Data(tokenizer=tokenizer, train=train, make_validation=make_validation,
+                     validation_tokens=data_lib.iterate_documents_tokens(val_docs, tokenizer))
     return _Data(tokenizer=tokenizer, train=train, make_validation=make_validation)
 
 
@@ -749,10 +766,11 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         writer.close()
 
     unigram = None
-    if primary and data.validation_docs is not None:
-        from ssm_jax.data import unigram_entropy_bits
+    if primary and data.validation_tokens is not None:
+        from ssm_jax.data import unigram_entropy_bits_of_tokens
 
-        unigram = unigram_entropy_bits(data.validation_docs, data.tokenizer)
+        unigram = unigram_entropy_bits_of_tokens(data.validation_tokens, data.tokenizer.vocab_size,
+                                                 data.tokenizer.eos_id)
         _print(f"validation unigram entropy: {unigram:.4f} bits/token (a context-free model's loss)")
     if primary and config.log.plot:
         try:

@@ -5,7 +5,10 @@ Modules (one job each):
 
 * :mod:`ssm_jax.data.tokenization`: ``ByteTokenizer``, ``NeoXTokenizer``, ``get_tokenizer``;
 * :mod:`ssm_jax.data.corpora`: ``Document``, ``load_corpus``, ``split_documents``, ``unigram_entropy_bits``;
-* :mod:`ssm_jax.data.pipeline`: ``make_dataset`` (packed / concat / stream modes), ``iterate_documents_tokens``;
+* :mod:`ssm_jax.data.pipeline`: ``make_dataset`` (packed / concat / stream modes), ``make_token_dataset`` (the
+  same over token arrays), ``iterate_documents_tokens``;
+* :mod:`ssm_jax.data.token_shards`: ``TokenCorpus`` (tokenised corpora in ArrayRecord shards), ``write_subset``;
+* :mod:`ssm_jax.data.linux_corpus`: builds the Linux-kernel token corpus (``python -m ssm_jax.data.linux_corpus``);
 * :mod:`ssm_jax.data.passkey`: passkey prompts, scoring and fine-tuning data;
 * :mod:`ssm_jax.data.tfds_builder`: ``build_local_corpus``, ``load_local_corpus``, ``local_corpus_source``
   (imported on first use, because importing tensorflow-datasets takes about a second).
@@ -23,6 +26,7 @@ from ssm_jax.data.corpora import (
     split_documents,
     strip_gutenberg_boilerplate,
     unigram_entropy_bits,
+    unigram_entropy_bits_of_tokens,
 )
 from ssm_jax.data.passkey import (
     PasskeyExample,
@@ -41,7 +45,10 @@ from ssm_jax.data.pipeline import (
     iterate_documents_tokens,
     make_dataset,
     make_map_dataset,
+    make_token_dataset,
+    make_token_map_dataset,
 )
+from ssm_jax.data.token_shards import CorpusFormatError, TokenCorpus, TokenDocument
 from ssm_jax.data.tokenization import (
     TOKENIZER_NAMES,
     ByteTokenizer,
@@ -60,11 +67,14 @@ _LAZY = {
 __all__ = [
     "ByteTokenizer",
     "CORPUS_NAMES",
+    "CorpusFormatError",
     "Document",
     "MODES",
     "NeoXTokenizer",
     "PasskeyExample",
     "TOKENIZER_NAMES",
+    "TokenCorpus",
+    "TokenDocument",
     "Tokenizer",
     "build_passkey_prompt",
     "concatenate_documents",
@@ -73,6 +83,8 @@ __all__ = [
     "load_corpus",
     "make_dataset",
     "make_map_dataset",
+    "make_token_dataset",
+    "make_token_map_dataset",
     "make_passkey_dataset",
     "make_passkey_example",
     "make_passkey_map_dataset",
@@ -83,6 +95,7 @@ __all__ = [
     "split_documents",
     "strip_gutenberg_boilerplate",
     "unigram_entropy_bits",
+    "unigram_entropy_bits_of_tokens",
     *_LAZY,
 ]
 

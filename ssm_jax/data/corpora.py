@@ -40,6 +40,7 @@ __all__ = [
     "split_documents",
     "strip_gutenberg_boilerplate",
     "unigram_entropy_bits",
+    "unigram_entropy_bits_of_tokens",
 ]
 
 CORPUS_NAMES: tuple[str, ...] = ("shakespeare", "kjv", "tiny")
@@ -186,13 +187,23 @@ def unigram_entropy_bits(docs: Iterable[Document], tokenizer: Tokenizer, *, incl
     With ``include_eos`` each document counts one EOS token, as in the training pipelines.
     """
     docs = list(docs)
-    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-    for ids in tokenizer.encode_batch([d.text for d in docs]):
-        counts += np.bincount(np.asarray(ids, dtype=np.int64), minlength=tokenizer.vocab_size)
-    if include_eos:
-        counts[tokenizer.eos_id] += len(docs)
+    ids = [np.asarray(t, dtype=np.int64) for t in tokenizer.encode_batch([d.text for d in docs])]
+    return unigram_entropy_bits_of_tokens(ids, tokenizer.vocab_size, tokenizer.eos_id if include_eos else None)
+
+
+def unigram_entropy_bits_of_tokens(doc_tokens: Iterable[np.ndarray], vocab_size: int,
+                                   eos_id: int | None = None) -> float:
+    """:func:`unigram_entropy_bits` of already tokenised documents; ``eos_id`` (if given) is counted once per
+    document, as the pipelines append it."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    num_docs = 0
+    for ids in doc_tokens:
+        counts += np.bincount(np.asarray(ids, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+        num_docs += 1
+    if eos_id is not None:
+        counts[eos_id] += num_docs
     total = int(counts.sum())
     if total == 0:
-        raise ValueError("unigram_entropy_bits got no tokens (empty docs)")
+        raise ValueError("unigram entropy of no tokens (empty documents)")
     p = counts[counts > 0] / total
     return float(-(p * np.log2(p)).sum())

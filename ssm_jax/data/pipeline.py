@@ -62,7 +62,9 @@ __all__ = [
     "iterate_documents_tokens",
     "concatenate_documents",
     "make_map_dataset",
+    "make_token_map_dataset",
     "make_dataset",
+    "make_token_dataset",
     "to_iter_dataset",
     "validate_common_args",
 ]
@@ -267,9 +269,22 @@ def validate_common_args(
         _check_int("num_epochs", num_epochs, 1)
 
 
-def make_map_dataset(
-    docs: Sequence[Document],
-    tokenizer: Tokenizer,
+def make_map_dataset(docs: Sequence[Document], tokenizer: Tokenizer, **kwargs) -> grain.MapDataset:
+    """Builds the batched ``grain.MapDataset`` of one process (see the module docstring for modes).
+
+    The documents are tokenised (cached, :func:`iterate_documents_tokens`) and passed with ``kwargs``
+    (``mode``, ``seq_len``, ``batch_size``, ``seed``, ``shuffle``, ``num_epochs``, ``shard_index``,
+    ``shard_count``) to :func:`make_token_map_dataset`, which documents them.
+    """
+    docs = list(docs)
+    if not docs:
+        raise ValueError("docs is empty; need at least one document")
+    return make_token_map_dataset(iterate_documents_tokens(docs, tokenizer), tokenizer.eos_id, **kwargs)
+
+
+def make_token_map_dataset(
+    doc_tokens: Sequence[np.ndarray],
+    eos_id: int,
     *,
     mode: str,
     seq_len: int,
@@ -280,7 +295,8 @@ def make_map_dataset(
     shard_index: int = 0,
     shard_count: int = 1,
 ) -> grain.MapDataset:
-    """Builds the batched ``grain.MapDataset`` of one process (see the module docstring for modes).
+    """The batched ``grain.MapDataset`` of one process over already tokenised documents (no EOS in them),
+    e.g. a :class:`ssm_jax.data.token_shards.TokenCorpus` split.
 
     ``num_epochs=None`` repeats forever. With a finite ``num_epochs``, ``len(result)`` is the number of
     batches; incomplete final batches are dropped. Raises ValueError for invalid arguments or when
@@ -292,19 +308,18 @@ def make_map_dataset(
         seq_len=seq_len, batch_size=batch_size, shard_index=shard_index, shard_count=shard_count,
         num_epochs=num_epochs,
     )
-    docs = list(docs)
-    if not docs:
-        raise ValueError("docs is empty; need at least one document")
-    doc_tokens = iterate_documents_tokens(docs, tokenizer)
+    doc_tokens = list(doc_tokens)
+    if not doc_tokens:
+        raise ValueError("doc_tokens is empty; need at least one document")
 
     if mode == "stream":
         source = _StreamSource(
-            doc_tokens, tokenizer.eos_id, seq_len=seq_len, batch_size=batch_size, seed=seed,
+            doc_tokens, eos_id, seq_len=seq_len, batch_size=batch_size, seed=seed,
             shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
         )
         return grain.MapDataset.source(source)
 
-    tokens, is_doc_start = concatenate_documents(doc_tokens, tokenizer.eos_id)
+    tokens, is_doc_start = concatenate_documents(doc_tokens, eos_id)
     windows = _WindowSource(tokens, is_doc_start, seq_len, packed=(mode == "packed"))
     per_shard = len(windows) // shard_count
     if per_shard < batch_size:
@@ -347,6 +362,19 @@ def make_dataset(
         docs, tokenizer, mode=mode, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=shuffle,
         num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
     )
+    return to_iter_dataset(ds, num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+
+
+def make_token_dataset(
+    doc_tokens: Sequence[np.ndarray],
+    eos_id: int,
+    *,
+    num_threads: int = 2,
+    prefetch_buffer_size: int = 8,
+    **kwargs,
+) -> grain.IterDataset:
+    """:func:`make_token_map_dataset` as a ``grain.IterDataset`` (see :func:`make_dataset`)."""
+    ds = make_token_map_dataset(doc_tokens, eos_id, **kwargs)
     return to_iter_dataset(ds, num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
 
 

@@ -1,0 +1,407 @@
+"""The state-collapse study of docs/RESULTS.md: prepare its data, run it on one GPU, gather, plot, report.
+
+    # 1. here: the part of the Linux-kernel token corpus the study reads, packed for a remote GPU machine
+    python -m ssm_jax.data.linux_corpus --download --out data/linux-6.1
+    python experiments/state_collapse.py prepare --corpus data/linux-6.1 --out .study
+    # 2. on the GPU machine (after unpacking .study/part*.tar.xz there): learning-rate check, then the runs
+    #    in priority order, each evaluated as soon as it ends, all within --budget_s
+    python experiments/state_collapse.py daemon --study .study --root runs/state_collapse --budget_s 1200
+    python experiments/state_collapse.py pack --root runs/state_collapse --out results.tar.gz
+    # 3. here: the committed data (raw per-position losses, compressed; summary JSON), figures and tables
+    python experiments/state_collapse.py gather --root runs/state_collapse --out docs/results
+    python experiments/state_collapse.py plot --results docs/results --out docs/results
+    python experiments/state_collapse.py report --results docs/results
+
+``daemon`` runs every job as its own ``train.py`` / ``eval.py`` process (several share the GPU, each with a
+fixed share of its memory) and writes ``<root>/status.json`` as it goes; started again with the same root it
+skips the jobs that finished and resumes the others from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_CONFIG = os.path.join(ROOT, "configs", "proj", "state_collapse", "train.py")
+EVAL_CONFIG = os.path.join(ROOT, "configs", "proj", "state_collapse", "eval.py")
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the daemon runs: training runs in priority order and the learning-rate check (short
+    warmup-stable-decay runs of the first run's model and length at each candidate peak rate)."""
+
+    runs: Tuple[Tuple[str, int], ...]
+    lr_candidates: Tuple[float, ...]
+    lr_check_steps: int
+    lr_check_warmup: int
+    train_overrides: Tuple[str, ...] = ()  # extra train.py flags of every run
+    eval_variant: str = ""  # appended to the eval config's argument ("smoke": tiny lengths)
+
+
+# The study: the pair that brackets the 47m model's predicted T_forget (3.7K tokens by the paper's fit),
+# then the 85m model below its predicted T_forget (7.7K).
+STUDY = Plan(runs=(("47m", 1024), ("47m", 8192), ("85m", 2048)), lr_candidates=(1e-3, 2e-3, 4e-3),
+             lr_check_steps=160, lr_check_warmup=40)
+# The same driver end to end on a CPU in a minute or two (tests/test_state_collapse.py).
+SMOKE = Plan(runs=(("tiny", 64), ("tiny", 128)), lr_candidates=(1e-3, 3e-3), lr_check_steps=4, lr_check_warmup=2,
+             train_overrides=("--config.train.num_steps=6", "--config.train.batch_size=4",
+                              "--config.checkpoint.every_steps=3", "--config.eval.every_steps=3",
+                              "--config.eval.batch_size=2", "--config.eval.num_batches=2",
+                              "--config.optim.warmup_steps=2"),
+             eval_variant="smoke")
+
+# Data the study needs: training tokens (a little more than NUM_STEPS x TOKENS_PER_STEP, so one epoch
+# covers every step), held-out prompts (32 held-out directories streamed to 512K tokens: 64 x the longest
+# planned T_train) and a small corpus for the learning-rate check.
+STUDY_TRAIN_TOKENS = 155_000_000
+STUDY_GROUPS = 32
+STUDY_GROUP_TOKENS = 524_288
+LR_TRAIN_TOKENS = 12_000_000
+LR_GROUPS = 2
+LR_GROUP_TOKENS = 65_536
+PART_BYTES = 150 * 2**20  # bytes of uncompressed shards per packed part, before xz
+
+MEMORY_FRACTION = {"train": "0.28", "eval": "0.2"}
+
+
+def run_name(size: str, train_len: int) -> str:
+    return f"{size}_T{train_len}"
+
+
+# --------------------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare(corpus: str, out: str) -> List[str]:
+    """Writes the study's corpus subset and the learning-rate check's under ``out`` and packs both into
+    ``out/part<i>.tar.xz`` files of about :data:`PART_BYTES` each (the study's manifest in the last part, so
+    the study corpus is complete only when every part is there). Returns the part paths."""
+    from ssm_jax.data.token_shards import MANIFEST, write_subset
+
+    study, lr = os.path.join(out, "corpus"), os.path.join(out, "lr_corpus")
+    for path in (study, lr):
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} exists; remove {out} to prepare again")
+    # Uncompressed records: xz over whole shards packs tokens about twice as tightly as zstd per record.
+    write_subset(corpus, study, train_tokens=STUDY_TRAIN_TOKENS, group_tokens=STUDY_GROUP_TOKENS,
+                 num_groups=STUDY_GROUPS, compression="uncompressed")
+    write_subset(corpus, lr, train_tokens=LR_TRAIN_TOKENS, group_tokens=LR_GROUP_TOKENS, num_groups=LR_GROUPS,
+                 compression="uncompressed")
+    files = [os.path.join("lr_corpus", f) for f in sorted(os.listdir(lr))]
+    shards = sorted(f for f in os.listdir(study) if f != MANIFEST)
+    shards.sort(key=lambda f: not f.startswith("validation"))  # held-out prompts first
+    files += [os.path.join("corpus", f) for f in shards] + [os.path.join("corpus", MANIFEST)]
+    parts: List[List[str]] = [[]]
+    size = 0
+    for f in files:
+        nbytes = os.path.getsize(os.path.join(out, f))
+        if parts[-1] and size + nbytes > PART_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(f)
+        size += nbytes
+    paths = []
+    for i, members in enumerate(parts):
+        path = os.path.join(out, f"part{i}.tar.xz")
+        subprocess.run(["tar", "-cf", path, "-I", "xz -9 -T0", "-C", out, *members], check=True)
+        paths.append(path)
+        print(f"{path}: {len(members)} files, {os.path.getsize(path) / 2**20:.1f} MiB")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# daemon
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Job:
+    """One train.py or eval.py process of the study."""
+
+    name: str
+    kind: str  # "train" or "eval"
+    argv: List[str]
+    workdir: str
+    proc: Optional[subprocess.Popen] = None
+    log: Any = None
+    started: Optional[float] = None
+    ended: Optional[float] = None
+    rc: Optional[int] = None
+    stopped_at_deadline: bool = False
+
+    def state(self) -> str:
+        if self.proc is None:
+            return "queued" if self.rc is None else "done"
+        return "running" if self.proc.poll() is None else "done"
+
+
+def train_argv(size: str, train_len: int, workdir: str, tokens_dir: str, lr: float,
+               extra: Sequence[str] = ()) -> List[str]:
+    return [sys.executable, os.path.join(ROOT, "train.py"), f"--config={TRAIN_CONFIG}:{size},{train_len}",
+            f"--workdir={workdir}", f"--config.data.tokens_dir={tokens_dir}", f"--config.optim.lr={lr}", *extra]
+
+
+def eval_argv(train_len: int, workdir: str, tokens_dir: str, *, final: bool, variant: str = "") -> List[str]:
+    """The evaluation of a finished run: ``final`` evaluates the latest checkpoint with every mitigation,
+    otherwise the earlier checkpoints without mitigation (collapse over training)."""
+    arg = f"{train_len},{'final' if final else 'history'}" + (f",{variant}" if variant else "")
+    return [sys.executable, os.path.join(ROOT, "eval.py"), f"--config={EVAL_CONFIG}:{arg}",
+            f"--config.checkpoint={workdir}", f"--config.data.tokens_dir={tokens_dir}",
+            f"--config.output_dir={os.path.join(workdir, 'eval_final' if final else 'eval_history')}"]
+
+
+def _last_metrics(workdir: str) -> Dict[str, Any]:
+    """The last training record and the last validation record of ``metrics.jsonl`` ({} when absent)."""
+    out: Dict[str, Any] = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written
+            out["eval" if any(k.startswith("eval") or k.startswith("validation") for k in rec) else "train"] = rec
+    return out
+
+
+def _job_env(kind: str, cache_dir: str) -> Dict[str, str]:
+    env = dict(os.environ)
+    env.update(XLA_PYTHON_CLIENT_MEM_FRACTION=MEMORY_FRACTION[kind], PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=cache_dir, MPLBACKEND="Agg")
+    return env
+
+
+class Scheduler:
+    """Starts queued jobs (at most ``parallel`` training jobs and one evaluation at a time), stops training at
+    the deadline, and records everything in ``status.json``."""
+
+    def __init__(self, root: str, *, parallel: int, train_deadline: float, final_deadline: float) -> None:
+        self.root = root
+        self.parallel = parallel
+        self.train_deadline = train_deadline
+        self.final_deadline = final_deadline
+        self.t0 = time.time()
+        self.jobs: List[Job] = []
+        self.notes: Dict[str, Any] = {}
+        self.cache_dir = os.path.join(root, "jax_cache")
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
+
+    def add(self, job: Job) -> Job:
+        self.jobs.append(job)
+        return job
+
+    def _start(self, job: Job) -> None:
+        os.makedirs(job.workdir, exist_ok=True)
+        job.log = open(os.path.join(job.workdir, f"{job.kind}.log"), "a")
+        job.proc = subprocess.Popen(job.argv, stdout=job.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                    env=_job_env(job.kind, self.cache_dir), start_new_session=True)
+        job.started = time.time()
+        self.log(f"start {job.name}: {shlex.join(job.argv[1:])}")
+
+    def _finish(self, job: Job) -> None:
+        job.rc = job.proc.returncode
+        job.ended = time.time()
+        job.log.close()
+        job.proc = None
+        self.log(f"{job.name}: rc={job.rc} after {job.ended - job.started:.0f}s")
+
+    def _stop(self, job: Job) -> None:
+        """SIGTERM, then SIGKILL after 30 s (the latest complete checkpoint is what counts)."""
+        job.stopped_at_deadline = True
+        os.killpg(job.proc.pid, signal.SIGTERM)
+        try:
+            job.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.proc.pid, signal.SIGKILL)
+            job.proc.wait()
+        self._finish(job)
+        self.log(f"{job.name}: stopped at the deadline")
+
+    def step(self) -> bool:
+        """One pass: reap, stop at deadlines, start what fits. Returns whether anything is queued or running."""
+        now = time.time()
+        for job in self.jobs:
+            if job.proc is not None and job.proc.poll() is not None:
+                self._finish(job)
+        for job in self.jobs:
+            deadline = self.train_deadline if job.kind == "train" else self.final_deadline
+            if job.proc is not None and now >= deadline:
+                self._stop(job)
+            elif job.state() == "queued" and job.rc is None and now >= deadline:
+                job.rc, job.ended = -1, now  # never started
+                self.log(f"{job.name}: not started before the deadline")
+        running = [j for j in self.jobs if j.proc is not None]
+        for kind, limit in (("train", self.parallel), ("eval", 1)):
+            for job in self.jobs:
+                if job.kind == kind and job.proc is None and job.rc is None and \
+                        sum(j.kind == kind for j in running) < limit:
+                    self._start(job)
+                    running.append(job)
+        self.write_status()
+        return any(j.proc is not None or j.rc is None for j in self.jobs)
+
+    def write_status(self) -> None:
+        jobs = {}
+        for job in self.jobs:
+            jobs[job.name] = {"kind": job.kind, "state": job.state(), "rc": job.rc,
+                              "started_s": None if job.started is None else round(job.started - self.t0, 1),
+                              "ended_s": None if job.ended is None else round(job.ended - self.t0, 1),
+                              "stopped_at_deadline": job.stopped_at_deadline}
+            if job.kind == "train":
+                jobs[job.name]["last"] = _last_metrics(job.workdir)
+        status = {"elapsed_s": round(time.time() - self.t0, 1), "jobs": jobs, **self.notes}
+        tmp = os.path.join(self.root, "status.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(status, f, indent=1)
+        os.replace(tmp, os.path.join(self.root, "status.json"))
+
+    def run_until_idle(self, poll_s: float = 3.0) -> None:
+        while self.step():
+            time.sleep(poll_s)
+
+
+def _final_validation_loss(workdir: str) -> Optional[float]:
+    last = _last_metrics(workdir).get("eval", {})
+    for key in ("eval_loss", "validation_loss", "eval/loss"):
+        if key in last:
+            return float(last[key])
+    return None
+
+
+def choose_lr(workdirs: Dict[float, str]) -> Dict[str, Any]:
+    """The candidate with the lowest final validation loss (``{"chosen", "losses"}``)."""
+    losses = {lr: _final_validation_loss(w) for lr, w in workdirs.items()}
+    finite = {lr: v for lr, v in losses.items() if v is not None}
+    if not finite:
+        raise RuntimeError(f"no learning-rate check run finished: {workdirs}")
+    return {"chosen": min(finite, key=finite.get), "losses": {str(k): v for k, v in losses.items()}}
+
+
+def daemon(study: str, root: str, *, budget_s: float, eval_reserve_s: float, parallel: int,
+           wait_for_corpus_s: float, plan: Plan = STUDY) -> None:
+    """The whole GPU side of the study (see the module docstring)."""
+    os.makedirs(root, exist_ok=True)
+    sched = Scheduler(root, parallel=parallel, train_deadline=time.time() + budget_s - eval_reserve_s,
+                      final_deadline=time.time() + budget_s)
+    lr_dir = os.path.join(study, "lr_corpus")
+    size, train_len = plan.runs[0]
+    lr_runs = {lr: os.path.join(root, "lr_check", f"lr{lr:g}") for lr in plan.lr_candidates}
+    short = [*plan.train_overrides, f"--config.train.num_steps={plan.lr_check_steps}",
+             f"--config.optim.warmup_steps={plan.lr_check_warmup}",
+             f"--config.checkpoint.every_steps={plan.lr_check_steps}", f"--config.eval.every_steps={plan.lr_check_steps}"]
+    lr_sched = Scheduler(root, parallel=len(plan.lr_candidates), train_deadline=sched.train_deadline,
+                         final_deadline=sched.final_deadline)
+    for lr, workdir in lr_runs.items():
+        lr_sched.add(Job(f"lr_check_{lr:g}", "train", train_argv(size, train_len, workdir, lr_dir, lr, short), workdir))
+    lr_sched.run_until_idle()
+    choice = choose_lr(lr_runs)
+    sched.notes["lr_check"] = {**choice, "size": size, "train_len": train_len, "steps": plan.lr_check_steps,
+                               "jobs": {j.name: {"rc": j.rc, "seconds": (j.ended or 0) - (j.started or 0)}
+                                        for j in lr_sched.jobs}}
+    sched.log(f"learning-rate check: {choice}")
+
+    corpus_dir = os.path.join(study, "corpus")
+    waited = time.time()
+    while not os.path.isfile(os.path.join(corpus_dir, "manifest.json")):
+        if time.time() - waited > wait_for_corpus_s:
+            raise RuntimeError(f"{corpus_dir}/manifest.json did not arrive within {wait_for_corpus_s:.0f}s")
+        time.sleep(2)
+    for size, train_len in plan.runs:
+        workdir = os.path.join(root, run_name(size, train_len))
+        sched.add(Job(f"train_{run_name(size, train_len)}", "train",
+                      train_argv(size, train_len, workdir, corpus_dir, choice["chosen"], plan.train_overrides), workdir))
+    evaluated = set()
+    while True:
+        busy = sched.step()
+        for job in list(sched.jobs):
+            if job.kind == "train" and job.rc is not None and job.name not in evaluated:
+                evaluated.add(job.name)
+                train_len = int(job.name.rsplit("_T", 1)[1])
+                for final in (True, False):  # the final checkpoint first: it carries the verdict
+                    sched.add(Job(job.name.replace("train_", "eval_final_" if final else "eval_history_"), "eval",
+                                  eval_argv(train_len, job.workdir, corpus_dir, final=final, variant=plan.eval_variant),
+                                  job.workdir))
+                busy = True
+        if not busy:
+            break
+        time.sleep(3)
+    sched.notes["done"] = True
+    sched.write_status()
+    sched.log("done")
+
+
+# --------------------------------------------------------------------------------------------------
+# pack
+# --------------------------------------------------------------------------------------------------
+
+PACK_SUFFIXES = (".json", ".jsonl", ".npz", ".md", ".log")
+
+
+def pack(root: str, out: str) -> int:
+    """A gzip tarball of everything under ``root`` the study reads back (metrics, configs, evaluation JSON and
+    raw losses, logs), without checkpoints or the compilation cache. Returns the number of files."""
+    count = 0
+    with tarfile.open(out, "w:gz") as tar:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d not in ("checkpoints", "jax_cache", "tensorboard")]
+            for name in sorted(filenames):
+                if name.endswith(PACK_SUFFIXES):
+                    path = os.path.join(dirpath, name)
+                    tar.add(path, arcname=os.path.relpath(path, os.path.dirname(root.rstrip("/"))))
+                    count += 1
+    return count
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="write and pack the study's corpus subsets")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("daemon", help="run the learning-rate check, the runs and their evaluations")
+    p.add_argument("--study", required=True, help="the unpacked output of prepare")
+    p.add_argument("--root", required=True)
+    p.add_argument("--budget_s", type=float, required=True, help="everything ends within this many seconds")
+    p.add_argument("--eval_reserve_s", type=float, default=150.0, help="training stops this long before the end")
+    p.add_argument("--parallel", type=int, default=2, help="training jobs at a time")
+    p.add_argument("--wait_for_corpus_s", type=float, default=600.0)
+    p.add_argument("--smoke", action="store_true", help="the tiny plan (a CPU check of the whole driver)")
+    p = sub.add_parser("pack", help="tarball of the results under --root")
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        prepare(args.corpus, args.out)
+    elif args.command == "daemon":
+        daemon(args.study, args.root, budget_s=args.budget_s, eval_reserve_s=args.eval_reserve_s,
+               parallel=args.parallel, wait_for_corpus_s=args.wait_for_corpus_s, plan=SMOKE if args.smoke else STUDY)
+    elif args.command == "pack":
+        print(f"{args.out}: {pack(args.root, args.out)} files")
+
+
+if __name__ == "__main__":
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    main()

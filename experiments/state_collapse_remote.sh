@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The state-collapse study on a remote GPU machine, one step per call of the machine (each call is at most
+# 10 minutes; the machine and its files persist between back-to-back calls):
+#
+#   start PART_DIR BUDGET_S   install the carried wheels (.whl/), unpack PART_DIR/part*.tar.xz into .study/,
+#                             check the GPU stack, start `experiments/state_collapse.py daemon` in its own
+#                             session (it outlives the call) with BUDGET_S seconds for everything
+#   part PART_DIR             unpack more parts (the daemon waits for the study corpus's manifest)
+#   poll SECONDS              wait, then pack the results into $OUT/results.tar.gz and print the status
+#
+# Results stay under runs/state_collapse/ (ignored by git); nothing but $OUT comes back.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+root=runs/state_collapse
+
+unpack() {
+  mkdir -p .study
+  for p in "$1"/part*.tar.xz; do tar -xJf "$p" -C .study; echo "unpacked $p"; done
+  du -sh .study/* || true
+}
+
+case "${1:-}" in
+  start)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    unpack "$2"
+    nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv
+    python3 -c "import jax, flax, optax, orbax.checkpoint, grain, ml_collections; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'grain', grain.__version__)"
+    mkdir -p "$root"
+    setsid nohup python3 experiments/state_collapse.py daemon --study .study --root "$root" --budget_s "$3" \
+      > "$root/daemon.log" 2>&1 < /dev/null &
+    sleep 20
+    tail -n 20 "$root/daemon.log"
+    ;;
+  part)
+    unpack "$2"
+    tail -n 20 "$root/daemon.log"
+    ;;
+  poll)
+    sleep "$2"
+    python3 experiments/state_collapse.py pack --root "$root" --out "$OUT/results.tar.gz"
+    tail -n 30 "$root/daemon.log"
+    python3 -c "import json; s = json.load(open('$root/status.json')); print(json.dumps({k: (v['state'], v['rc'], v.get('last', {}).get('train', {}).get('step')) for k, v in s['jobs'].items()}))"
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+    ;;
+  *)
+    echo "usage: $0 start PART_DIR BUDGET_S | part PART_DIR | poll SECONDS" >&2
+    exit 2
+    ;;
+esac
