@@ -2,9 +2,9 @@
 
 State normalisation in its exact (streaming) form clips every head's state after every update,
 ``h_t <- h_t * min(1, max_norm / ||h_t||_F)`` (a training-free mitigation of Chen et al. 2024, arXiv 2410.07145;
-docs/background.md). The clip is a non-linear function of the
-whole state, so the chunked algorithms cannot apply it inside a chunk, and ``ssd_recurrent`` runs it as a
-``lax.scan`` of one tiny step per token (launch-bound on a GPU). Here the time loop runs inside the kernel:
+docs/background.md). The clip is a non-linear function of the whole state, so the chunked algorithms cannot apply
+it inside a chunk, and ``ssd_recurrent`` runs it as a ``lax.scan`` of one tiny step per token (launch-bound on a
+GPU). Here the time loop runs inside the kernel:
 
 * one program per (head, batch) keeps the ``(headdim, state)`` state in registers (float32) and walks the
   sequence, so a layer call costs one launch instead of one per token;
