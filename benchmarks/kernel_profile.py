@@ -7,12 +7,12 @@ its device time per call, and the idle time between kernels (launch gaps) inside
     python benchmarks/kernel_profile.py --case b8xL4096 --impls pallas --back-to-back --calls 20 \
         --out docs/benchmarks/profile_h200.json
 
-Method (``timing.device_profile``): ``jax.profiler.trace`` with a Perfetto trace around ``--calls`` calls (after a
-warm-up); the events on the device's stream threads are summed by kernel name and divided by the number of
-calls. Calls are waited for one by one (the span of a call runs from its first kernel start to its last kernel
-end) or, with ``--back-to-back``, all dispatched before waiting as ``ssd_bench.py`` times them; gaps = span -
-busy time. fwd+bwd is ``value_and_grad`` of ``sum(y * cot)``: with the gradients alone XLA would drop the output
-kernel (the loss is linear in y).
+Method (``ssm_jax.profiling.device_profile``): ``jax.profiler.trace`` with a Perfetto trace around ``--calls``
+calls (after a warm-up); the events on the device's stream threads are summed by kernel name and divided by the
+number of calls. Calls are waited for one by one (the span of a call runs from its first kernel start to its last
+kernel end) or, with ``--back-to-back``, all dispatched before waiting as ``ssd_bench.py`` times them; gaps =
+span - busy time. fwd+bwd is ``value_and_grad`` of ``sum(y * cot)``: with the gradients alone XLA would drop the
+output kernel (the loss is linear in y).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ if ROOT not in sys.path:
 
 import jax  # noqa: E402
 
-from ssd_bench import CASES, forward_fn, loss_grad_fn, make_inputs  # noqa: E402
-from timing import device_profile  # noqa: E402
+from ssd_bench import CASES, FULL, forward_fn, loss_grad_fn, make_inputs  # noqa: E402
 from ssm_jax.eval_lib import write_json  # noqa: E402
+from ssm_jax.profiling import device_profile  # noqa: E402
 
 
 def markdown(result: dict) -> str:
@@ -52,7 +52,7 @@ def main(argv=None):
     ap.add_argument("--case", default="b8xL4096", choices=sorted(CASES))
     ap.add_argument("--impls", default="pallas", help="comma list of ssd() impls (xla, pallas)")
     ap.add_argument("--config", default="",
-                    help="JSON dict of KernelConfig overrides (then ssd_pallas with these is profiled instead)")
+                    help="JSON dict of KernelConfig fields (then ssd_pallas with these is profiled instead)")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--split-gap-us", type=float, default=200.0,
                     help="idle time that separates two calls (the host waits for each call)")
@@ -63,12 +63,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     config = json.loads(args.config) if args.config else None
     b, L = CASES[args.case]
-    x, dt, A, B, C, D, cot = make_inputs(b, L)
+    x, dt, A, B, C, D, cot = make_inputs(FULL, b, L)
     result = {"meta": {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "case": args.case,
                        "config": config, "command": "python benchmarks/kernel_profile.py " +
                        " ".join(argv if argv is not None else sys.argv[1:])}, "profiles": {}}
     for impl in [i for i in args.impls.split(",") if i]:
-        fwd = forward_fn("fused" if config else impl, config)
+        fwd = forward_fn("fused" if config else impl, FULL, config)
         fwd, grad = jax.jit(fwd), jax.jit(loss_grad_fn(fwd))
         run = functools.partial(device_profile, calls=args.calls, split_gap_us=args.split_gap_us,
                                 back_to_back=args.back_to_back)

@@ -1,22 +1,18 @@
-"""SSD forward output kernel: Mosaic GPU (``kernels/ssd_mosaic_gpu.py``, wgmma + TMA) vs Triton (``ssd_gpu.output``).
+"""SSD forward output kernel: Mosaic GPU (``kernels/ssd_mosaic_gpu.py``, wgmma + TMA) vs Triton (``gpu_output``).
 
-The question (one GPU run answers it): is the Mosaic GPU lowering faster than the Triton lowering for the largest
-forward kernel? Both run on the same inputs of the issue's shapes (x ``(b, L, 32, 64)`` bf16, B/C ``(b, L, 1, 128)``
-bf16, chunk 256, D fused, bf16 output); ``C B^T`` from the real ``ssd_gpu.chunk_cb`` kernel, random bf16 entering
-states, dt-like ``w`` in (0.001, 0.1) and log-decays ``-exp(A) dt`` with A in (0, 2). Cases with fewer than 256
-(batch, head) pairs run with the ``"segments"`` scan's join as the library's forward does (``join=(entering, decay,
-run)``: runs of 16 chunks at b2 x L16384, 32 at b1 x L65536; random bf16 run-entering states, the decays from the
-runs' starts), both implementations combining the states inside the kernel; b8 x L4096 runs without.
+Both run on the same inputs of the benchmark shapes (x ``(b, L, 32, 64)`` bf16, B/C ``(b, L, 1, 128)`` bf16, chunk
+256, D fused, bf16 output) as the library's forward runs them: ``C B^T`` from the real ``gpu_prologue.chunk_cb``
+kernel, random bf16 entering states (complete: with runs of chunks XLA joins them before the Mosaic kernel),
+dt-like ``w`` in (0.001, 0.1) and log-decays ``-exp(A) dt`` with A in (0, 2).
 
     python benchmarks/mosaic_bench.py --cases b8xL4096,b2xL16384,b1xL65536 --iters 20 --out mosaic_h200.json
     python benchmarks/mosaic_bench.py --smoke --out /tmp/smoke.json     # CPU, interpret mode, tiny shape
 
-Per case and implementation (``triton`` and every ``mosaic:VARIANT`` of ``ssd_mosaic_gpu.VARIANTS``): compile
-seconds, wall ms (``timing.time_ms``: median and min of back-to-back calls), device us (``timing.device_profile``:
-kernel busy time per call, GPU only), the relative differences to the Triton output (``||a - t|| / ||t||`` and
-``max |a - t| / max |t|``) and, on the smallest case, to an XLA float32 reference. Each implementation runs in its
-own try/except: a failure records its error text in the JSON and the others still run; the JSON is rewritten after
-every case.
+Per case and kernel (``triton``, ``mosaic``): compile seconds, wall ms (``ssm_jax.profiling.time_ms``: median and
+min of back-to-back calls), device us (``ssm_jax.profiling.device_profile``: kernel busy time per call, GPU only),
+the relative differences of the Mosaic output to the Triton one (``||a - t|| / ||t||`` and ``max |a - t| / max
+|t|``) and, on the smallest case, of both to an XLA float32 reference. Each kernel runs in its own try/except: a
+failure records its error text in the JSON and the other still runs; the JSON is rewritten after every case.
 """
 
 from __future__ import annotations
@@ -39,34 +35,24 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from ssm_jax.eval_lib import write_json  # noqa: E402  (importing ssm_jax registers ssm_jax.kernels from a checkout)
-from ssm_jax.kernels import ssd_gpu, ssd_mosaic_gpu, ssd_ops  # noqa: E402
-from timing import device_profile, time_ms  # noqa: E402
+from ssm_jax.kernels import gpu_output, gpu_prologue, ssd_mosaic_gpu  # noqa: E402
+from ssm_jax.kernels.config import KernelConfig, make_plan  # noqa: E402
+from ssm_jax.profiling import device_profile, time_ms  # noqa: E402
 
-CASES = {"b8xL4096": (8, 4096, 0), "b2xL16384": (2, 16384, 16), "b1xL65536": (1, 65536, 32)}  # b, L, join run
+CASES = {"b8xL4096": (8, 4096), "b2xL16384": (2, 16384), "b1xL65536": (1, 65536)}  # batch, length
 H, P, G, N, Q = 32, 64, 1, 128, 256
-SMOKE = dict(b=1, L=256, h=2, p=64, g=1, n=64, Q=128, run=1)  # interpret mode on CPU: seconds; 2 row blocks, 2 runs
+SMOKE = dict(b=1, L=256, h=2, p=64, g=1, n=64, Q=128)  # interpret mode on CPU: seconds; 2 row blocks
 PEAK_BW = 4.27e12  # bytes/s, copy rate measured on the H200 (ssd_bench.py)
 ERROR_CHARS = 3000
 
 
-def make_inputs(b: int, L: int, h: int, p: int, g: int, n: int, Q: int, run: int = 0, seed: int = 0) -> dict:
-    """Random bf16 inputs of the output kernel in the ``ssd_gpu`` layouts (``cb`` is added by the caller); with
-    ``run``, ``join = (entering (b, h, nseg, p, n) bf16, decay (b, h, nc))`` too (``decay``: ``exp`` of the log-decay
-    from the chunk's run start to the chunk start, as ``ssd_gpu.run_entering``)."""
-    k = jax.random.split(jax.random.key(seed), 8)
+def make_inputs(b: int, L: int, h: int, p: int, g: int, n: int, Q: int, seed: int = 0) -> dict:
+    """Random bf16 inputs of the output kernel in the GPU launcher's layouts (``cb`` is added by the caller)."""
+    k = jax.random.split(jax.random.key(seed), 7)
     w = jax.random.uniform(k[3], (b, h, L), jnp.float32, 0.001, 0.1)  # (batch, heads, seqlen) dt
     A = jax.random.uniform(k[4], (h,), jnp.float32, 0.0, 2.0)
     log_decay = -jnp.exp(A)[None, :, None] * w  # (batch, heads, seqlen)
     cs = jnp.cumsum(log_decay.reshape(b, h, L // Q, Q), axis=-1).reshape(b, h, L)  # in-chunk inclusive cumsum
-    join = None
-    if run:
-        nc = L // Q
-        nseg = -(-nc // run)
-        chunk_log = jnp.pad(cs.reshape(b, h, nc, Q)[..., -1], ((0, 0), (0, 0), (0, nseg * run - nc)))
-        chunk_log = chunk_log.reshape(b, h, nseg, run)
-        into = jnp.cumsum(chunk_log, axis=-1) - chunk_log  # exclusive: run start -> chunk start
-        join = (jax.random.normal(k[7], (b, h, nseg, p, n), jnp.float32).astype(jnp.bfloat16),
-                jnp.exp(into).reshape(b, h, nseg * run)[:, :, :nc])
     return dict(
         x=jax.random.normal(k[0], (b, L, h, p), jnp.float32).astype(jnp.bfloat16),  # (batch, seqlen, heads, headdim)
         B=(jax.random.normal(k[1], (b, L, g, n), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16),  # (b, L, g, n)
@@ -74,22 +60,15 @@ def make_inputs(b: int, L: int, h: int, p: int, g: int, n: int, Q: int, run: int
         cs=cs, w=w,
         states=jax.random.normal(k[5], (b, h, L // Q, p, n), jnp.float32).astype(jnp.bfloat16),  # (b, h, nc, p, n)
         D=jax.random.normal(k[6], (h,), jnp.float32),
-        join=join,
     )
 
 
-def xla_reference(x, B, C, cs, w, states, D, cb, join, Q: int, run: int) -> jax.Array:
-    """``y`` in float32 (HIGHEST precision) from the float32 values of the inputs: the definition, per chunk (``cb``
-    unused: ``C B^T`` from ``B`` and ``C``; with ``join``, chunk ``c``'s state is ``states[c] + decay[c] *
-    entering[c // run]``)."""
-    del cb
+def xla_reference(x, B, C, cs, w, states, D, Q: int) -> jax.Array:
+    """``y`` in float32 (HIGHEST precision) from the float32 values of the inputs: the definition, per chunk."""
     b, L, h, p = x.shape
     g = B.shape[2]
     nc = L // Q
     f32 = lambda a: a.astype(jnp.float32)
-    if join is not None:
-        entering, decay = join
-        states = f32(states) + decay[..., None, None] * jnp.repeat(f32(entering), run, axis=2)[:, :, :nc]
     heads = jnp.arange(h) // (h // g)
     Cq = f32(C).reshape(b, nc, Q, g, -1)[:, :, :, heads]  # (b, nc, Q, h, n)
     Bq = f32(B).reshape(b, nc, Q, g, -1)[:, :, :, heads]
@@ -116,30 +95,21 @@ def rel_max(a: jax.Array, r: jax.Array) -> float:
     return float(np.max(np.abs(a - r)) / np.max(np.abs(r)))
 
 
-def data_bytes(b: int, L: int, h: int, p: int, g: int, n: int, Q: int, run: int, out_bytes: int) -> int:
-    """Bytes the output kernel must move: x, y, C, the per-position scalars, states and ``C B^T`` (and the runs'
-    entering states and the chunk decays with a join)."""
+def data_bytes(b: int, L: int, h: int, p: int, g: int, n: int, Q: int, out_bytes: int) -> int:
+    """Bytes the output kernel must move: x, y, C, the per-position scalars, states and ``C B^T``."""
     nc = L // Q
-    join = b * h * (-(-nc // run) * p * n * 2 + nc * 4) if run else 0
     return (b * L * h * p * (2 + out_bytes) + b * L * g * n * 2 + 2 * b * h * L * 4 + b * h * nc * p * n * 2
-            + b * nc * g * Q * Q * 2 + join)
+            + b * nc * g * Q * Q * 2)
 
 
-def implementations(cfg, out_dtype, variants: Sequence[str], run: int) -> Dict[str, Callable]:
-    """Jitted ``(x, B, C, cs, w, states, D, cb, join) -> y`` per implementation name (``join``: None or
-    ``(entering, decay)`` of runs of ``run`` chunks)."""
-
-    def full(join):
-        return None if join is None else (*join, run)
-
-    impls = {"triton": lambda x, B, C, cs, w, st, D, cb, join: ssd_gpu.output(cfg, x, B, C, cs, w, st, None, D,
-                                                                               out_dtype, cb, full(join))}
-    for name in variants:
-        impls[f"mosaic:{name}"] = functools.partial(
-            lambda x, B, C, cs, w, st, D, cb, join, variant: ssd_mosaic_gpu.output(
-                cfg, x, B, C, cs, w, st, None, D, out_dtype, cb, full(join), variant=variant),
-            variant=name)
-    return {name: jax.jit(f) for name, f in impls.items()}
+def implementations(plan, out_dtype) -> Dict[str, Callable]:
+    """Jitted ``(x, B, C, cs, w, states, D, cb) -> y`` per kernel."""
+    return {
+        "triton": jax.jit(lambda x, B, C, cs, w, st, D, cb: gpu_output.output(plan, x, B, C, cs, w, st, None, D,
+                                                                               out_dtype, cb)),
+        "mosaic": jax.jit(lambda x, B, C, cs, w, st, D, cb: ssd_mosaic_gpu.output(plan, x, B, C, cs, w, st, None, D,
+                                                                                   out_dtype, cb)),
+    }
 
 
 def _error(e: BaseException) -> dict:
@@ -170,20 +140,19 @@ def run_impl(fn: Callable, args: tuple, iters: int, profile: bool) -> tuple:
     return row, y
 
 
-def run_case(name: str, shape: dict, cfg, out_dtype, variants: Sequence[str], iters: int, profile: bool,
-             with_reference: bool) -> List[dict]:
-    """Every implementation on one case's inputs; accuracy against Triton (and the XLA reference)."""
+def run_case(name: str, shape: dict, plan, out_dtype, iters: int, profile: bool, with_reference: bool) -> List[dict]:
+    """Both kernels on one case's inputs; accuracy against Triton (and the XLA reference)."""
     inp = make_inputs(**shape)
-    cb = jax.jit(lambda B, C: ssd_gpu.chunk_cb(cfg, B, C, jnp.bfloat16))(inp["B"], inp["C"])
-    args = (inp["x"], inp["B"], inp["C"], inp["cs"], inp["w"], inp["states"], inp["D"], cb, inp["join"])
+    cb = jax.jit(lambda B, C: gpu_prologue.chunk_cb(plan, B, C, jnp.bfloat16))(inp["B"], inp["C"])
+    args = (inp["x"], inp["B"], inp["C"], inp["cs"], inp["w"], inp["states"], inp["D"], cb)
     ref = None
     if with_reference:
-        ref = jax.jit(functools.partial(xla_reference, Q=shape["Q"], run=shape["run"]))(*args)
+        ref = jax.jit(functools.partial(xla_reference, Q=shape["Q"]))(*args[:7])
     floor_ms = data_bytes(**shape, out_bytes=jnp.dtype(out_dtype).itemsize) / PEAK_BW * 1e3
     rows, outputs = [], {}
-    for impl, fn in implementations(cfg, out_dtype, variants, shape["run"]).items():
+    for impl, fn in implementations(plan, out_dtype).items():
         row, y = run_impl(fn, args, iters, profile)
-        row = {"case": name, "impl": impl, "join_run": shape["run"] or None, "data_floor_ms": floor_ms, **row}
+        row = {"case": name, "impl": impl, "data_floor_ms": floor_ms, **row}
         if y is not None:
             outputs[impl] = y
             if "triton" in outputs and impl != "triton":
@@ -201,20 +170,18 @@ def format_row(row: dict) -> str:
         return format(row[key], fmt) if row.get(key) is not None else "-"
 
     status = "ok" if "error" not in row else "FAILED: " + " ".join(row["error"].split())[:160]
-    return (f"| {row['case']} | {row.get('join_run') or '-'} | {row['impl']} | {num('wall_ms', '.3f')} | {num('device_us', '.1f')} | "
+    return (f"| {row['case']} | {row['impl']} | {num('wall_ms', '.3f')} | {num('device_us', '.1f')} | "
             f"{num('data_floor_ms', '.3f')} | {num('rel_vs_triton', '.2e')} | {num('maxrel_vs_triton', '.2e')} | "
             f"{num('rel_vs_f32_ref', '.2e')} | {status} |")
 
 
-HEADER = ("| case | join run | impl | wall ms | device us | floor ms | rel vs triton | max rel vs triton | rel vs f32 "
-          "| status |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| case | impl | wall ms | device us | floor ms | rel vs triton | max rel vs triton | rel vs f32 | status |\n"
+          "|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="b8xL4096,b2xL16384,b1xL65536", help=f"comma list of {sorted(CASES)}")
-    ap.add_argument("--variants", default=",".join(ssd_mosaic_gpu.VARIANTS),
-                    help=f"comma list of Mosaic variants among {sorted(ssd_mosaic_gpu.VARIANTS)}")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--smoke", action="store_true",
@@ -222,13 +189,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--out", default="", help="JSON path")
     args = ap.parse_args(argv)
     out_dtype = jnp.dtype(args.out_dtype)
-    variants = [v for v in args.variants.split(",") if v]
     if args.smoke:
         cases = {"smoke": SMOKE}
         iters, profile = 1, False
     else:
-        cases = {c: dict(b=CASES[c][0], L=CASES[c][1], h=H, p=P, g=G, n=N, Q=Q, run=CASES[c][2])
-                 for c in args.cases.split(",") if c}
+        cases = {c: dict(b=CASES[c][0], L=CASES[c][1], h=H, p=P, g=G, n=N, Q=Q) for c in args.cases.split(",") if c}
         iters, profile = args.iters, jax.default_backend() == "gpu"
     smallest = min(cases, key=lambda c: cases[c]["b"] * cases[c]["L"])
     result = {"meta": {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "backend": jax.default_backend(),
@@ -238,10 +203,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
               "rows": []}
     print(HEADER, flush=True)
     for name, shape in cases.items():
-        cfg = ssd_ops.make_config(jnp.bfloat16, jnp.bfloat16, tuple(shape[k] for k in "bLhpgn"), shape["Q"],
-                                  launcher="gpu", interpret=args.smoke)
+        plan = make_plan(jnp.bfloat16, jnp.bfloat16, shape["Q"], "gpu", args.smoke, KernelConfig())
         try:
-            result["rows"] += run_case(name, shape, cfg, out_dtype, variants, iters, profile, name == smallest)
+            result["rows"] += run_case(name, shape, plan, out_dtype, iters, profile, name == smallest)
         except Exception as e:  # noqa: BLE001 - inputs or reference failed: the other cases still run
             result["rows"].append({"case": name, "impl": "inputs", **_error(e)})
             print(format_row(result["rows"][-1]), flush=True)

@@ -9,8 +9,9 @@ unclipped final state norm on even heads, 1e30 on odd heads).
 
 Timing: median over ``--repeats`` of the wall time of ``--iters`` back-to-back calls of the jitted function
 (``block_until_ready`` at the end), after a warm-up call. Accuracy: ``max |a - r| / max |r|`` of y and of the
-final state against ``ssd_recurrent`` (float32, HIGHEST precision) on the same inputs. The projection to a 1M
-token stream multiplies one layer call by 24 layers and 128 calls of 8192 tokens (SSM part only).
+final state against ``ssd_recurrent`` (float32, HIGHEST precision) on the same inputs. ``projected_1m_s`` is
+arithmetic, not a measurement: one layer call times 24 layers times the 128 calls of 8192 tokens in 1M tokens
+(the SSM part only; a streamed model is measured by ``benchmarks/stream_1m.py``).
 """
 
 from __future__ import annotations
@@ -32,15 +33,14 @@ import numpy as np  # noqa: E402
 
 
 import ssm_jax  # noqa: E402,F401  (registers ssm_jax.kernels when run from a checkout)
-from timing import time_ms  # noqa: E402
-from ssm_jax.kernels.ssd_stepwise import ssd_stepwise  # noqa: E402
 from ssm_jax.eval_lib import write_json  # noqa: E402
-from ssm_jax.ssd import ssd_recurrent  # noqa: E402
+from ssm_jax.kernels.ssd_reference import ssd_recurrent  # noqa: E402
+from ssm_jax.kernels.ssd_stepwise import ssd_stepwise  # noqa: E402
+from ssm_jax.profiling import time_ms  # noqa: E402
 
 FULL = dict(b=1, l=8192, h=24, p=64, n=128, g=1)
 SMOKE = dict(b=1, l=40, h=4, p=16, n=32, g=1)
-# (time_block, num_warps, num_stages); 4 warps was 2x slower than 8 and compiled for minutes (H200 run 1), and
-# 32-step blocks did not finish compiling within 2 minutes (session 3)
+# (time_block, num_warps, num_stages) swept by default; 4 warps compile for minutes and 32-step blocks longer
 VARIANTS = [(16, 8, 1), (8, 8, 1), (16, 16, 1), (8, 16, 1)]
 SMOKE_VARIANTS = [(16, 4, 1)]
 LAYERS, CALLS_PER_1M = 24, (1 << 20) // 8192

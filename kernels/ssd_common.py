@@ -1,12 +1,13 @@
 """Per-chunk SSD mathematics shared by every launcher (GPU/Triton, TPU/Mosaic, interpret mode).
 
-Everything here is a pure function of arrays that a kernel body has already loaded; the launchers
-(:mod:`ssd_gpu`, :mod:`ssd_tpu`) only choose blocks, grids, memory spaces and how the state is carried
+Everything here is a pure function of arrays that a kernel body has already loaded; the launchers (the GPU
+launcher's ``gpu_*`` modules, :mod:`ssd_tpu`) only choose blocks, grids, memory spaces and how the state is carried
 between chunks. Shapes follow one convention so that the same code lowers through Triton and Mosaic:
 per-position vectors are 2-D, ``(T, 1)`` for the output position ``t`` (a column) and ``(1, S)`` for the
 source position ``s`` (a row); matrices are ``(T, S)``, ``(T, P)``, ``(S, N)``, states ``(P, N)``.
 
-Notation inside one chunk of length Q (PAPER.md section 2), for one head:
+Notation inside one chunk of length Q (the chunked algorithm of Dao & Gu 2024, state space duality;
+docs/background.md), for one head:
 
 * ``cs_t``  inclusive in-chunk cumulative sum of the log-decays (float32, computed by the launcher's
   prologue as a cumulative sum; differences ``cs_t - cs_s`` of two positions of one chunk are the
@@ -45,22 +46,11 @@ TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
 class DotSpec(NamedTuple):
-    """How one matmul is computed: operand dtype, accumulation dtype, precision.
-
-    ``emulate_tf32`` rounds float32 operands to TF32 (10-bit mantissa) first: interpret-mode studies of the
-    accuracy of the GPU path, where Triton computes float32 dots in TF32.
-    """
+    """How one matmul is computed: operand dtype (or :data:`BF16X2`), accumulation dtype, precision."""
 
     op_dtype: Any
     acc: Any
     precision: Any = None
-    emulate_tf32: bool = False
-
-
-def _round_tf32(v):
-    bits = lax.bitcast_convert_type(v.astype(jnp.float32), jnp.uint32)
-    bits = (bits + jnp.uint32(0x1000)) & jnp.uint32(0xFFFFE000)
-    return lax.bitcast_convert_type(bits, jnp.float32)
 
 
 BF16X2 = "bf16x2"  # op_dtype marker: float32 operands split into two bf16 terms (hi + lo)
@@ -92,8 +82,6 @@ def mm(a, b, dims, spec: DotSpec):
         a = a.astype(spec.op_dtype)
     if b.dtype != spec.op_dtype:
         b = b.astype(spec.op_dtype)
-    if spec.emulate_tf32 and spec.op_dtype == jnp.float32:
-        a, b = _round_tf32(a), _round_tf32(b)
     out = lax.dot_general(a, b, dims, precision=spec.precision, preferred_element_type=spec.acc)
     return out if out.dtype == spec.acc else out.astype(spec.acc)
 

@@ -1,15 +1,15 @@
 """``ssd_stepwise``: the exact per-step SSD recurrence in one Pallas kernel (Triton on GPU, interpret on CPU).
 
 State normalisation in its exact (streaming) form clips every head's state after every update,
-``h_t <- h_t * min(1, max_norm / ||h_t||_F)`` (PAPER.md section 4.2). The clip is a non-linear function of the
-whole state, so the chunked algorithms cannot apply it inside a chunk, and ``ssd_recurrent`` runs it as a
-``lax.scan`` of one tiny step per token (launch-bound on a GPU). Here the time loop runs inside the kernel:
+``h_t <- h_t * min(1, max_norm / ||h_t||_F)`` (a training-free mitigation of Chen et al. 2024, arXiv 2410.07145;
+docs/background.md). The clip is a non-linear function of the whole state, so the chunked algorithms cannot apply
+it inside a chunk, and ``ssd_recurrent`` runs it as a ``lax.scan`` of one tiny step per token (launch-bound on a
+GPU). Here the time loop runs inside the kernel:
 
 * one program per (head, batch) keeps the ``(headdim, state)`` state in registers (float32) and walks the
   sequence, so a layer call costs one launch instead of one per token;
 * the wrapper casts once to float32 (``u = dt x``, ``B``, ``C``, and ``alpha = exp(log_a)``, 0 at document
-  resets): on an H200, bf16 rows cast inside the loop ran at 4.5-8 us per step, float32 rows at about 1 us
-  (measured through the 130m stream);
+  resets): casting bf16 rows inside the loop puts layout conversions on the critical path of every step;
 * the time axis is processed in blocks of ``time_block`` steps: the block's rows of ``u``, ``B``, ``C`` and its
   decays are all loaded before its first step (statically unrolled), so the loads of a block are in flight
   together instead of one dependent global load per step; a sequence that is not a multiple of the block ends
@@ -19,7 +19,7 @@ whole state, so the chunked algorithms cannot apply it inside a chunk, and ``ssd
   which saves one pass over the state per step; ``y_t = s_t (R_t C_t)`` and the Frobenius norm of ``R_t`` are
   both reductions of ``R_t`` and run side by side.
 
-Semantics are those of ``ssm_jax.ssd.ssd_recurrent(..., window=None)``: the backward pass of the
+Semantics are those of ``ssd_reference.ssd_recurrent(..., window=None)``: the backward pass of the
 ``jax.custom_vjp`` recomputes through ``jax.vjp`` of that reference (the streaming use is inference; the
 gradients are exact but as slow as the scan). Index arithmetic goes through multi-dimensional BlockSpecs and
 per-dimension indices, so Pallas switches to 64-bit offsets for arrays above 4 GiB (no int32 overflow at 1M+
@@ -37,14 +37,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ssm_jax.ssd import accumulation_dtype, ssd_recurrent
-
-try:  # Triton compiler parameters select the Triton lowering for plain pallas_call (not Mosaic GPU).
-    from jax.experimental.pallas import triton as pltriton
-
-    _TritonParams = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
-except ImportError:  # pragma: no cover - very old / stripped jax
-    _TritonParams = None
+from . import support
+from .config import Launch
+from .gpu_launch import triton_params
+from .ssd_reference import accumulation_dtype, ssd_recurrent
 
 Array = jax.Array
 MAX_TIME_BLOCK = 64
@@ -57,9 +53,8 @@ class StepwiseConfig:
     Attributes:
       time_block: steps per statically unrolled block (the block's loads are issued together).
       num_warps, num_stages: Triton launch parameters (more warps: fewer state elements per thread, so a
-        shorter dependent chain per step, but a wider cross-warp reduction). On an H200 (p=64, n=128, one
-        8192-step layer call, docs/benchmarks/stepwise_h200.json): 8-step blocks with 16 warps 29.3 ms, 16/16
-        31.3 ms, 16/8 38.8 ms; 4 warps ran at half the speed of 8 and took minutes to compile.
+        shorter dependent chain per step, but a wider cross-warp reduction); the defaults were the fastest
+        measured (docs/kernel_notes.md).
       interpret: run in Pallas interpret mode (CPU and other non-GPU backends).
     """
 
@@ -100,11 +95,11 @@ def ssd_stepwise(
 
     Returns:
       ``y (batch, seqlen, heads, headdim)`` and the final state ``(batch, heads, headdim, state)``, both in
-      float32 (float64 for float64 inputs), as ``ssm_jax.ssd.ssd_recurrent``.
+      float32 (float64 for float64 inputs), as ``ssd_reference.ssd_recurrent``.
     """
-    _validate(x, dt_in, log_a, B, C, initial_state, doc, max_norm, time_block)
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = support.default_target("stepwise").interpret
+    _validate(x, dt_in, log_a, B, C, initial_state, doc, max_norm, time_block, interpret)
     cfg = StepwiseConfig(int(time_block), int(num_warps), int(num_stages), bool(interpret))
     acc = accumulation_dtype(x.dtype)
     bound = None
@@ -218,9 +213,7 @@ def _forward(cfg: StepwiseConfig, x, dt_in, log_a, B, C, initial_state, doc, bou
         _stepwise_kernel, T=T, nblocks=l // T, tail=l % T, has_init=initial_state is not None,
         clip=bound is not None, acc=acc,
     )
-    params = None
-    if not cfg.interpret and _TritonParams is not None:
-        params = _TritonParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    params = triton_params(Launch(cfg.num_warps, cfg.num_stages), cfg.interpret)
     return pl.pallas_call(
         kernel,
         grid=(h, b),
@@ -245,7 +238,7 @@ def _decays(log_a: Array, doc: Optional[Array]) -> Array:
     return jnp.where(reset[..., None], 0.0, alpha)
 
 
-def _validate(x, dt_in, log_a, B, C, initial_state, doc, max_norm, time_block) -> None:
+def _validate(x, dt_in, log_a, B, C, initial_state, doc, max_norm, time_block, interpret) -> None:
     def fail(message):
         raise ValueError(f"ssd_stepwise: {message}")
 
@@ -261,9 +254,10 @@ def _validate(x, dt_in, log_a, B, C, initial_state, doc, max_norm, time_block) -
     g, n = B.shape[2], B.shape[3]
     if h % g:
         fail(f"heads ({h}) must be a multiple of groups ({g})")
-    for name, size in (("headdim (x.shape[3])", p), ("state (B.shape[3])", n)):
-        if size < 1 or size & (size - 1):
-            fail(f"{name} must be a power of two (Triton tensor shapes: 1, 2, 4, ..., 64, 128, ...), got {size}")
+    reason = support.unsupported("stepwise", support.Target("gpu", interpret), headdim=p, state=n,
+                                 dtype=jnp.result_type(x.dtype, B.dtype, C.dtype))
+    if reason is not None:
+        fail(reason)
     if initial_state is not None and initial_state.shape != (b, h, p, n):
         fail(f"`initial_state` has shape {tuple(initial_state.shape)}, expected (batch, heads, headdim, state) = "
              f"{(b, h, p, n)}")

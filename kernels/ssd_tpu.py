@@ -22,10 +22,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from . import ssd_common as cm
+from .config import Plan
 
 
-def _interpret(cfg):
-    if not cfg.interpret:
+def _interpret(plan: Plan):
+    if not plan.interpret:
         return False
     return pltpu.InterpretParams()
 
@@ -107,17 +108,17 @@ def _fwd_kernel(*refs, Q, nc, has_doc, has_init, has_D, clip, emit_y, dots, acc)
     xs, Bs = x_ref[...], B_ref[...]
     if emit_y:
         Cs = C_ref[...]
-        CB = cm.mm(Cs, Bs, cm.NT, dots["cb"])
+        CB = cm.mm(Cs, Bs, cm.NT, dots.cb)
         L = cm.intra_decay(cs_t, cs_s, cm.intra_mask(0, 0, Q, Q, doc_t, doc_s))
-        y = cm.intra_output(CB, L, w_s, xs, dots["out_intra"])
-        y = y + cm.off_output(Cs, H, cm.decay_from_start(cs_t, doc_t), dots["out_off"])
+        y = cm.intra_output(CB, L, w_s, xs, dots.out_intra)
+        y = y + cm.off_output(Cs, H, cm.decay_from_start(cs_t, doc_t), dots.out_off)
         if has_D:
             y = y + D_ref[...].astype(acc) * xs.astype(acc)
         y_ref[...] = y.astype(y_ref.dtype)
     else:
         states_ref[...] = H.astype(states_ref.dtype)
     coef = w_t * cm.decay_to_end(cs_t, cs_last, doc_t, doc_last)
-    new = cm.chunk_decay(cs_last, doc_last) * H + cm.chunk_state(xs, coef, Bs, dots["state"])
+    new = cm.chunk_decay(cs_last, doc_last) * H + cm.chunk_state(xs, coef, Bs, dots.state)
     if clip:
         scale = cm.clip_scale(new, mn_ref[...].astype(acc))
         scale_ref[...] = scale
@@ -129,13 +130,13 @@ def _fwd_kernel(*refs, Q, nc, has_doc, has_init, has_D, clip, emit_y, dots, acc)
         final_ref[...] = new.astype(final_ref.dtype)
 
 
-def _forward_call(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype, emit_y):
+def _forward_call(plan: Plan, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype, emit_y):
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     k = h // g
-    Q = cfg.chunk
+    Q = plan.chunk
     nc = L // Q
-    acc = cfg.acc
+    acc = plan.acc
     has_doc, has_init, has_D, clip = doc is not None, h0 is not None, D is not None, max_norm is not None
     xt, Bt, Ct, vecs = _layouts(x, w, cs, B, C, doc, Q)
     ident = lambda c: c
@@ -168,24 +169,25 @@ def _forward_call(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype, emit_y):
         out_specs.append(pl.BlockSpec((None, None, None, 1, 1), lambda bb, hh, c: (bb, hh, c, 0, 0)))
     kernel = functools.partial(
         _fwd_kernel, Q=Q, nc=nc, has_doc=has_doc, has_init=has_init, has_D=has_D, clip=clip, emit_y=emit_y,
-        dots=cfg.dots(), acc=acc,
+        dots=plan.dots, acc=acc,
     )
     return pl.pallas_call(
         kernel, grid=(b, h, nc), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((p, n), acc)], compiler_params=_compiler_params(), interpret=_interpret(cfg),
+        scratch_shapes=[pltpu.VMEM((p, n), acc)], compiler_params=_compiler_params(), interpret=_interpret(plan),
         name="ssd_tpu_fwd" if emit_y else "ssd_tpu_states",
     )(*ins)
 
 
-def forward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype):
-    outs = _forward_call(cfg, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype, emit_y=True)
-    y, final = jnp.swapaxes(outs[0], 1, 2), outs[1]
-    scales = outs[2].reshape(outs[2].shape[:3]) if max_norm is not None else None
-    return y, final, None, scales, None
+def forward(plan: Plan, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype):
+    """``(y (b, L, h, p), final state (b, h, p, n))`` in the kernel layouts of ``ssd_ops``."""
+    outs = _forward_call(plan, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype, emit_y=True)
+    return jnp.swapaxes(outs[0], 1, 2), outs[1]
 
 
-def states(cfg, x, w, cs, B, h0, doc, max_norm):
-    outs = _forward_call(cfg, x, w, cs, B, B, h0, doc, None, max_norm, cfg.acc, emit_y=False)
+def _states(plan: Plan, x, w, cs, B, h0, doc, max_norm):
+    """``(states entering each chunk (b, h, c, p, n), final state, clip scales (b, h, c) or None)``, recomputed for
+    the backward pass (one more forward pass over the chunks, without the output)."""
+    outs = _forward_call(plan, x, w, cs, B, B, h0, doc, None, max_norm, plan.acc, emit_y=False)
     scales = outs[2].reshape(outs[2].shape[:3]) if max_norm is not None else None
     return outs[1], outs[0], scales
 
@@ -227,11 +229,11 @@ def _bwd_kernel(*refs, Q, nc, has_doc, has_init, has_D, clip, dots, acc):
     d_t = cm.decay_to_end(cs_t, cs_last, doc_t, doc_last)
     g = cm.chunk_decay(cs_last, doc_last)
 
-    CB = cm.mm(Cs, Bs, cm.NT, dots["cb"])
+    CB = cm.mm(Cs, Bs, cm.NT, dots.cb)
     L = cm.intra_decay(cs_t, cs_s, cm.intra_mask(0, 0, Q, Q, doc_t, doc_s))
-    dcb, rowZ = cm.intra_row_terms(CB, L, w_s, dys, xs, dots["dxx"])
-    draw_state, V = cm.state_grad_terms(Bs, G, d_t, w_t, xs, dots["dx_state"])
-    draw = cm.intra_input_grad(CB, L, dys, dots["dx_intra"]) + draw_state
+    dcb, rowZ = cm.intra_row_terms(CB, L, w_s, dys, xs, dots.dxx)
+    draw_state, V = cm.state_grad_terms(Bs, G, d_t, w_t, xs, dots.dx_state)
+    draw = cm.intra_input_grad(CB, L, dys, dots.dx_intra) + draw_state
     xa = xs.astype(acc)
     dx = w_t * draw
     if has_D:
@@ -239,16 +241,16 @@ def _bwd_kernel(*refs, Q, nc, has_doc, has_init, has_D, clip, dots, acc):
         dx = dx + D_ref[...].astype(acc) * dya
         dD_ref[...] = cm.frobenius(dya, xa)
     dw = jnp.sum(xa * draw, axis=1, keepdims=True)
-    dC_off, off = cm.off_row_terms(dys, H, Cs, e_t, dots["dc_off"])
-    dC_ref[...] = (cm.mm(dcb, Bs, cm.NN, dots["dcb"]) + dC_off).astype(dC_ref.dtype)
-    dB = cm.mm(dcb, Cs, cm.TN, dots["dcb"]) + cm.state_input_grad_B(xs, w_t * d_t, G, dots["db_state"])
+    dC_off, off = cm.off_row_terms(dys, H, Cs, e_t, dots.dc_off)
+    dC_ref[...] = (cm.mm(dcb, Bs, cm.NN, dots.dcb) + dC_off).astype(dC_ref.dtype)
+    dB = cm.mm(dcb, Cs, cm.TN, dots.dcb) + cm.state_input_grad_B(xs, w_t * d_t, G, dots.db_state)
     dB_ref[...] = dB.astype(dB_ref.dtype)
     t = lax.broadcasted_iota(jnp.int32, (Q, 1), 0)
     tail = jnp.sum(V, axis=0, keepdims=True) + g * cm.frobenius(G, H)
     dcs_ref[...] = rowZ + off - w_t * dw + jnp.where(t == Q - 1, tail, 0.0)
     dx_ref[...] = dx.astype(dx_ref.dtype)
     dw_ref[...] = dw
-    new = g * G + cm.chunk_state(dys, e_t, Cs, dots["bstate"])
+    new = g * G + cm.chunk_state(dys, e_t, Cs, dots.bstate)
     G_scr[...] = new
 
     if has_init:
@@ -258,13 +260,16 @@ def _bwd_kernel(*refs, Q, nc, has_doc, has_init, has_D, clip, dots, acc):
             dh0_ref[...] = new.astype(dh0_ref.dtype)
 
 
-def backward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, states_, final, scales, dy, dfinal, cb=None):
+def backward(plan: Plan, x, w, cs, B, C, h0, doc, D, max_norm, dy, dfinal):
+    """``(dx, dw, dcs, dB, dC, dh0, dD, dmax_norm)`` in the kernel layouts of ``ssd_ops``: the states are recomputed
+    first, then one reverse pass over the chunks computes every gradient of one head per program."""
+    states_, final, scales = _states(plan, x, w, cs, B, h0, doc, max_norm)
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     k = h // g
-    Q = cfg.chunk
+    Q = plan.chunk
     nc = L // Q
-    acc = cfg.acc
+    acc = plan.acc
     has_doc, has_init, has_D, clip = doc is not None, h0 is not None, D is not None, max_norm is not None
     xt, Bt, Ct, vecs = _layouts(x, w, cs, B, C, doc, Q)
     dyt = jnp.swapaxes(dy, 1, 2)
@@ -311,10 +316,10 @@ def backward(cfg, x, w, cs, B, C, h0, doc, D, max_norm, states_, final, scales, 
             out_shape.append(jax.ShapeDtypeStruct((b, h, nc, 1, 1), acc))
             out_specs.append(pl.BlockSpec((None, None, None, 1, 1), lambda bb, hh, c: (bb, hh, rev(c), 0, 0)))
     kernel = functools.partial(_bwd_kernel, Q=Q, nc=nc, has_doc=has_doc, has_init=has_init, has_D=has_D, clip=clip,
-                               dots=cfg.dots(), acc=acc)
+                               dots=plan.dots, acc=acc)
     outs = pl.pallas_call(
         kernel, grid=(b, h, nc), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((p, n), acc)], compiler_params=_compiler_params(), interpret=_interpret(cfg),
+        scratch_shapes=[pltpu.VMEM((p, n), acc)], compiler_params=_compiler_params(), interpret=_interpret(plan),
         name="ssd_tpu_bwd",
     )(*ins)
     it = iter(outs)

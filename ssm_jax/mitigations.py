@@ -2,7 +2,8 @@
 
 A mitigation never mutates a model: it is a small pytree passed as ``mitigation=`` to
 :func:`ssm_jax.ssd`, to the model call and to the streaming / generation functions, which apply
-it to every layer and head. The transforms (PAPER.md section 4):
+it to every layer and head. The transforms (the training-free mitigations of Chen et al. 2024, arXiv 2410.07145;
+our summary in docs/background.md):
 
 * :func:`forget_more` -- ``alpha_t <- alpha_scale * alpha_t`` (``log alpha_t += log alpha_scale``)
   and ``B_t <- b_scale * B_t``. Published values: ``alpha_scale=0.9999, b_scale=0.75``.
@@ -133,20 +134,9 @@ def state_norm(max_norm: ArrayLike) -> Mitigation:
 
 
 def sliding_window(window: int) -> Mitigation:
-    """Keep only the last ``window`` tokens in each SSM state (state difference, PAPER.md section 4.3)."""
+    """Keep only the last ``window`` tokens in each SSM state (the state difference ``h_t - (prod of the last
+    window alphas) h_{t-window}``; docs/background.md)."""
     return Mitigation(window=int(window) if isinstance(window, (int, np.integer)) else window)
-
-
-def calibrate_state_norm(model, tokens, **kwargs):
-    """Per-layer, per-head ``(layers, heads)`` thresholds for :func:`state_norm` from the state norms seen
-    while streaming a calibration prompt (usually of the training length), as the paper does.
-
-    A shortcut to :func:`ssm_jax.diagnostics.calibrate_state_norm` (keyword arguments ``every``, ``reduce``
-    and ``margin`` are passed on): ``state_norm(calibrate_state_norm(model, prompt))``.
-    """
-    from ssm_jax import diagnostics  # diagnostics streams models, which import this module
-
-    return diagnostics.calibrate_state_norm(model, tokens, **kwargs)
 
 
 def _combine(a: Any, b: Any, op) -> Any:

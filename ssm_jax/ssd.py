@@ -1,24 +1,28 @@
-"""The SSD scan of Mamba-2: one entry point, :func:`ssd`, and its two pure-JAX implementations.
+"""The SSD scan of Mamba-2: one entry point, :func:`ssd`, and its pure-JAX chunked implementation.
 
 Per head, with ``alpha_t = exp(dt_t * A)`` and a P x N state ``h``::
 
     h_t = alpha_t * h_{t-1} + dt_t * x_t B_t^T        y_t = h_t C_t + D * x_t
 
-* ``impl="recurrent"``: a ``lax.scan`` over time -- the definition, used as the test oracle.
-* ``impl="xla"``: the chunked state-space-duality algorithm in ``jnp`` (PAPER.md section 2): an
-  attention-like masked product inside each chunk, per-chunk states, a sequential pass over
-  chunks, and the inter-chunk output. It is the fallback on CPU and old GPUs and the oracle of the
-  Pallas kernels.
-* ``impl="pallas"``: the kernels in :mod:`ssm_jax.kernels` (interpret mode on CPU).
+* ``impl="recurrent"``: a ``lax.scan`` over time -- the definition, used as the test oracle
+  (:func:`ssd_recurrent`, from the kernels' bottom module ``ssm_jax.kernels.ssd_reference``).
+* ``impl="xla"``: the chunked state-space-duality algorithm (Dao & Gu 2024; docs/background.md) in ``jnp``: an
+  attention-like masked product inside each chunk, per-chunk states, a sequential pass over chunks, and the
+  inter-chunk output. It is the fallback on CPU and old GPUs and the oracle of the Pallas kernels.
+* ``impl="pallas"``: the kernels in :mod:`ssm_jax.kernels` (interpret mode on CPU); a sliding window runs the
+  ``"xla"`` path instead (exact, differentiable).
 * ``impl="stepwise"``: the recurrence of ``impl="recurrent"`` (exact per-step ``state_norm``) as one Pallas
   kernel with the time loop inside (:mod:`ssm_jax.kernels.ssd_stepwise`; interpret mode off GPU). Streaming
   with ``state_norm`` uses it on GPU; never chosen by "auto".
 
-Both pure-JAX paths work on a normalised problem: the input weight ``dt_in`` (``dt``, possibly
-rescaled by a mitigation), the per-step log-decay ``log_a = dt * A (+ log alpha_scale)``, and
-document ids ``doc`` (non-decreasing, 0 at position 0) derived from ``segment_ids``; the state is
-reset to zero wherever ``doc`` changes and the initial state belongs to document 0.
-Accumulation is in float32 (float64 when the inputs are float64).
+What the kernels accept (chunk sizes, head and state sizes, dtypes, platforms) is stated once, in
+:mod:`ssm_jax.kernels.support`: ``resolve_impl`` and the argument checks of :func:`ssd` read it.
+
+The pure-JAX paths work on a normalised problem: the input weight ``dt_in`` (``dt``, possibly rescaled by a
+mitigation), the per-step log-decay ``log_a = dt * A (+ log alpha_scale)``, and document ids ``doc``
+(non-decreasing, 0 at position 0) derived from ``segment_ids``; the state is reset to zero wherever ``doc``
+changes and the initial state belongs to document 0. Accumulation is in float32 (float64 when the inputs are
+float64).
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssm_jax import mitigations as mitigations_lib
+from ssm_jax.kernels import support
+from ssm_jax.kernels.ssd_reference import (  # noqa: F401 - ssd_recurrent and accumulation_dtype are public here
+    accumulation_dtype,
+    clip_norm,
+    expand_groups,
+    matmul_precision,
+    ssd_recurrent,
+)
 
 IMPLS = ("auto", "recurrent", "xla", "pallas", "stepwise")
 Array = jax.Array
@@ -63,39 +75,63 @@ def ssd(
       A: ``(heads,)`` negative decay rates (``-exp(A_log)``).
       B, C: ``(batch, seqlen, groups, state)``; head ``h`` reads group ``h // (heads // groups)``.
       D: ``(heads,)`` skip connection, or None.
-      chunk_size: chunk length of the chunked algorithms (any positive int; kernels need 64/128/256).
+      chunk_size: chunk length of the chunked algorithms (any positive int; the kernels take
+        ``ssm_jax.kernels.support.CHUNK_SIZES``).
       initial_state: ``(batch, heads, headdim, state)`` state before position 0, or None (zeros).
       segment_ids: ``(batch, seqlen)`` ints; the state resets to zero wherever the id changes from one
         position to the next (packed documents). The initial state belongs to the first segment.
       mitigation: an :mod:`ssm_jax.mitigations` value applied to every head, or None.
-      impl: "recurrent", "xla", "pallas", "stepwise" or "auto" (kernels on GPU/TPU, xla on CPU). "stepwise"
-        computes what "recurrent" computes (state_norm after every step) in one kernel; it needs power-of-two
-        ``headdim`` and ``state``, and with a ``sliding_window`` mitigation it falls back to "recurrent" (same
-        result).
+      impl: "recurrent", "xla", "pallas", "stepwise" or "auto" (kernels on GPU/TPU where they take the sizes,
+        xla elsewhere). "stepwise" computes what "recurrent" computes (state_norm after every step) in one kernel;
+        with a ``sliding_window`` mitigation it falls back to "recurrent" and "pallas" to "xla" (same result).
+        Sizes, dtypes or platforms the kernels do not take (``ssm_jax.kernels.support``) are refused up front
+        with a ValueError that names the accepted values.
 
     Returns:
       ``y`` with the shape and dtype of ``x``, and the final state ``(batch, heads, headdim, state)``
       in float32 (float64 for float64 inputs). With a sliding window the final state is the windowed state.
+
+    Raises:
+      ValueError: naming the argument, for wrong shapes, non-floating ``x``, ``dt``, ``A``, ``B``, ``C``, ``D`` or
+        ``initial_state``, non-integer ``segment_ids``, an empty sequence, an unknown ``impl``, a chunk size that
+        is not a positive int, or sizes the chosen kernels do not take.
+
+    Non-finite inputs (NaN, Inf) are neither checked nor replaced (a check would need the values on the host,
+    which ``jit`` does not have): they propagate. A non-finite ``x``, ``dt`` or ``B`` at position ``t`` of batch
+    row ``b`` makes ``y`` non-finite at ``t`` and at every later position of row ``b`` in the heads that read it
+    (``x``, ``dt``: its head; ``B``: the heads of its group), segment resets included (``0 * NaN`` is NaN), and
+    the final state of those heads in row ``b``; the chunked paths ("xla", "pallas") may also spread it to
+    earlier positions of those heads in row ``b`` (a masked-out term of a matrix product is ``0 * NaN``). A
+    non-finite ``C_t`` makes ``y_t`` non-finite; a non-finite ``A`` or ``D`` the whole output of its head. Other
+    batch rows, and heads that do not read the value, stay finite.
     """
     _validate(x, dt, A, B, C, D, chunk_size, initial_state, segment_ids, impl)
     mitigation = mitigations_lib.resolve(mitigation)
     if mitigation is not None:
         mitigation.check_heads(x.shape[2])
-    impl = resolve_impl(impl, headdim=x.shape[3], state=B.shape[3], chunk_size=chunk_size)
+    sizes = dict(headdim=x.shape[3], state=B.shape[3], dtype=jnp.result_type(x.dtype, B.dtype, C.dtype))
+    impl = resolve_impl(impl, chunk_size=chunk_size, **sizes)
+    window = mitigation.window if mitigation is not None else None
+    if impl == "pallas" and window is not None and window <= x.shape[1]:
+        impl = "xla"  # the kernels have no window (a wider one is a no-op); the chunked path computes it exactly
+    if impl == "stepwise" and window is not None:
+        impl = "recurrent"  # the stepwise kernel has no window; the recurrence carries it (same result)
+    if impl in ("pallas", "stepwise"):
+        support.check(impl, support.default_target(impl), where=f"ssd(impl='{impl}')",
+                      chunk_size=chunk_size if impl == "pallas" else None, **sizes)
 
     acc = accumulation_dtype(x.dtype)
     dt_in, log_a = input_weight_and_log_decay(dt, A, mitigation, acc)
     doc = document_ids(segment_ids, x.shape[:2])
-    window = mitigation.window if mitigation is not None else None
     max_norm = mitigation.max_norm if mitigation is not None else None
     if initial_state is not None:
         initial_state = initial_state.astype(acc)
 
-    if impl == "stepwise" and window is None:
+    if impl == "stepwise":
         from ssm_jax.kernels import ssd_stepwise  # imported lazily: the kernels pull in Pallas
 
         y, final_state = ssd_stepwise.ssd_stepwise(x, dt_in, log_a, B, C, initial_state, doc, max_norm=max_norm)
-    elif impl in ("recurrent", "stepwise"):  # the stepwise kernel has no window: the recurrence carries it
+    elif impl == "recurrent":
         y, final_state = ssd_recurrent(x, dt_in, log_a, B, C, initial_state, doc, max_norm=max_norm, window=window)
     elif impl == "xla":
         y, final_state = ssd_chunked(
@@ -106,7 +142,7 @@ def ssd(
 
         # The kernels fuse the D skip and write y in x's dtype directly (less memory traffic).
         return ssd_ops.ssd_pallas(
-            x, dt_in, log_a, B, C, initial_state, doc, chunk_size=chunk_size, max_norm=max_norm, window=window,
+            x, dt_in, log_a, B, C, initial_state, doc, chunk_size=chunk_size, max_norm=max_norm,
             D=None if D is None else D.astype(acc), out_dtype=x.dtype,
         )
 
@@ -116,11 +152,11 @@ def ssd(
 
 
 def resolve_impl(impl: str, *, headdim: Optional[int] = None, state: Optional[int] = None,
-                 chunk_size: Optional[int] = None) -> str:
+                 chunk_size: Optional[int] = None, dtype=None) -> str:
     """Maps "auto" to the fastest implementation available on the default backend for these sizes.
 
-    The kernels run on GPU and TPU for chunk sizes 64/128/256 and power-of-two ``headdim`` and ``state``
-    of at least 16; everything else (and the CPU) uses the chunked XLA path.
+    "auto" runs the kernels on GPU and TPU where ``ssm_jax.kernels.support`` says they take the call (the sizes
+    given; those left None are not checked), and the chunked XLA path everywhere else (the CPU included).
     """
     if impl not in IMPLS:
         raise ValueError(f"`impl` must be one of {IMPLS}, got {impl!r}")
@@ -128,12 +164,9 @@ def resolve_impl(impl: str, *, headdim: Optional[int] = None, state: Optional[in
         return impl
     if jax.default_backend() not in ("gpu", "tpu") or not _kernels_available():
         return "xla"
-    if chunk_size is not None and chunk_size not in (64, 128, 256):
-        return "xla"
-    for size in (headdim, state):
-        if size is not None and (size < 16 or size & (size - 1)):
-            return "xla"
-    return "pallas"
+    reason = support.unsupported("pallas", support.default_target("pallas"), chunk_size=chunk_size, headdim=headdim,
+                                 state=state, dtype=dtype)
+    return "pallas" if reason is None else "xla"
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,11 +176,6 @@ def _kernels_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def accumulation_dtype(dtype) -> jnp.dtype:
-    """float32 for bf16/fp16/fp32 inputs, float64 for float64 inputs."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def input_weight_and_log_decay(
@@ -210,118 +238,10 @@ def _validate(x, dt, A, B, C, D, chunk_size, initial_state, segment_ids, impl) -
         raise ValueError(f"ssd: `chunk_size` must be a positive int, got {chunk_size!r}")
     if impl not in IMPLS:
         raise ValueError(f"ssd: `impl` must be one of {IMPLS}, got {impl!r}")
-    for name, arr in (("x", x), ("B", B), ("C", C)):
-        if not jnp.issubdtype(arr.dtype, jnp.floating):
-            raise ValueError(f"ssd: `{name}` must be floating point, got dtype {arr.dtype}")
-
-
-def _precision(dtype) -> jax.lax.Precision:
-    # The references must not silently drop to TF32 / bf16 passes on GPU and TPU.
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else jax.lax.Precision.DEFAULT
-
-
-def _clip_norm(state: Array, max_norm: Array) -> Array:
-    """``state (..., heads, headdim, n) * min(1, max_norm / ||state||_F)`` per head."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(state), axis=(-2, -1)))  # (..., heads)
-    bound = jnp.broadcast_to(jnp.asarray(max_norm, state.dtype), norm.shape)
-    scale = jnp.minimum(1.0, bound / jnp.maximum(norm, jnp.finfo(state.dtype).tiny))
-    return state * scale[..., None, None]
-
-
-def _expand_groups(M: Array, heads: int) -> Array:
-    """``(batch, seqlen, groups, n) -> (batch, seqlen, heads, n)`` (head h reads group h // (heads/groups))."""
-    return jnp.repeat(M, heads // M.shape[2], axis=2)
-
-
-# --------------------------------------------------------------------------------------------------
-# impl="recurrent": the definition
-# --------------------------------------------------------------------------------------------------
-
-
-def ssd_recurrent(
-    x: Array,
-    dt_in: Array,
-    log_a: Array,
-    B: Array,
-    C: Array,
-    initial_state: Optional[Array],
-    doc: Optional[Array],
-    *,
-    max_norm=None,
-    window: Optional[int] = None,
-) -> Tuple[Array, Array]:
-    """Step-by-step recurrence (without the ``D`` skip). Returns ``y (b, l, h, p)`` in the accumulation
-    dtype and the final state.
-
-    With a window it carries the lagged state ``g_t = h_{t-window}`` and a running sum of the last
-    ``window`` log-decays (never a product) and outputs ``C_t (h_t - exp(S_t) g_t)``: PAPER.md 4.3.
-    """
-    b, l, h, p = x.shape
-    n = B.shape[-1]
-    acc = accumulation_dtype(x.dtype)
-    Bh = _expand_groups(B, h).astype(acc)  # (b, l, h, n)
-    Ch = _expand_groups(C, h).astype(acc)  # (b, l, h, n)
-    u = x.astype(acc) * dt_in[..., None]  # (b, l, h, p)
-    reset = jnp.zeros((b, l), bool) if doc is None else jnp.concatenate(
-        [jnp.zeros((b, 1), bool), doc[:, 1:] != doc[:, :-1]], axis=1
-    )
-    h0 = jnp.zeros((b, h, p, n), acc) if initial_state is None else initial_state.astype(acc)
-
-    def advance(state, u_t, B_t, log_a_t, reset_t):
-        alpha = jnp.where(reset_t[:, None], 0.0, jnp.exp(log_a_t))  # (b, h)
-        return alpha[..., None, None] * state + u_t[..., None] * B_t[..., None, :]
-
-    time_major = lambda a: jnp.moveaxis(a, 1, 0)
-
-    if window is None:
-
-        def step(state, inputs):
-            u_t, B_t, C_t, log_a_t, reset_t = inputs
-            state = advance(state, u_t, B_t, log_a_t, reset_t)
-            if max_norm is not None:
-                state = _clip_norm(state, max_norm)
-            return state, jnp.einsum("bhpn,bhn->bhp", state, C_t, precision=_precision(acc))
-
-        final, y = jax.lax.scan(step, h0, tuple(map(time_major, (u, Bh, Ch, log_a, reset))))
-        return time_major(y), final
-
-    r = int(window)
-
-    def lag(a):  # a[t - r] at position t (zeros before the start)
-        pad = jnp.zeros((a.shape[0], r) + a.shape[2:], a.dtype)
-        return jnp.concatenate([pad, a], axis=1)[:, :l]
-
-    positions = jnp.arange(l, dtype=jnp.int32)
-
-    def step(carry, inputs):
-        state, lagged, log_decay_sum, resets_in_window = carry
-        t, u_t, B_t, C_t, log_a_t, reset_t, u_l, B_l, log_a_l, reset_l = inputs
-        state = advance(state, u_t, B_t, log_a_t, reset_t)
-        # The lagged state h_{t-r}: zero before position -1, the initial state at t - r = -1.
-        lagged = jnp.where(
-            t >= r, advance(lagged, u_l, B_l, log_a_l, reset_l), jnp.where(t == r - 1, h0, jnp.zeros_like(h0))
-        )
-        leaving = t >= r
-        log_decay_sum = log_decay_sum + log_a_t - jnp.where(leaving, log_a_l, 0.0)
-        resets_in_window = resets_in_window + reset_t.astype(jnp.int32) - jnp.where(leaving, reset_l, False).astype(
-            jnp.int32
-        )
-        decay = jnp.where(resets_in_window[:, None] > 0, 0.0, jnp.exp(log_decay_sum))  # (b, h)
-        windowed = state - decay[..., None, None] * lagged
-        y_t = jnp.einsum("bhpn,bhn->bhp", windowed, C_t, precision=_precision(acc))
-        return (state, lagged, log_decay_sum, resets_in_window), (y_t, windowed)
-
-    carry0 = (h0, jnp.zeros_like(h0), jnp.zeros((b, h), acc), jnp.zeros((b,), jnp.int32))
-    xs = (positions,) + tuple(map(time_major, (u, Bh, Ch, log_a, reset, lag(u), lag(Bh), lag(log_a), lag(reset))))
-
-    def step_y(carry, inputs):
-        carry, (y_t, _) = step(carry, inputs)
-        return carry, y_t
-
-    carry, y = jax.lax.scan(step_y, carry0, xs)
-    state, lagged, log_decay_sum, resets_in_window = carry
-    decay = jnp.where(resets_in_window[:, None] > 0, 0.0, jnp.exp(log_decay_sum))
-    return time_major(y), state - decay[..., None, None] * lagged
+    arrays = (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("initial_state", initial_state))
+    for name, arr in arrays:
+        if arr is not None and not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise ValueError(f"ssd: `{name}` must be floating point (float32, bfloat16, ...), got dtype {arr.dtype}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,7 +301,7 @@ def ssd_chunked(
     k = h // g
     q = chunk_size
     acc = accumulation_dtype(x.dtype)
-    prec = _precision(acc)
+    prec = matmul_precision(acc)
     xc, u, a, Bc, Cc, docc, c = _to_chunks(x, dt_in, log_a, B, C, doc, q)
     # xc, u: (b, c, q, g, k, p); a: (b, c, g, k, q); Bc, Cc: (b, c, q, g, n); docc: (b, c, q) or None
 
@@ -414,7 +334,7 @@ def ssd_chunked(
         entering = state
         state = decay[..., None, None] * state + local
         if norm_bound is not None:
-            state = _clip_norm(state, norm_bound)
+            state = clip_norm(state, norm_bound)
         return state, entering
 
     final, entering = jax.lax.scan(
@@ -467,7 +387,7 @@ def _chunked_windowed_output(x, dt_in, log_a, B, C, initial_state, doc, q, windo
     g, n = B.shape[2], B.shape[3]
     k = h // g
     acc = accumulation_dtype(x.dtype)
-    prec = _precision(acc)
+    prec = matmul_precision(acc)
     _, u, a, Bc, Cc, docc, c = _to_chunks(x, dt_in, log_a, B, C, doc, q)
     a_cum = jnp.cumsum(a, axis=-1)  # (b, c, g, k, q) inclusive prefix inside each chunk
     suffix = _exclusive_suffix_sum(a)  # (b, c, g, k, q)
@@ -508,6 +428,6 @@ def _chunked_windowed_output(x, dt_in, log_a, B, C, initial_state, doc, q, windo
         if doc is not None:
             keep = keep & (doc == 0)[:, :, None]
         weight = jnp.where(keep, jnp.exp(jnp.where(keep, prefix, 0.0)), 0.0)  # (b, l, h)
-        Ch = _expand_groups(C, h).astype(acc)
+        Ch = expand_groups(C, h).astype(acc)
         y = y + weight[..., None] * jnp.einsum("bhpn,blhn->blhp", initial_state.astype(acc), Ch, precision=prec)
     return y

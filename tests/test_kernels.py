@@ -5,13 +5,14 @@
 * values and gradients (x, dt, A, B, C, D, initial_state) through ``ssm_jax.ssd(impl="pallas")`` and through
   the raw contract ``ssd_ops.ssd_pallas``, against the float64 step-by-step reference (tests/reference.py) and
   the float64 recurrence's autodiff gradients: odd lengths, document resets, initial state, groups, chunk sizes
-  64 and 128, state_norm, bf16 inputs;
+  64 and 128, state_norm, bf16 inputs, tile sizes other than the defaults;
 * the TPU kernels lowered for TPU (Mosaic block-shape rules) at the public model shapes, the GPU kernels lowered
   through Triton;
-* errors for unsupported chunk sizes.
+* what the kernels accept (``ssm_jax.kernels.support``): sizes that work in interpret mode, and every size, dtype
+  and chunk the compiled kernels do not take refused up front with the accepted values named.
 
-Float64 runs check the algebra to ~1e-10; bf16 runs check the accuracy target of issue 3 (relative error
-<= 3e-3 against the float32 reference). Tests that need a GPU are marked ``gpu`` (skipped on CPU).
+Float64 runs check the algebra to ~1e-10; bf16 runs check the accuracy target (relative error <= 3e-3 against
+the float32 reference). Tests that need a GPU are marked ``gpu`` (skipped on CPU).
 """
 
 import os
@@ -24,8 +25,9 @@ import pytest
 from reference import random_segment_ids, random_ssd_inputs, ssd_reference
 from ssm_jax import mitigations as M
 from ssm_jax import ssd
-from ssm_jax.kernels import ssd_gpu, ssd_ops
-from ssm_jax.ssd import document_ids, ssd_chunked
+from ssm_jax.kernels import gpu_scan, ssd_ops, support
+from ssm_jax.kernels.config import KernelConfig, Launch, make_plan
+from ssm_jax.ssd import document_ids, resolve_impl, ssd_chunked
 
 ARGS = ("x", "dt", "A", "B", "C", "D", "initial_state")
 
@@ -37,10 +39,10 @@ def rel(got, want) -> float:
 
 
 @pytest.fixture
-def launcher(request):
-    ssd_ops.set_default_launcher(request.param)
-    yield request.param
-    ssd_ops.set_default_launcher(None)
+def launcher(request, monkeypatch):
+    """Runs ``ssd(impl="pallas")`` through the named launcher in interpret mode (the CPU's default is "gpu")."""
+    monkeypatch.setattr(support, "default_target", lambda impl="pallas": support.Target(request.param, True))
+    return request.param
 
 
 def _inputs(seed, batch=2, seqlen=77, heads=4, headdim=8, groups=2, state=16, dtype=jnp.float64):
@@ -104,17 +106,15 @@ def test_gradients_match_float64_recurrence(launcher):
             assert rel(g, w) < tol, name
 
 
-@pytest.mark.parametrize("variant", [
-    dict(block_t=32, state_variant="split", heads_per_block=2, cols_heads_per_block=2, cb_readers=(),
-         rows_head_blocks=2, rows_state_splits=2, scan_block=32, save_states=False),
-    dict(block_t=32, cb_readers=("out", "cols"), heads_per_block=1, cols_heads_per_block=2, rows_head_blocks=4,
-         scan_block=32, scalars_kernel=True),
-    dict(block_t=64, heads_per_block=2, cb_readers=(), scan_block=128, scalars_kernel=False),
-], ids=["split_inline_cb", "precomputed_cb", "inline_cb_block64"])
-def test_gradients_block_loops_and_config_variants(variant):
-    """Several row/column blocks per chunk (block_t=32, chunk 128), the split state pass, head blocks, ``C B^T``
-    computed by every program or once per group and chunk, the fused state scans with several row steps or one
-    per chunk, the per-position scalars from the GPU launcher's kernel or from XLA (padded length)."""
+@pytest.mark.parametrize("config", [
+    KernelConfig(block_t=32, scan_block=32, state_rows=4, cols_heads=1, state_splits=1),
+    KernelConfig(block_t=64, scan_block=128, cols_heads=4, scan_programs=1),
+], ids=["blocks32_rows4_heads1", "block64_one_step_heads4"])
+def test_gradients_with_other_tile_sizes(config):
+    """Tile sizes other than the defaults: several row/column blocks per chunk (block_t=32, chunk 128), state rows
+    split over programs, one or several row steps per chunk in the state scan, one head or a whole group per
+    ``bwd_cols`` program, the state columns of ``bwd_group_rows`` in one block; a padded length, resets and an
+    initial state: values and gradients against the float64 chunked reference."""
     with jax.enable_x64(True):
         _, a, seg, cot, cot_state = _inputs(2, seqlen=150, heads=8, groups=2, state=32)
         doc = document_ids(jnp.asarray(seg), seg.shape)
@@ -127,7 +127,7 @@ def test_gradients_block_loops_and_config_variants(variant):
 
             return f
 
-        kern = lambda *xs: ssd_ops.ssd_pallas(*xs, doc, chunk_size=128, config=variant)
+        kern = lambda *xs: ssd_ops.ssd_pallas(*xs, doc, chunk_size=128, config=config)
         ref = lambda *xs: ssd_chunked(*xs, doc, chunk_size=128)
         args = (a["x"], dt_in, log_a, a["B"], a["C"], a["initial_state"])
         y, final = kern(*args)
@@ -141,14 +141,15 @@ def test_gradients_block_loops_and_config_variants(variant):
 
 @pytest.mark.parametrize("programs", [16, 24], ids=["runs_4_3", "runs_3_3_1"])
 def test_segmented_state_scans_match_the_chunked_reference(programs):
-    """The ``"segments"`` state scans (forward and backward: runs of chunks scanned side by side from a zero state,
-    then joined by ``ssd_gpu.run_entering``, in the output kernel and in XLA) with 7 chunks in runs that do not divide them, document resets
-    inside and across runs, an initial state (first run) and a final-state cotangent (last run of the backward
-    scan): values and gradients against the float64 chunked reference."""
+    """The state scans over runs of chunks (forward and backward: runs scanned side by side from a zero state, then
+    joined by ``gpu_scan.run_entering``, in the Triton output kernel (forward alone) and in XLA (with gradients))
+    with 7 chunks in runs that do not divide them, document resets inside and across runs, an initial state (first
+    run) and a final-state cotangent (last run of the backward scan): values and gradients against the float64
+    chunked reference."""
     with jax.enable_x64(True):
         _, a, seg, cot, cot_state = _inputs(12, batch=2, seqlen=64 * 7 - 5, heads=4, groups=2, state=16)
         doc = document_ids(jnp.asarray(seg), seg.shape)
-        config = dict(state_variant="segments", scan_programs=programs)  # 2 x 4 (batch, head) programs
+        config = KernelConfig(scan_programs=programs)  # 2 x 4 (batch, head) programs: 2 or 3 runs per program
 
         def loss(fn):
             def f(*xs):
@@ -171,14 +172,14 @@ def test_segmented_state_scans_match_the_chunked_reference(programs):
 def test_segment_runs_cover_every_chunk():
     """``segment_run``: runs of equal length (the last one shorter), as many as the wanted programs allow, never
     empty."""
-    assert ssd_gpu.segment_run(64, 64, 256) == 16  # b2 x L16384: 4 runs of 16 chunks
-    assert ssd_gpu.segment_run(256, 32, 256) == 32  # b1 x L65536: 8 runs of 32
-    assert ssd_gpu.segment_run(7, 8, 24) == 3  # 3, 3, 1
-    assert ssd_gpu.segment_run(3, 8, 4096) == 1  # never more runs than chunks
-    assert ssd_gpu.segment_run(16, 256, 256) == 16  # enough programs: one run
+    assert gpu_scan.segment_run(64, 64, 256) == 16  # b2 x L16384: 4 runs of 16 chunks
+    assert gpu_scan.segment_run(256, 32, 256) == 32  # b1 x L65536: 8 runs of 32
+    assert gpu_scan.segment_run(7, 8, 24) == 3  # 3, 3, 1
+    assert gpu_scan.segment_run(3, 8, 4096) == 1  # never more runs than chunks
+    assert gpu_scan.segment_run(16, 256, 256) == 16  # enough programs: one run
     for nc in range(1, 40):
         for programs in (1, 3, 8):
-            run = ssd_gpu.segment_run(nc, programs, 64)
+            run = gpu_scan.segment_run(nc, programs, 64)
             nseg = -(-nc // run)
             assert 1 <= run <= nc and (nseg - 1) * run < nc
 
@@ -200,7 +201,7 @@ def test_extreme_decays_stay_finite_and_exact():
         def loss(fn):
             return lambda *xs: jnp.sum(fn(*xs)[0] * cot) + jnp.sum(fn(*xs)[1])
 
-        kern = lambda *xs: ssd_ops.ssd_pallas(*xs, doc, chunk_size=64, config=dict(block_t=16, scalars_kernel=True))
+        kern = lambda *xs: ssd_ops.ssd_pallas(*xs, doc, chunk_size=64, config=KernelConfig(block_t=16))
         ref = lambda *xs: ssd_chunked(*xs, doc, chunk_size=64)
         y, final = kern(*args)
         y_ref, final_ref = ref(*args)
@@ -213,7 +214,8 @@ def test_extreme_decays_stay_finite_and_exact():
 
 
 def test_state_norm_values_and_gradients():
-    """state_norm: the per-head clip at chunk boundaries, as in the chunked reference (incl. d/d max_norm)."""
+    """state_norm: the per-head clip at chunk boundaries (``gpu_state_norm``: parallel chunk states, then the pass
+    with the clip), as in the chunked reference (incl. d/d max_norm); chunk states in one or several row steps."""
     with jax.enable_x64(True):
         _, a, seg, cot, cot_state = _inputs(3, seqlen=100)
         mit = M.state_norm(jnp.asarray([0.5, 1.0, 2.0, 50.0]))
@@ -237,7 +239,7 @@ def test_state_norm_values_and_gradients():
 
         bound_args = (a["x"], a["dt"] * a["A"], a["B"], jnp.asarray([0.5, 1.0, 2.0, 3.0]))
         want = jax.grad(of_bound_ref, argnums=range(4))(*bound_args)
-        for config in (None, dict(state_variant="split")):  # the fused and the split state pass
+        for config in (None, KernelConfig(scan_block=16)):
             grads = jax.grad(of_bound(config), argnums=range(4))(*bound_args)
             for name, g, w in zip(("x", "log_a", "B", "max_norm"), grads, want):
                 assert rel(g, w) < 1e-9, (config, name)
@@ -334,26 +336,31 @@ def test_tpu_kernels_lower_for_tpu_at_model_shapes(heads, max_norm):
 def test_gpu_kernels_lower_through_triton(heads):
     """Triton block shapes (powers of two) at the public models' head counts (24 heads: 130m; 80: 2.7b), 1000
     tokens (padded), segments and an initial state, with the default kernels and with the other variants."""
-    for config in (None, dict(scalars_kernel=False, state_variant="split", save_states=False)):
+    for config in (None, KernelConfig(block_t=32, cols_heads=1, state_splits=1, bwd_pairs=Launch(4, 2))):
         text = _lowered_text("gpu", "cuda", 2, 1000, heads, config=config)
-        assert text.count("__gpu$xla.gpu.triton") >= 5
+        assert text.count("__gpu$xla.gpu.triton") >= 8  # scalars, scan, C B^T, output; scan, cols, pairs, rows
+    text = _lowered_text("gpu", "cuda", 2, 1000, heads, max_norm=1.0)  # state_norm: chunk states + the pass
+    assert text.count('name = "ssd_state_norm_pass') == 2 and text.count('name = "ssd_chunk_states"') == 2
 
 
 def test_mosaic_output_kernel_through_ssd_pallas():
-    """``output_kernel="mosaic"`` (the Hopper default): ``ssd_pallas``'s forward with the Mosaic GPU output kernel
-    (its interpreter on CPU) with the "segments" scan's join inside it and done by XLA before it (2 x 2 programs,
-    3 chunks in runs of 1), bf16
-    inputs against the float32 chunked reference (relative error <= 5e-3: bf16 operands and output); gradients
-    (Triton backward kernels) against the reference's (<= 1e-2); with document ids it falls back to Triton."""
+    """``output_kernel="mosaic"`` (what "auto" picks on Hopper): ``ssd_pallas``'s forward with the Mosaic GPU output
+    kernel (its interpreter on CPU) reading the states of a scan over runs of chunks completed by XLA (2 x 2
+    programs, 3 chunks in runs of 1), bf16 inputs against the float32 chunked reference (relative error <= 5e-3:
+    bf16 operands and output); gradients (Triton backward kernels) against the reference's (<= 1e-2); with document
+    ids the Triton output kernel runs."""
     _, a, seg, cot, cot_state = _inputs(13, batch=2, seqlen=64 * 3 - 7, heads=2, headdim=64, groups=1, state=64,
                                         dtype=jnp.bfloat16)
     args = (a["x"], a["dt"], a["dt"] * a["A"], a["B"], a["C"], a["initial_state"])
     f32 = tuple(v.astype(jnp.float32) for v in args)
-    config = dict(output_kernel="mosaic")
-    assert ssd_gpu._output_kernel_for(
-        ssd_ops.make_config(jnp.bfloat16, jnp.bfloat16, (2, 192, 2, 64, 1, 64), 64, launcher="gpu", **config),
-        *(v[:, :128] for v in (a["x"], a["B"], a["C"], a["dt"])), jnp.zeros((1,), jnp.bfloat16), None,
-        jnp.bfloat16) == "mosaic"  # (the kernel layouts: a length that is a multiple of the chunk)
+    config = KernelConfig(output_kernel="mosaic")
+    plan = make_plan(jnp.bfloat16, jnp.bfloat16, 64, "gpu", True, config)
+    layouts = [v[:, :128] for v in (a["x"], a["B"], a["C"])] + [jnp.swapaxes(a["dt"][:, :128], 1, 2)]
+    states = jnp.zeros((2, 2, 2, 64, 64), jnp.bfloat16)
+    assert ssd_ops.use_mosaic_output(plan, *layouts, states, None, jnp.bfloat16)
+    assert not ssd_ops.use_mosaic_output(plan, *layouts, states, jnp.zeros((2, 128), jnp.int32), jnp.bfloat16)
+    auto = make_plan(jnp.bfloat16, jnp.bfloat16, 64, "gpu", True, KernelConfig())
+    assert not ssd_ops.use_mosaic_output(auto, *layouts, states, None, jnp.bfloat16)  # "auto": Hopper only
 
     def loss(fn):
         def f(*xs):
@@ -366,9 +373,6 @@ def test_mosaic_output_kernel_through_ssd_pallas():
     ref = lambda *xs: ssd_chunked(*xs, None, chunk_size=64)
     (y, final), (y_ref, final_ref) = kern(*args), ref(*f32)
     assert rel(y, y_ref) < 5e-3 and rel(final, final_ref) < 5e-3
-    y_xla_join, _ = ssd_ops.ssd_pallas(*args, None, chunk_size=64, launcher="gpu",
-                                       config=dict(config, join_in_output=False))  # the Hopper default
-    assert rel(y_xla_join, y_ref) < 5e-3
     grads = jax.grad(loss(kern), argnums=range(6))(*args)
     want = jax.grad(loss(ref), argnums=range(6))(*f32)
     for name, g, w in zip(("x", "dt_in", "log_a", "B", "C", "initial_state"), grads, want):
@@ -379,7 +383,7 @@ def test_mosaic_output_kernel_through_ssd_pallas():
 
 
 def test_mosaic_output_kernel_lowers_for_cuda():
-    """At the benchmark's few-sequences shape (b2 x 16384 tokens: the "segments" join in the output kernel) the
+    """At the benchmark's few-sequences shape (b2 x 16384 tokens: a scan over runs of chunks, joined by XLA) the
     forward lowers with one Mosaic GPU call and Triton kernels; a gradient keeps the output kernel Mosaic too."""
     x = jax.ShapeDtypeStruct((2, 16384, 32, 64), jnp.bfloat16)
     bc = jax.ShapeDtypeStruct((2, 16384, 1, 128), jnp.bfloat16)
@@ -387,7 +391,7 @@ def test_mosaic_output_kernel_lowers_for_cuda():
 
     def f(x, dt, la, B, C):
         return ssd_ops.ssd_pallas(x, dt, la, B, C, None, None, chunk_size=256, out_dtype=jnp.bfloat16,
-                                  launcher="gpu", interpret=False, config=dict(output_kernel="mosaic"))[0]
+                                  launcher="gpu", interpret=False, config=KernelConfig(output_kernel="mosaic"))[0]
 
     text = jax.jit(f).trace(x, dt, dt, bc, bc).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 1 and "__gpu$xla.gpu.triton" in text
@@ -413,8 +417,105 @@ def test_bad_chunk_size_is_a_clear_error(chunk):
 
 
 def test_bad_launcher_is_a_clear_error():
-    with pytest.raises(ValueError, match="launcher"):
-        ssd_ops.set_default_launcher("cuda")
+    _, a, _, _, _ = _inputs(7, seqlen=40, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="launcher must be one of"):
+        ssd_ops.ssd_pallas(a["x"], a["dt"], a["dt"] * a["A"], a["B"], a["C"], None, None, chunk_size=64,
+                           launcher="cuda")
+
+
+@pytest.mark.parametrize("config,field", [
+    (KernelConfig(block_t=48), "block_t"),  # does not divide the chunk
+    (KernelConfig(block_t=8), "block_t"),  # compiled: below Triton's 16
+    (KernelConfig(scan_programs=0), "scan_programs"),
+    (KernelConfig(output_kernel="cuda"), "output_kernel"),
+    (KernelConfig(bwd_pairs=(8, 3)), "bwd_pairs"),
+])
+def test_bad_kernel_config_names_the_field(config, field):
+    with pytest.raises(ValueError, match=f"KernelConfig.{field}"):
+        config.check(64, compiled=True)
+
+
+def test_kernel_config_defaults_are_the_shipped_ones(monkeypatch):
+    """``KernelConfig()`` is what ``ssd_pallas`` runs without a config: the dataclass defaults are not re-set."""
+    seen = []
+    real = ssd_ops.make_plan
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    _, a, _, _, _ = _inputs(8, seqlen=20, dtype=jnp.float32)
+    monkeypatch.setattr(ssd_ops, "make_plan", spy)
+    ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], chunk_size=64, impl="pallas")
+    assert seen == [KernelConfig()]
+    assert KernelConfig() == KernelConfig(block_t=64, state_rows=64, scan_block=64, scan_programs=256, cols_heads=2,
+                                          state_splits=2, output_kernel="auto", prologue=Launch(4, 2),
+                                          scan=Launch(4, 3), output=Launch(4, 1), bwd_cols=Launch(4, 1),
+                                          bwd_pairs=Launch(8, 3), bwd_group_rows=Launch(4, 3))
+
+
+# ------------------------------------------------------------------------------------------------
+# what the kernels accept (ssm_jax.kernels.support)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_small_sizes_run_forward_and_backward_in_interpret_mode():
+    """headdim 8 and d_state 8 (below the compiled kernels' 16): through ``ssd(impl="pallas")`` in interpret mode,
+    values and every gradient against the float64 recurrence, odd length, resets, initial state, groups."""
+    with jax.enable_x64(True):
+        inp, a, seg, cot, cot_state = _inputs(9, seqlen=45, headdim=8, state=8)
+        args = tuple(a[k] for k in ARGS)
+        y, final = ssd(*args[:5], D=args[5], initial_state=args[6], segment_ids=jnp.asarray(seg), chunk_size=64,
+                       impl="pallas")
+        y_ref, final_ref = ssd_reference(**inp, segment_ids=seg)
+        assert rel(y, y_ref) < 1e-10 and rel(final, final_ref) < 1e-10
+        grads = jax.grad(_loss("pallas", seg, cot, cot_state, 64), argnums=range(7))(*args)
+        want = jax.grad(_loss("recurrent", seg, cot, cot_state, 64), argnums=range(7))(*args)
+        for name, g, w in zip(ARGS, grads, want):
+            assert rel(g, w) < 1e-9, name
+
+
+COMPILED_GPU = support.Target("gpu", False)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(state=8), r"state \(B.shape\[3\]\) must be a power of two >= 16 .*got 8"),
+    (dict(headdim=24), r"headdim \(x.shape\[3\]\) must be a power of two >= 16 .*got 24"),
+    (dict(chunk=100), r"chunk_size must be one of \(64, 128, 256\)"),
+    (dict(dtype=jnp.float64), r"x, B and C must be one of \('bfloat16', 'float16', 'float32'\)"),
+])
+def test_compiled_kernels_refuse_unsupported_calls_up_front(monkeypatch, change, match):
+    """On a GPU (the compiled target; patched here) ``ssd(impl="pallas")`` refuses every size the kernels do not
+    take before running anything (``d_state=8`` used to run forward and die in the backward pass), naming the
+    accepted values; ``resolve_impl("auto")`` picks "xla" for the same sizes."""
+    monkeypatch.setattr(support, "default_target", lambda impl="pallas": COMPILED_GPU)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    sizes = dict(headdim=64, state=64, chunk=64, dtype=jnp.float32)
+    sizes.update(change)
+    with jax.enable_x64(sizes["dtype"] == jnp.float64):
+        _, a, _, _, _ = _inputs(10, seqlen=20, heads=2, headdim=sizes["headdim"], groups=1, state=sizes["state"],
+                                dtype=sizes["dtype"])
+        with pytest.raises(ValueError, match=r"ssd\(impl='pallas'\): " + match):
+            ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], chunk_size=sizes["chunk"], impl="pallas")
+    auto = resolve_impl("auto", headdim=sizes["headdim"], state=sizes["state"], chunk_size=sizes["chunk"],
+                        dtype=sizes["dtype"])
+    assert auto == "xla"
+    assert resolve_impl("auto", headdim=64, state=64, chunk_size=64, dtype=jnp.bfloat16) == "pallas"
+
+
+def test_support_statement():
+    """``support.unsupported`` is the one statement the checks read: what interpret mode and the compiled kernels
+    take, for the chunked kernels and the stepwise kernel."""
+    interp, gpu, tpu = support.Target("gpu", True), support.Target("gpu", False), support.Target("tpu", False)
+    ok = dict(chunk_size=256, headdim=64, state=128, dtype=jnp.bfloat16)
+    for target in (interp, gpu, tpu):
+        assert support.unsupported("pallas", target, **ok) is None
+    assert support.unsupported("pallas", interp, chunk_size=64, headdim=3, state=5, dtype=jnp.float64) is None
+    assert "state" in support.unsupported("pallas", tpu, state=8)
+    assert "float64" in support.unsupported("pallas", gpu, dtype=jnp.float64)
+    assert "launcher" in support.unsupported("pallas", support.Target("cuda", False))
+    assert support.unsupported("stepwise", gpu, headdim=8, state=8) is None  # no matrix products: any power of two
+    assert "impl='recurrent'" in support.unsupported("stepwise", interp, headdim=6)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,15 +1,12 @@
 """The Mosaic GPU output kernel (``kernels/ssd_mosaic_gpu.py``) on CPU: values and CUDA lowering.
 
-* Values: the kernel runs in Mosaic GPU's interpreter (``cfg.interpret``; the interpreter takes wgmma operands from
-  shared memory and has no ``layout_cast``, so the ``a_in_regs`` variants run their shared-memory form there) and is
-  compared with a float32 reference written here and with the Triton kernel ``ssd_gpu.output`` in interpret mode.
+* Values: the kernel runs in Mosaic GPU's interpreter (``plan.interpret``; the interpreter takes wgmma operands from
+  shared memory and has no ``layout_cast``, so the decayed block goes through shared memory there) and is compared
+  with a float32 reference written here and with the Triton kernel ``gpu_output.output`` in interpret mode.
   Threshold: relative error ``||a - r|| / ||r|| <= 5e-3`` (bf16 operands and output, float32 accumulation).
-* The ``"segments"`` join (``join=(entering, decay, run)``, runs not dividing the chunk count, nonzero entering
-  states) against the same reference on the joined float32 states and against ``ssd_gpu.output(..., join=join)``.
-* Lowering: ``jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))`` of every variant (register-A wgmma and
-  ``plgpu.transpose_ref`` state operand included) at the benchmark shapes (with and without the join) and at small
-  odd ones.
-* ``benchmarks/mosaic_bench.py --smoke`` end to end.
+* Lowering: ``jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))`` (register-A wgmma and the
+  ``plgpu.transpose_ref`` state operand included) at the benchmark shape and at small odd ones.
+* ``benchmarks/mosaic_bench.py --smoke`` end to end, as a script.
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -26,10 +24,10 @@ import pytest
 
 pytest.importorskip("jax.experimental.pallas.mosaic_gpu", reason="installed jax has no Pallas Mosaic GPU")
 
-from ssm_jax.kernels import ssd_gpu, ssd_mosaic_gpu, ssd_ops  # noqa: E402
+from ssm_jax.kernels import gpu_output, gpu_prologue, ssd_mosaic_gpu  # noqa: E402
+from ssm_jax.kernels.config import KernelConfig, make_plan  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import mosaic_bench  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 REL_TOL = 5e-3  # ||a - r|| / ||r|| against the float32 reference and against the Triton kernel
 
@@ -91,143 +89,93 @@ def reference(x, B, C, cs, w, states, D, Q):
     return jnp.concatenate(ys, axis=1)
 
 
-def _cfg(shape, Q, interpret):
-    b, L, h, p, g, n = shape
-    return ssd_ops.make_config(jnp.bfloat16, jnp.bfloat16, (b, L, h, p, g, n), Q, launcher="gpu", interpret=interpret)
+def _plan(Q, interpret):
+    return make_plan(jnp.bfloat16, jnp.bfloat16, Q, "gpu", interpret, KernelConfig())
 
 
-# (b, L, h, p, g, n), chunk, variant, out dtype, with D: small interpreted cases (seconds each on 2 CPU cores).
+# (b, L, h, p, g, n), chunk, out dtype, with D: small interpreted cases (seconds each on 2 CPU cores).
 VALUE_CASES = [
-    ((2, 512, 4, 64, 2, 64), 256, "r64_s2", jnp.float32, True),  # 4 row blocks: the 2-slot ring wraps twice
-    ((1, 512, 2, 64, 1, 64), 256, "r64_s2", jnp.bfloat16, True),  # bf16 output
-    ((1, 256, 2, 128, 1, 128), 128, "r64_s2", jnp.float32, False),  # p = n = 128, no D
-    ((1, 128, 4, 64, 4, 128), 64, "r64_s2_smem_a", jnp.float32, True),  # one head per group, chunk 64
+    ((2, 512, 4, 64, 2, 64), 256, jnp.float32, True),  # 4 row blocks: the 2-slot ring wraps twice
+    ((1, 512, 2, 64, 1, 64), 256, jnp.bfloat16, True),  # bf16 output
+    ((1, 256, 2, 128, 1, 128), 128, jnp.float32, False),  # p = n = 128, no D
+    ((1, 128, 4, 64, 4, 128), 64, jnp.float32, True),  # one head per group, chunk 64
 ]
 
 
-@pytest.mark.parametrize("shape,Q,variant,out_dtype,with_D", VALUE_CASES)
-def test_matches_reference_and_triton(shape, Q, variant, out_dtype, with_D):
+@pytest.mark.parametrize("shape,Q,out_dtype,with_D", VALUE_CASES)
+def test_matches_reference_and_triton(shape, Q, out_dtype, with_D):
     _interpreter_or_skip()
     b, L, h, p, g, n = shape
     inp = make_inputs(b, L, h, p, g, n, Q)
     D = inp["D"] if with_D else None
-    cfg = _cfg(shape, Q, interpret=True)
-    cb = ssd_gpu.chunk_cb(cfg, inp["B"], inp["C"], jnp.bfloat16)  # (b, nc, g, Q, Q)
+    plan = _plan(Q, interpret=True)
+    cb = gpu_prologue.chunk_cb(plan, inp["B"], inp["C"], jnp.bfloat16)  # (b, nc, g, Q, Q)
     args = (inp["x"], inp["B"], inp["C"], inp["cs"], inp["w"], inp["states"], None, D, out_dtype, cb)
-    y = ssd_mosaic_gpu.output(cfg, *args, variant=variant)
+    y = ssd_mosaic_gpu.output(plan, *args)
     assert y.shape == (b, L, h, p) and y.dtype == out_dtype
     want = reference(inp["x"], inp["B"], inp["C"], inp["cs"], inp["w"], inp["states"], D, Q)
     assert rel(y, want) <= REL_TOL
-    assert rel(y, ssd_gpu.output(cfg, *args)) <= REL_TOL
+    assert rel(y, gpu_output.output(plan, *args)) <= REL_TOL
 
 
-def make_join(b, h, nc, p, n, run, seed=3) -> tuple:
-    """``(entering (b, h, nseg, p, n) bf16, decay (b, h, nc) float32 in (0.2, 1), run)``: a nonzero join."""
-    ke, kd = jax.random.split(jax.random.key(seed))
-    entering = jax.random.normal(ke, (b, h, -(-nc // run), p, n), jnp.float32).astype(jnp.bfloat16)
-    return entering, jax.random.uniform(kd, (b, h, nc), jnp.float32, 0.2, 1.0), run
-
-
-def joined_states(states, entering, decay, run):
-    """Float32 ``states[c] + decay[c] * entering[c // run]`` (the Triton kernel's ``state(hh)``)."""
-    nc = states.shape[2]
-    ent = jnp.repeat(entering.astype(jnp.float32), run, axis=2)[:, :, :nc]  # (b, h, nc, p, n)
-    return states.astype(jnp.float32) + decay[..., None, None] * ent
-
-
-# (b, L, h, p, g, n), chunk, run: runs that do not divide the chunk count (the last run is short).
-JOIN_CASES = [
-    ((1, 320, 2, 64, 1, 64), 64, 2),  # nc = 5, 3 runs, one row block per chunk
-    ((1, 640, 2, 64, 1, 128), 128, 3),  # nc = 5, 2 runs, 2 row blocks per chunk
-]
-
-
-@pytest.mark.parametrize("shape,Q,run", JOIN_CASES)
-def test_join_matches_reference_and_triton(shape, Q, run):
-    _interpreter_or_skip()
-    b, L, h, p, g, n = shape
-    inp = make_inputs(b, L, h, p, g, n, Q, seed=2)
-    join = make_join(b, h, L // Q, p, n, run)
-    cfg = _cfg(shape, Q, interpret=True)
-    cb = ssd_gpu.chunk_cb(cfg, inp["B"], inp["C"], jnp.bfloat16)
-    args = (inp["x"], inp["B"], inp["C"], inp["cs"], inp["w"], inp["states"], None, inp["D"], jnp.float32, cb)
-    y = ssd_mosaic_gpu.output(cfg, *args, join)
-    want = reference(inp["x"], inp["B"], inp["C"], inp["cs"], inp["w"], joined_states(inp["states"], *join),
-                     inp["D"], Q)
-    assert rel(y, want) <= REL_TOL
-    assert rel(y, ssd_gpu.output(cfg, *args, join=join)) <= REL_TOL
-    # the join matters here: without it the output is far off
-    assert rel(ssd_mosaic_gpu.output(cfg, *args), want) > 10 * REL_TOL
-
-
-def _lowered_text(shape, Q, variant, out_dtype, with_D, run=0) -> str:
+def _lowered_text(shape, Q, out_dtype, with_D) -> str:
     b, L, h, p, g, n = shape
     nc = L // Q
-    cfg = _cfg(shape, Q, interpret=False)
+    plan = _plan(Q, interpret=False)
     S = jax.ShapeDtypeStruct
     args = (S((b, L, h, p), jnp.bfloat16), S((b, L, g, n), jnp.bfloat16), S((b, L, g, n), jnp.bfloat16),
             S((b, h, L), jnp.float32), S((b, h, L), jnp.float32), S((b, h, nc, p, n), jnp.bfloat16),
-            S((h,), jnp.float32) if with_D else None, S((b, nc, g, Q, Q), jnp.bfloat16),
-            (S((b, h, -(-nc // run), p, n), jnp.bfloat16), S((b, h, nc), jnp.float32)) if run else None)
+            S((h,), jnp.float32) if with_D else None, S((b, nc, g, Q, Q), jnp.bfloat16))
 
-    def f(x, B, C, cs, w, st, D, cb, join):
-        join = None if join is None else (*join, run)
-        return ssd_mosaic_gpu.output(cfg, x, B, C, cs, w, st, None, D, out_dtype, cb, join, variant=variant)
+    def f(x, B, C, cs, w, st, D, cb):
+        return ssd_mosaic_gpu.output(plan, x, B, C, cs, w, st, None, D, out_dtype, cb)
 
     return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-LOWER_CASES = [((8, 4096, 32, 64, 1, 128), 256, jnp.bfloat16, True, 0),  # the benchmark shape
-               ((2, 16384, 32, 64, 1, 128), 256, jnp.bfloat16, True, 16),  # with the join: nc 64, 4 runs
-               ((3, 192, 6, 128, 3, 64), 64, jnp.float32, False, 0),  # small, odd batch/heads/groups
-               ((3, 320, 6, 128, 3, 64), 64, jnp.float32, False, 2)]  # join, 3 runs of 5 chunks
+LOWER_CASES = [((8, 4096, 32, 64, 1, 128), 256, jnp.bfloat16, True),  # the benchmark shape
+               ((3, 192, 6, 128, 3, 64), 64, jnp.float32, False)]  # small, odd batch/heads/groups
 
 
-@pytest.mark.parametrize("variant", sorted(ssd_mosaic_gpu.VARIANTS))
-@pytest.mark.parametrize("shape,Q,out_dtype,with_D,run", LOWER_CASES)
-def test_lowers_for_cuda(shape, Q, out_dtype, with_D, run, variant):
-    text = _lowered_text(shape, Q, variant, out_dtype, with_D, run)
+@pytest.mark.parametrize("shape,Q,out_dtype,with_D", LOWER_CASES)
+def test_lowers_for_cuda(shape, Q, out_dtype, with_D):
+    text = _lowered_text(shape, Q, out_dtype, with_D)
     assert "custom_call @mosaic_gpu" in text
 
 
 @pytest.mark.parametrize("change,match", [
     (dict(doc=True), "doc"),
-    (dict(Q=32), "cfg.chunk"),
+    (dict(Q=32), "the chunk must be one of"),
     (dict(p=32), "headdim"),
     (dict(n=256), "state size"),
     (dict(out_dtype=jnp.float16), "out_dtype"),
     (dict(g=3), "groups"),
     (dict(x_dtype=jnp.float32), "x must be bfloat16"),
-    (dict(variant="r64_s3"), "variant"),
-    (dict(run=0), "run"),
-    (dict(run=3, nseg=1), "entering"),
-    (dict(run=3, decay_dtype=jnp.bfloat16), "decay"),
 ])
 def test_rejects_unsupported(change, match):
     b, L, h, p, g, n, Q = 1, 256, 4, change.get("p", 64), change.get("g", 1), change.get("n", 64), change.get("Q", 64)
-    cfg = _cfg((b, L, h, 64, 1, 64), 64, interpret=True)
-    cfg = dataclasses.replace(cfg, chunk=Q)
+    plan = dataclasses.replace(_plan(64, interpret=True), chunk=Q)
     S = jax.ShapeDtypeStruct
     x = S((b, L, h, p), change.get("x_dtype", jnp.bfloat16))
     BC = S((b, L, g, n), jnp.bfloat16)
     doc = S((b, L), jnp.int32) if change.get("doc") else None
-    join = None
-    if "run" in change:  # nc = 4: runs of 3 chunks make 2 segments
-        join = (S((b, h, change.get("nseg", 2), p, n), jnp.bfloat16),
-                S((b, h, L // Q), change.get("decay_dtype", jnp.float32)), change["run"])
     with pytest.raises(ValueError, match=match):
-        ssd_mosaic_gpu.output(cfg, x, BC, BC, S((b, h, L), jnp.float32), S((b, h, L), jnp.float32),
+        ssd_mosaic_gpu.output(plan, x, BC, BC, S((b, h, L), jnp.float32), S((b, h, L), jnp.float32),
                               S((b, h, L // Q, p, n), jnp.bfloat16), doc, None,
-                              change.get("out_dtype", jnp.float32), S((b, L // Q, g, Q, Q), jnp.bfloat16), join,
-                              variant=change.get("variant", ssd_mosaic_gpu.DEFAULT_VARIANT))
+                              change.get("out_dtype", jnp.float32), S((b, L // Q, g, Q, Q), jnp.bfloat16))
 
 
 def test_benchmark_smoke(tmp_path):
+    """``benchmarks/mosaic_bench.py --smoke`` as a script (interpret mode, a tiny shape): both kernels run and agree
+    with the float32 reference."""
     _interpreter_or_skip()
     out = tmp_path / "smoke.json"
-    mosaic_bench.main(["--smoke", "--out", str(out)])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "mosaic_bench.py"), "--smoke", "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["impl"] for r in rows] == ["triton"] + [f"mosaic:{v}" for v in ssd_mosaic_gpu.VARIANTS]
+    assert [r["impl"] for r in rows] == ["triton", "mosaic"]
     for r in rows:
         assert "error" not in r, r
         assert r["rel_vs_f32_ref"] <= REL_TOL

@@ -263,3 +263,70 @@ def test_mitigations_exact_through_the_kernels(name, mitigation, ref_kwargs):
     with jax.enable_x64(True):
         y, state = call(inputs, jnp.float64, impl="pallas", chunk_size=64, segment_ids=seg, mitigation=mitigation)
     assert rel_err(y, want_y) < 1e-9 and rel_err(state, want_state) < 1e-9
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input: every failure a named error; non-finite values propagate
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["x", "dt", "A", "B", "C", "D", "initial_state"])
+def test_non_float_arrays_are_refused_naming_the_argument(name):
+    """Integer ``dt`` and ``A`` (and any other array argument) are refused, not cast silently."""
+    a = {k: jnp.asarray(v, jnp.float32) for k, v in random_ssd_inputs(np.random.default_rng(0), seqlen=5).items()}
+    a[name] = jnp.ones(a[name].shape, jnp.int32)
+    with pytest.raises(ValueError, match=f"`{name}` must be floating point .*got dtype int32"):
+        ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], D=a["D"], initial_state=a["initial_state"])
+
+
+def test_empty_sequence_is_refused():
+    a = {k: jnp.asarray(v, jnp.float32) for k, v in random_ssd_inputs(np.random.default_rng(0), seqlen=5).items()}
+    empty = {k: (v[:, :0] if k in ("x", "dt", "B", "C") else v) for k, v in a.items()}
+    with pytest.raises(ValueError, match=r"`x` has an empty sequence axis \(seqlen = 0\)"):
+        ssd(empty["x"], empty["dt"], empty["A"], empty["B"], empty["C"])
+
+
+NON_FINITE = [  # (argument, index of the bad value, value); batch row 0, position 21, head 1 (group 0)
+    ("x", (0, 21, 1), np.nan),
+    ("dt", (0, 21, 1), np.inf),
+    ("B", (0, 21, 0), np.nan),
+]
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("name,index,value", NON_FINITE, ids=[c[0] for c in NON_FINITE])
+def test_non_finite_inputs_propagate(impl, name, index, value):
+    """NaN / Inf are never replaced: y is non-finite from the bad position on (resets included) in the heads that
+    read it, and so is their final state; other batch rows and other heads stay finite (ssd()'s docstring).
+    Chunk 16, 45 positions (odd), resets, an initial state; "pallas" in interpret mode."""
+    rng = np.random.default_rng(12)
+    inputs = random_ssd_inputs(rng, seqlen=45, headdim=16, state=16, groups=2)  # heads 0, 1 read group 0
+    seg = jnp.asarray(random_segment_ids(rng, 2, 45))
+    inputs[name] = np.array(inputs[name])
+    inputs[name][index] = value
+    a = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
+    y, state = ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], D=a["D"], initial_state=a["initial_state"],
+                   segment_ids=seg, chunk_size=64 if impl == "pallas" else 16, impl=impl)
+    bad_y, bad_state = ~np.isfinite(np.asarray(y)), ~np.isfinite(np.asarray(state))  # (b, l, h, p), (b, h, p, n)
+    heads = [0, 1] if name == "B" else [1]  # B is read by every head of its group
+    others = [h for h in range(4) if h not in heads]
+    t = index[1]
+    assert bad_y[0, t:][:, heads].any(axis=-1).all()  # every position from t on, resets included
+    assert bad_state[0, heads].any(axis=(-2, -1)).all()
+    assert not bad_y[1].any() and not bad_state[1].any()  # the other batch row
+    assert not bad_y[0][:, others].any() and not bad_state[0, others].any()  # heads that do not read the value
+    if impl == "xla":  # chunk 16: the positions before the bad one's chunk are not reached
+        assert not bad_y[0, : t - t % 16].any()
+
+
+def test_non_finite_C_reaches_its_position_only():
+    rng = np.random.default_rng(13)
+    inputs = random_ssd_inputs(rng, seqlen=30, groups=2)
+    inputs["C"] = np.array(inputs["C"])
+    inputs["C"][1, 7, 1] = np.inf  # batch row 1, position 7, group 1 (heads 2, 3)
+    a = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
+    for impl in ("recurrent", "xla"):
+        y, state = ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], D=a["D"], chunk_size=8, impl=impl)
+        bad = ~np.isfinite(np.asarray(y))
+        assert bad[1, 7, 2:].all() and bad.sum() == bad[1, 7, 2:].size, impl
+        assert np.isfinite(np.asarray(state)).all(), impl

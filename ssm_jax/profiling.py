@@ -1,10 +1,11 @@
-"""Timing of jitted JAX calls, shared by the benchmark scripts (imported as ``timing`` from ``benchmarks/``: a
-script's own directory is first on ``sys.path``).
+"""Timing of jitted JAX calls: wall clock, and device time per kernel from a profiler trace (the benchmarks use it).
 
-``time_ms``: wall clock of back-to-back calls. ``device_profile``: the device's own time per call, read from a
-JAX profiler (Perfetto) trace: per kernel, busy time and the idle gaps between kernels. Wall clock includes
-host work (dispatch, the profiler's own overhead when tracing) wherever the host is slower than the device;
-device time does not, which is what a CUDA-graph measurement of another library compares with.
+* :func:`time_ms` -- wall clock of back-to-back calls;
+* :func:`device_profile` -- the device's own time per call, read from a JAX profiler (Perfetto) trace: per kernel,
+  busy time and the idle gaps between kernels (:func:`device_events` reads the trace, :func:`summarize` sums it).
+
+Wall clock includes host work (dispatch, the profiler's own overhead when tracing) wherever the host is slower than
+the device; device time does not, which is what a CUDA-graph measurement of another library compares with.
 """
 
 from __future__ import annotations
