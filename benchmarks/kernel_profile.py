@@ -31,7 +31,7 @@ import jax  # noqa: E402
 
 from ssd_bench import CASES, forward_fn, loss_grad_fn, make_inputs  # noqa: E402
 from timing import device_profile  # noqa: E402
-from ssm_jax.eval_lib import write_json  # noqa: E402
+from ssm_jax.io import write_json  # noqa: E402
 
 
 def markdown(result: dict) -> str:

@@ -38,7 +38,7 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from ssm_jax.eval_lib import write_json  # noqa: E402  (importing ssm_jax registers ssm_jax.kernels from a checkout)
+from ssm_jax.io import write_json  # noqa: E402  (importing ssm_jax registers ssm_jax.kernels from a checkout)
 from ssm_jax.kernels import ssd_gpu, ssd_mosaic_gpu, ssd_ops  # noqa: E402
 from timing import device_profile, time_ms  # noqa: E402
 

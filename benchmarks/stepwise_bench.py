@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import ssm_jax  # noqa: E402,F401  (registers ssm_jax.kernels when run from a checkout)
 from timing import time_ms  # noqa: E402
 from ssm_jax.kernels.ssd_stepwise import ssd_stepwise  # noqa: E402
-from ssm_jax.eval_lib import write_json  # noqa: E402
+from ssm_jax.io import write_json  # noqa: E402
 from ssm_jax.ssd import ssd_recurrent  # noqa: E402
 
 FULL = dict(b=1, l=8192, h=24, p=64, n=128, g=1)
