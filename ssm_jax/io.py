@@ -1,8 +1,9 @@
-"""Result files: strict JSON written atomically.
+"""Result files written atomically: strict JSON and text.
 
-Evaluations, benchmarks and the study driver write their results with :func:`write_json`, so a run killed
-mid-write leaves the previous file or none (never half of one), and the file is strict JSON that any parser
-reads: numpy values become Python numbers and lists, and NaN / inf become ``null``.
+Evaluations, benchmarks and the study driver write their results with :func:`write_json` (and
+:func:`write_text`), so a run killed mid-write leaves the previous file or none, never half of one (the
+study driver takes a finished ``summary.md`` as the mark of a finished evaluation). The JSON is strict, so
+any parser reads it: numpy values become Python numbers and lists, and NaN / inf become ``null``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["jsonable", "write_json"]
+__all__ = ["jsonable", "write_text", "write_json"]
 
 
 def jsonable(obj: Any) -> Any:
@@ -35,11 +36,16 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: str, obj: Any) -> str:
-    """Writes ``jsonable(obj)`` to ``path`` through a temporary file and an atomic rename; returns ``path``."""
+def write_text(path: str, text: str) -> str:
+    """Writes ``text`` to ``path`` through a temporary file and an atomic rename; returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(jsonable(obj), f, indent=1, allow_nan=False)
+        f.write(text)
     os.replace(tmp, path)
     return path
+
+
+def write_json(path: str, obj: Any) -> str:
+    """Writes ``jsonable(obj)`` as strict JSON to ``path`` atomically (:func:`write_text`); returns ``path``."""
+    return write_text(path, json.dumps(jsonable(obj), indent=1, allow_nan=False))

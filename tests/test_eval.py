@@ -489,8 +489,9 @@ def test_configs_and_helpers(tmp_path):
 
 # (overrides, the field the error names, part of the reason). Placeholders: <file> an existing file, <empty_dir>
 # an empty directory, <missing> a path that does not exist, <workdir> a train.py run with steps 1 and 2, <run> an
-# evaluation directory with curves for "none" only, <local_model> a from_pretrained directory whose training
-# config names a local corpus that is not there. The others use checkpoint "random" with T_train 32.
+# evaluation directory with curves for "none" only, <local_model> / <pg19_model> a from_pretrained directory whose
+# training config names a local corpus that is not there / a corpus we do not have. The others use checkpoint
+# "random" with T_train 32, the tiny corpus and mode loss_vs_position.
 ERROR_SITES = [
     # what to evaluate
     ({"modes": "loss_vs_position,bogus"}, "modes", "unknown mode 'bogus'"),
@@ -528,6 +529,8 @@ ERROR_SITES = [
     ({"data.validation_fraction": 1.5}, "data.validation_fraction", "[0, 1)"),
     ({"data.split_seed": -2}, "data.split_seed", "integer >= -1"),
     ({"checkpoint": "<local_model>", "data.corpus": ""}, "data.local_data_dir", "the local corpus the model trained"),
+    ({"checkpoint": "<pg19_model>", "data.corpus": ""}, "data.corpus", "the training config names corpus 'pg19'"),
+    ({"data.validation_fraction": 0.95}, "data.validation_fraction", "leaves no training document"),
     # loss
     ({"loss.sources": "documents,tweets"}, "loss.sources", "unknown source 'tweets'"),
     ({"loss.length": "abc"}, "loss.length", "a length >= 1"),
@@ -582,10 +585,12 @@ def _placeholder(value, tmp_path, request):
         return request.getfixturevalue("trained_run")
     elif value == "<run>":
         write_fake_run(path, 1000, 32, collapsed=False, accuracy_by_length={64: 1.0})
-    elif value == "<local_model>":
+    elif value in ("<local_model>", "<pg19_model>"):  # a model whose training config names its corpus
         shutil.copytree(request.getfixturevalue("pretrained_dir"), path)
+        data = {"corpus": "local", "local_data_dir": str(tmp_path / "gone")} if value == "<local_model>" else {
+            "corpus": "pg19"}
         with open(os.path.join(path, "ssm_jax_train.json"), "w") as f:
-            json.dump({"data": {"corpus": "local", "local_data_dir": str(tmp_path / "gone"), "seq_len": 32}}, f)
+            json.dump({"data": dict(data, seq_len=32)}, f)
     return path
 
 
@@ -625,6 +630,8 @@ def test_eval_py_command_line(tmp_path):
     proc = subprocess.run(cmd + ["--config.loss.length=-3"], cwd=str(tmp_path), capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode != 0 and "config.loss.length='-3': must be a length >= 1" in proc.stderr
+    proc = subprocess.run(cmd + ["stray"], cwd=str(tmp_path), capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0 and "unexpected arguments: ['stray']" in proc.stderr
 
 
 def test_stream_benchmark_tiny(tmp_path):

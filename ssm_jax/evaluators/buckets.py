@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -64,7 +64,7 @@ class BucketedLosses:
         return self.fine_sums / self.fine_counts
 
 
-def _add(idx: np.ndarray, nll: np.ndarray, rows: list, sums: np.ndarray, counts: Optional[np.ndarray]) -> None:
+def _add(idx: np.ndarray, nll: np.ndarray, rows: Sequence[int], sums: np.ndarray, counts: Optional[np.ndarray]) -> None:
     """Adds ``nll (len(rows), c)`` at bucket indices ``idx (c,)`` (non-decreasing) into ``sums`` / ``counts``."""
     lo = int(idx[0])
     span = int(idx[-1]) - lo + 1

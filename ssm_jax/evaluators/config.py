@@ -25,7 +25,7 @@ from typing import Any, List, Sequence
 import ml_collections
 
 from ssm_jax.evaluators.named_mitigations import MITIGATION_NAMES
-from ssm_jax.evaluators.streams import SOURCES, HeldOutData
+from ssm_jax.evaluators.streams import SOURCES, HeldOutData, heldout_documents
 
 __all__ = [
     "MODES", "MODEL_MODES", "DTYPES", "base_config", "parse_list", "parse_length", "parse_lengths", "parse_steps",
@@ -350,9 +350,20 @@ def validate_for_model(config: Any, train_len: int, data: HeldOutData, tokenizer
     given) the model's ``tokenizer``, which sets the shortest passkey prompt."""
     e = _Errors(config)
     modes = parse_list(config.modes)
+    from ssm_jax.data import CORPUS_NAMES
+
     if data.corpus == "local" and not os.path.isdir(data.local_data_dir):  # the held-out documents
         e.bad("data.local_data_dir", "must be the directory of the local corpus the model trained on "
                                      f"(the training config names {data.local_data_dir!r})")
+    elif data.corpus != "local" and data.corpus not in CORPUS_NAMES:
+        e.bad("data.corpus", f"the training config names corpus {data.corpus!r}; accepted: "
+                             f"{', '.join(CORPUS_NAMES + ('local',))}")
+    elif data.corpus != "local":
+        try:
+            heldout_documents(data)
+        except ValueError as err:
+            e.bad("data.validation_fraction", f"splits corpus {data.corpus!r} into no held-out or training "
+                                              f"document: {err}")
     if "loss_vs_position" in modes:
         width = loss_bucket_width(config, train_len)
         first_after = -(-train_len // width) * width + 1  # start of the first bucket beyond T_train

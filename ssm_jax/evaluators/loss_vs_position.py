@@ -81,7 +81,8 @@ def run(model: Optional[EvalModel], config: Any) -> Dict[str, Any]:
     for source in parse_list(lc.sources):
         curves = {}
         for name, mitigation in model.mitigations.items():
-            stream = make_stream(source, model.loaded.tokenizer, model.data, num_rows=num_prompts, seed=int(config.seed))
+            stream = make_stream(source, model.loaded.tokenizer, model.data, num_rows=num_prompts,
+                                 seed=int(config.seed))  # the same prompts for every mitigation
             b = stream_bucketed_losses(
                 model.loaded.model, stream, length, num_prompts=num_prompts, log_edges=edges, fine_width=width,
                 batch_size=int(lc.batch_size), chunk_len=int(lc.chunk_len), mitigation=mitigation,

@@ -27,7 +27,7 @@ from ssm_jax.evaluators import summary as summary_lib
 from ssm_jax.evaluators.base import prepare
 from ssm_jax.evaluators.config import MODES, parse_list, parse_steps, validate_config, validate_for_model
 from ssm_jax.evaluators.streams import resolve_data
-from ssm_jax.io import write_json
+from ssm_jax.io import write_json, write_text
 
 __all__ = ["evaluator", "evaluate", "evaluate_checkpoint"]
 
@@ -37,11 +37,6 @@ def evaluator(mode: str) -> Any:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
     return importlib.import_module(f"ssm_jax.evaluators.{mode}")
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def evaluate_checkpoint(config: Any, output_dir: str, step: Optional[int]) -> Dict[str, Any]:
@@ -74,7 +69,7 @@ def evaluate_checkpoint(config: Any, output_dir: str, step: Optional[int]) -> Di
     results["files"] = files + ["summary.md"]
     results["summary"] = summary_lib.compose(results["model"], sections, results["files"],
                                              time.perf_counter() - t_start)
-    _write_text(os.path.join(output_dir, "summary.md"), results["summary"])
+    write_text(os.path.join(output_dir, "summary.md"), results["summary"])
     return results
 
 
@@ -105,9 +100,9 @@ def _index_summary(checkpoint: str, index: List[Dict[str, Any]]) -> str:
             if name != "states":
                 lines.append(f"| {entry['step']:,} | {name} | {fmt(h['collapsed'])} | {fmt(h['max_ratio'], 2)} | "
                              f"{fmt(h['first_position'])} | {fmt(h['first_position_above_unigram'])} |")
-    lines += [""] + [f"- step {e['step']:,}: states {e['headline']['states']}" for e in index
-                     if "states" in e["headline"]]
-    lines += ["", "Each step's own summary: " + ", ".join(f"{e['output_dir']}/summary.md" for e in index), ""]
+    lines.append("")
+    lines += [f"- step {e['step']:,}: states {e['headline']['states']}" for e in index if "states" in e["headline"]]
+    lines += ["Each step's own summary: " + ", ".join(f"{e['output_dir']}/summary.md" for e in index), ""]
     return "\n".join(lines)
 
 
@@ -130,5 +125,5 @@ def evaluate(config: Any) -> Dict[str, Any]:
         index.append({"step": step, "output_dir": f"step_{step}", "headline": headline(by_step[step])})
     write_json(os.path.join(root, "index.json"), {"checkpoint": config.checkpoint, "steps": steps, "runs": index})
     summary = _index_summary(config.checkpoint, index)
-    _write_text(os.path.join(root, "summary.md"), summary)
+    write_text(os.path.join(root, "summary.md"), summary)
     return {"output_dir": root, "index": index, "steps": by_step, "summary": summary}
