@@ -299,8 +299,9 @@ def collapse_verdict(
     factor: float = COLLAPSE_FACTOR,
     unigram_loss: Optional[float] = None,
 ) -> CollapseVerdict:
-    """The paper's collapse rule (arXiv 2410.07145, section 5), made robust: the model collapses when its
-    loss beyond ``T_train`` exceeds ``factor`` times the largest loss it had within ``T_train``.
+    """The paper's collapse rule (arXiv 2410.07145, its T_forget test; docs/background.md), made robust: the
+    model collapses when its loss beyond ``T_train`` exceeds ``factor`` times the largest loss it had within
+    ``T_train``.
 
     Args:
       bucket_loss: the loss averaged over prompts and over buckets of ``width`` positions
