@@ -30,7 +30,7 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 
 from ssd_bench import CASES, FULL, forward_fn, loss_grad_fn, make_inputs  # noqa: E402
-from ssm_jax.eval_lib import write_json  # noqa: E402
+from ssm_jax.io import write_json  # noqa: E402
 from ssm_jax.profiling import device_profile  # noqa: E402
 
 

@@ -34,7 +34,7 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from ssm_jax.eval_lib import write_json  # noqa: E402  (importing ssm_jax registers ssm_jax.kernels from a checkout)
+from ssm_jax.io import write_json  # noqa: E402  (importing ssm_jax registers ssm_jax.kernels from a checkout)
 from ssm_jax.kernels import gpu_output, gpu_prologue, ssd_mosaic_gpu  # noqa: E402
 from ssm_jax.kernels.config import KernelConfig, make_plan  # noqa: E402
 from ssm_jax.profiling import device_profile, time_ms  # noqa: E402

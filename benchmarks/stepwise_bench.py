@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 
 import ssm_jax  # noqa: E402,F401  (registers ssm_jax.kernels when run from a checkout)
-from ssm_jax.eval_lib import write_json  # noqa: E402
+from ssm_jax.io import write_json  # noqa: E402
 from ssm_jax.kernels.ssd_reference import ssd_recurrent  # noqa: E402
 from ssm_jax.kernels.ssd_stepwise import ssd_stepwise  # noqa: E402
 from ssm_jax.profiling import time_ms  # noqa: E402

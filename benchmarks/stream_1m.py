@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from ssm_jax import inference  # noqa: E402
-from ssm_jax.eval_lib import write_json  # noqa: E402
+from ssm_jax.io import write_json  # noqa: E402
 from ssm_jax import mitigations as mitigations_lib  # noqa: E402
 from ssm_jax.model import Mamba2Config, Mamba2LM  # noqa: E402
 

@@ -417,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             json.dump(status, fh, indent=1)
         print(json.dumps(status, indent=1))
     elif args.command == "gather":
-        from ssm_jax.eval_lib import write_json
+        from ssm_jax.io import write_json
 
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         write_json(args.out, gather(args.root))

@@ -1,15 +1,10 @@
-"""State capacity (PAPER.md section 5): T_forget and T_recall per state size, and their fitted laws.
+"""State capacity (arXiv 2410.07145; docs/background.md): T_forget and T_recall per state size, and their laws.
 
 Units follow the paper: the model state ``N_S = layers * heads * headdim * d_state`` in millions of
 elements and lengths in K tokens (``1K = TOKENS_PER_K = 1024`` tokens, as in "a 64K context").
 
-* **T_forget** (LM capacity): the smallest training length at which a model does *not* collapse. A
-  model collapses when its loss, averaged over prompts, ever exceeds ``2 x`` the maximum loss seen
-  within the first ``T_train`` tokens. Per-token losses are noisy, so the rule is applied to losses
-  averaged over fixed-width position buckets: bucket ``j`` holds predictions ``t`` (``t`` = tokens
-  read so far) in ``[1 + j w, 1 + (j + 1) w)`` with ``w = max(1, T_train // 8)``, the moving-average
-  width that :func:`ssm_jax.diagnostics.detect_collapse` uses by default, taken at stride ``w``. The
-  reference is the largest bucket lying entirely within the first ``T_train`` positions.
+* **T_forget** (LM capacity): the smallest training length at which a model does *not* collapse, each
+  run's verdict coming from the one collapse rule, :func:`ssm_jax.diagnostics.collapse_verdict`.
 * **T_recall** (passkey capacity): the largest context length whose passkey accuracy (over all
   depths) is above 95%.
 * Fits: ``T_forget = a * N_S + b`` (ordinary least squares) and ``T_recall = a * (b ** N_S - 1) + c``
@@ -21,14 +16,12 @@ Pure numpy; the study's figure is drawn by :func:`ssm_jax.plots.plot_capacity`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 TOKENS_PER_K = 1024
-COLLAPSE_FACTOR = 2.0
 RECALL_THRESHOLD = 0.95
 
 # The paper's published fits (N_S in millions, T in K tokens).
@@ -52,81 +45,6 @@ def linear_law(x, a: float, b: float):
 
 def exponential_law(x, a: float, b: float, c: float):
     return a * (np.power(b, np.asarray(x, np.float64)) - 1.0) + c
-
-
-# --------------------------------------------------------------------------------------------------
-# The collapse rule on bucketed losses
-# --------------------------------------------------------------------------------------------------
-
-
-def smoothing_width(train_len: int) -> int:
-    """Width (positions) of the fixed buckets the collapse rule smooths over: ``max(1, T_train // 8)``."""
-    return max(1, int(train_len) // 8)
-
-
-def fixed_bucket_index(positions: np.ndarray, width: int) -> np.ndarray:
-    """Bucket of each prediction position ``t >= 1`` (tokens read so far) for buckets of ``width`` positions."""
-    return (np.asarray(positions, np.int64) - 1) // int(width)
-
-
-@dataclasses.dataclass(frozen=True)
-class Collapse:
-    """Outcome of the collapse rule on one loss curve."""
-
-    collapsed: bool
-    first_position: Optional[int]  # start of the first bucket above the threshold (tokens read), None if none
-    threshold: float  # factor * reference
-    max_loss_within_train: float  # the reference: largest bucket loss within the first T_train tokens
-    max_loss_after_train: float
-    max_ratio: float  # max loss after T_train / reference
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def detect_collapse_bucketed(
-    bucket_loss: Sequence[float], width: int, train_len: int, *, factor: float = COLLAPSE_FACTOR
-) -> Collapse:
-    """Applies the paper's rule to a curve of fixed-width bucket losses (bucket ``j`` = positions
-    ``[1 + j width, 1 + (j + 1) width)``, already averaged over prompts).
-
-    The reference is the maximum over buckets lying entirely within ``[1, train_len]``; the model
-    collapses if any later bucket exceeds ``factor`` times it. NaN buckets (no data) are ignored.
-    """
-    loss = np.asarray(bucket_loss, np.float64)
-    width, train_len = int(width), int(train_len)
-    if width < 1 or train_len < 1:
-        raise ValueError(f"need width >= 1 and train_len >= 1, got {width}, {train_len}")
-    n_within = max(1, train_len // width)
-    if loss.ndim != 1 or loss.size <= n_within:
-        raise ValueError(
-            f"the loss curve has {loss.size} buckets of {width} positions; the collapse rule needs more than the "
-            f"{n_within} buckets within T_train={train_len} (stream further than the training length)"
-        )
-    within = float(np.nanmax(loss[:n_within]))
-    after = loss[n_within:]
-    threshold = factor * within
-    over = np.nonzero(np.nan_to_num(after, nan=-np.inf) > threshold)[0]
-    max_after = float(np.nanmax(after)) if np.any(np.isfinite(after)) else float("nan")
-    return Collapse(
-        collapsed=bool(over.size),
-        first_position=int(1 + (over[0] + n_within) * width) if over.size else None,
-        threshold=threshold,
-        max_loss_within_train=within,
-        max_loss_after_train=max_after,
-        max_ratio=max_after / within if within > 0 else float("inf"),
-    )
-
-
-def bucket_per_position_losses(losses: np.ndarray, width: int) -> np.ndarray:
-    """Averages per-position losses ``(..., T)`` (position ``t = 1..T``) into fixed buckets of ``width``."""
-    losses = np.asarray(losses, np.float64)
-    if losses.ndim == 2:
-        losses = losses.mean(axis=0)
-    idx = fixed_bucket_index(np.arange(1, losses.size + 1), width)
-    sums = np.bincount(idx, weights=losses)
-    counts = np.bincount(idx)
-    return sums / counts
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,12 +4,15 @@
 :mod:`ssm_jax.inference` does) and every ``every`` tokens records, per layer and head, the state's
 Frobenius norm, mean, variance and largest element, the cumulative retention ``prod alpha`` of the
 first token, the conv-state norm, traces of ``dt``, ``B`` and ``x`` for chosen heads, snapshots of
-one head's state, and the per-token loss -- everything PAPER.md section 3 plots.
+one head's state, and the per-token loss -- every diagnostic of the paper (arXiv 2410.07145; our
+summary in docs/background.md).
 
-:func:`detect_collapse` applies the paper's rule (the loss ever exceeds ``factor`` times the largest
-loss seen within the first ``T_train`` tokens); :func:`detect_state_outliers` flags heads whose state
-norm leaves the range seen during the training length. :func:`calibrate_state_norm` turns the state
-norms seen on a calibration prompt into the thresholds of :func:`ssm_jax.mitigations.state_norm`.
+:func:`collapse_verdict` is the project's one collapse rule: on per-token losses averaged over prompts
+and over fixed buckets of positions (:func:`bucket_means`), the model collapses when a bucket beyond
+``T_train`` exceeds ``factor`` times the largest bucket within ``T_train``, the first bucket excluded.
+:func:`detect_state_outliers` flags heads whose state norm leaves the range seen during the training
+length. :func:`calibrate_state_norm` turns the state norms seen on a calibration prompt into the
+thresholds of :func:`ssm_jax.mitigations.state_norm`.
 """
 
 from __future__ import annotations
@@ -237,58 +240,118 @@ def calibrate_state_norm(
 
 
 # --------------------------------------------------------------------------------------------------
-# Collapse detection
+# The collapse rule
 # --------------------------------------------------------------------------------------------------
+
+COLLAPSE_FACTOR = 2.0
+
+
+def collapse_bucket_width(train_len: int) -> int:
+    """The default bucket width of :func:`collapse_verdict`: ``max(128, T_train // 8)`` positions.
+
+    Below ``T_train = 256`` that width leaves no bucket within ``T_train`` besides the first, so tiny
+    (byte-level, test) models get ``T_train // 2`` instead: ``max(1, min(128, T // 2), T // 8)``.
+    """
+    train_len = int(train_len)
+    return max(1, min(128, train_len // 2), train_len // 8)
+
+
+def bucket_index(positions: np.ndarray, width: int) -> np.ndarray:
+    """The bucket of each prediction position ``t >= 1`` (tokens read): bucket ``j`` holds ``t`` in
+    ``[1 + j width, (j + 1) width]``."""
+    return (np.asarray(positions, np.int64) - 1) // int(width)
+
+
+def bucket_means(losses: np.ndarray, width: int) -> np.ndarray:
+    """Per-position losses ``(T,)`` or ``(prompts, T)`` (position ``t = 1 .. T``), averaged over prompts and
+    then over the buckets of :func:`bucket_index`: ``(ceil(T / width),)``; the last bucket may be partial."""
+    losses = np.asarray(losses, np.float64)
+    if losses.ndim == 2:
+        losses = losses.mean(axis=0)  # (T,)
+    idx = bucket_index(np.arange(1, losses.size + 1), width)  # (T,)
+    return np.bincount(idx, weights=losses) / np.bincount(idx)
 
 
 @dataclasses.dataclass(frozen=True)
-class CollapseReport:
-    """Outcome of :func:`detect_collapse`."""
+class CollapseVerdict:
+    """What :func:`collapse_verdict` found on one bucketed loss curve (positions are bucket starts)."""
 
     collapsed: bool
-    first_position: Optional[int]  # first position whose smoothed loss exceeds the threshold
-    threshold: float
-    max_loss_within_train: float
-    max_loss_after_train: float
+    first_position: Optional[int]  # first bucket beyond T_train whose loss exceeds factor x reference
+    reference: float  # largest bucket loss within T_train, the first bucket excluded
+    threshold: float  # factor x reference
+    max_loss_after_train: float  # largest bucket loss beyond T_train
+    max_ratio: float  # max_loss_after_train / reference
+    factor: float
+    bucket_width: int
+    unigram_loss: Optional[float]  # a context-free model's loss (nats/token), when given
+    first_position_above_unigram: Optional[int]  # first bucket after the first whose loss exceeds unigram_loss
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
 
-def smooth_losses(losses: np.ndarray, width: int) -> np.ndarray:
-    """Causal-free moving average of a per-position loss curve (``width`` positions, 'valid' part)."""
-    losses = np.asarray(losses, np.float64)
-    if width <= 1 or losses.size < width:
-        return losses
-    kernel = np.ones(width) / width
-    return np.convolve(losses, kernel, mode="valid")
-
-
-def detect_collapse(losses, train_len: int, *, factor: float = 2.0, smoothing: Optional[int] = None) -> CollapseReport:
-    """The paper's rule: the model collapses if its loss ever exceeds ``factor`` x the maximum loss seen
-    within the first ``train_len`` tokens.
+def collapse_verdict(
+    bucket_loss: Sequence[float],
+    train_len: int,
+    *,
+    width: Optional[int] = None,
+    factor: float = COLLAPSE_FACTOR,
+    unigram_loss: Optional[float] = None,
+) -> CollapseVerdict:
+    """The paper's collapse rule (arXiv 2410.07145, its T_forget test; docs/background.md), made robust: the
+    model collapses when its loss beyond ``T_train`` exceeds ``factor`` times the largest loss it had within
+    ``T_train``.
 
     Args:
-      losses: ``(T,)`` per-position loss (averaged over prompts) or ``(prompts, T)`` (averaged here).
-      train_len: the training length ``T_train``.
+      bucket_loss: the loss averaged over prompts and over buckets of ``width`` positions
+        (:func:`bucket_means`; bucket ``j`` = positions ``[1 + j width, (j + 1) width]``). NaN buckets
+        (no data) are ignored.
+      train_len: ``T_train``.
+      width: the bucket width; default :func:`collapse_bucket_width`.
       factor: 2.0 in the paper.
-      smoothing: moving-average width applied first (per-token losses are noisy: a single rare token
-        can double the loss); default ``max(1, train_len // 8)``. The same smoothing is applied inside
-        and after the training length.
+      unigram_loss: if given, also report the first position whose bucket loss exceeds it.
+
+    The reference is the largest loss over the buckets lying entirely within ``[1, T_train]`` except the
+    first: at a document start every model's loss is high (near the unigram loss), so a reference taken
+    there gives a threshold that no loss can reach. A bucket straddling ``T_train`` counts on neither side.
+    The same first bucket is skipped when looking for the unigram crossing.
     """
-    losses = np.asarray(losses, np.float64)
-    if losses.ndim == 2:
-        losses = losses.mean(axis=0)
-    if losses.ndim != 1 or losses.size <= train_len:
-        raise ValueError(f"`losses` must cover more than train_len={train_len} positions, got shape {losses.shape}")
-    width = max(1, train_len // 8) if smoothing is None else int(smoothing)
-    smooth = smooth_losses(losses, width)
-    split = max(1, train_len - width + 1)  # smoothed windows lying entirely inside the training length
-    within = float(np.max(smooth[:split]))
-    after = smooth[split:]
-    threshold = factor * within
-    over = np.nonzero(after > threshold)[0]
-    first = int(over[0] + split + width - 1) if over.size else None
-    return CollapseReport(
-        collapsed=bool(over.size), first_position=first, threshold=threshold, max_loss_within_train=within,
-        max_loss_after_train=float(np.max(after)) if after.size else float("nan"),
+    loss = np.asarray(bucket_loss, np.float64)
+    train_len = int(train_len)
+    width = collapse_bucket_width(train_len) if width is None else int(width)
+    if width < 1 or train_len < 1:
+        raise ValueError(f"need width >= 1 and train_len >= 1, got width={width}, train_len={train_len}")
+    n_within = train_len // width  # buckets 0 .. n_within - 1 end at or before T_train
+    first_after = -(-train_len // width)  # buckets from here on start after T_train
+    if n_within < 2:
+        raise ValueError(f"train_len={train_len} spans {n_within} bucket(s) of width={width}; the reference "
+                         "excludes the first bucket, so it needs at least 2 (use a smaller width)")
+    if loss.ndim != 1 or loss.size <= first_after:
+        raise ValueError(f"bucket_loss has shape {loss.shape}: the rule needs a 1-D curve reaching bucket "
+                         f"{first_after} (positions from {first_after * width + 1}, beyond train_len={train_len})")
+    within, after = loss[1:n_within], loss[first_after:]
+    if not np.isfinite(within).any():
+        raise ValueError(f"bucket_loss has no finite bucket within train_len={train_len} besides the first")
+    reference = float(np.nanmax(within))
+    threshold = factor * reference
+    over = np.flatnonzero(np.nan_to_num(after, nan=-np.inf) > threshold)
+    max_after = float(np.nanmax(after)) if np.isfinite(after).any() else float("nan")
+    above = None
+    if unigram_loss is not None:
+        crossed = np.flatnonzero(np.nan_to_num(loss[1:], nan=-np.inf) > unigram_loss)
+        above = int((crossed[0] + 1) * width + 1) if crossed.size else None
+    return CollapseVerdict(
+        collapsed=bool(over.size),
+        first_position=int((over[0] + first_after) * width + 1) if over.size else None,
+        reference=reference,
+        threshold=threshold,
+        max_loss_after_train=max_after,
+        max_ratio=max_after / reference if reference > 0 else float("inf"),
+        factor=float(factor),
+        bucket_width=width,
+        unigram_loss=None if unigram_loss is None else float(unigram_loss),
+        first_position_above_unigram=above,
     )
 
 

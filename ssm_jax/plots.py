@@ -146,7 +146,7 @@ def plot_loss_vs_position(curves: Mapping[str, Dict[str, np.ndarray]], path: str
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation (ssm_jax.eval_lib): passkey heatmaps and the state-capacity study
+# Evaluation (ssm_jax.evaluators): passkey heatmaps and the state-capacity study
 # --------------------------------------------------------------------------------------------------
 
 

@@ -33,6 +33,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ssm_jax.loading import load_model_from_workdir  # re-exported: loading lives next to checkpoint / convert
 from ssm_jax.model import Mamba2Config, Mamba2LM, MixerCache
 from ssm_jax.parallel import mesh as mesh_lib
 
@@ -486,36 +487,6 @@ def _model_config_from_dict(values: Dict[str, Any]) -> Mamba2Config:
     from ssm_jax.train_config import model_config_from
 
     return model_config_from(values)
-
-
-def load_model_from_workdir(workdir: str, step: Optional[int] = None, *, dtype: Optional[str] = None):
-    """Loads a model trained by ``train.py``: returns ``(Mamba2LM, config)``.
-
-    ``step``: a checkpoint step (default: the latest). ``config`` is the training config (an
-    ``ml_collections.ConfigDict``; ``config.model`` reflects the model actually trained, and
-    ``config.data.tokenizer`` names its tokenizer). ``dtype`` overrides the compute dtype. The
-    parameters are placed on the default device.
-    """
-    from ssm_jax import checkpoint as ckpt_lib
-
-    directory = ckpt_lib.checkpoint_dir(workdir)
-    meta = ckpt_lib.read_meta(directory, step)
-    model_cfg = _model_config_from_dict(meta["model_config"])
-    if dtype is not None:
-        model_cfg = model_cfg.replace(dtype=dtype)
-    graphdef, abstract = abstract_model(model_cfg)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-    params, _ = ckpt_lib.restore_params(directory, abstract, meta["step"])
-    model = nnx.merge(graphdef, params)
-    config = meta.get("config")
-    try:
-        import ml_collections
-
-        config = ml_collections.ConfigDict(config) if config is not None else None
-    except ImportError:  # plain dict without ml_collections
-        pass
-    return model, config
 
 
 def _load_init_params(config, model_cfg: Mamba2Config):

@@ -1,4 +1,5 @@
-"""ssm_jax.diagnostics: recorded statistics are the real ones, and the detectors find planted collapse."""
+"""ssm_jax.diagnostics: recorded statistics are the real ones, the detectors find planted collapse, and the
+collapse rule is its definition."""
 
 import os
 
@@ -67,20 +68,68 @@ def test_planted_collapse_is_detected_and_healthy_model_is_silent(model):
     assert np.all(diag.retention[-1, 0, 0] < 0.5)
 
 
-def test_detect_collapse_rule():
+def test_collapse_bucket_width_default():
+    # max(128, T_train // 8) from T_train = 256 on; T_train // 2 below, so that a bucket besides the first fits.
+    assert [D.collapse_bucket_width(t) for t in (256, 1024, 2048, 4096, 16384)] == [128, 128, 256, 512, 2048]
+    assert [D.collapse_bucket_width(t) for t in (2, 32, 128, 255)] == [1, 16, 64, 127]
+
+
+def test_collapse_rule_on_constructed_curves():
+    # T_train = 16 in buckets of 4: buckets 0-3 lie within it, 4 on are beyond. Only the first bucket is high.
+    curve = np.array([10.0, 2.0, 1.5, 1.8, 3.0, 3.9, 4.1, 3.0])
+    v = D.collapse_verdict(curve, 16, width=4, unigram_loss=2.5)
+    assert v.reference == 2.0 and v.threshold == 4.0  # the first bucket (10.0) does not set the reference
+    assert v.collapsed and v.first_position == 6 * 4 + 1 and v.max_ratio == pytest.approx(4.1 / 2.0)
+    assert v.max_loss_after_train == 4.1 and v.bucket_width == 4 and v.factor == 2.0
+    assert v.first_position_above_unigram == 4 * 4 + 1  # bucket 0 (10.0 > 2.5) is skipped here too
+    quiet = D.collapse_verdict(np.where(curve == 4.1, 3.9, curve), 16, width=4)
+    assert not quiet.collapsed and quiet.first_position is None and quiet.first_position_above_unigram is None
+    assert D.collapse_verdict(curve, 16, width=4, factor=1.9).first_position == 5 * 4 + 1  # 3.9 > 3.8
+    # A bucket straddling T_train (positions 17-20 of T_train = 18) counts on neither side; NaN buckets are skipped.
+    straddle = np.array([9.0, 2.0, 2.0, 2.0, 100.0, np.nan, 3.0, 5.0])
+    v = D.collapse_verdict(straddle, 18, width=4)
+    assert v.reference == 2.0 and v.collapsed and v.first_position == 7 * 4 + 1 and v.max_loss_after_train == 5.0
+    with pytest.raises(ValueError, match="at least 2"):
+        D.collapse_verdict(curve, 16, width=16)
+    with pytest.raises(ValueError, match="beyond train_len"):
+        D.collapse_verdict(curve[:4], 16, width=4)
+
+
+def direct_verdict(per_position, train_len, width, factor, unigram):
+    """The rule written out position by position: the definition the implementation must match."""
+    mean = per_position.mean(axis=0)
+    buckets = {}
+    for t in range(1, mean.size + 1):
+        buckets.setdefault((t - 1) // width, []).append(t)
+    loss = {j: float(np.mean([mean[t - 1] for t in ts])) for j, ts in buckets.items()}
+    reference = max(loss[j] for j, ts in buckets.items() if ts[-1] <= train_len and 1 not in ts)
+    beyond = [j for j in sorted(buckets) if buckets[j][0] > train_len]
+    over = [j for j in beyond if loss[j] > factor * reference]
+    above = [j for j in sorted(buckets) if 1 not in buckets[j] and loss[j] > unigram]
+    return {"collapsed": bool(over), "first_position": buckets[over[0]][0] if over else None,
+            "reference": reference, "max_ratio": max(loss[j] for j in beyond) / reference,
+            "first_position_above_unigram": buckets[above[0]][0] if above else None}
+
+
+def test_collapse_rule_matches_its_definition_on_random_curves():
     rng = np.random.default_rng(0)
-    train_len = 100
-    healthy = 2.0 + 0.3 * rng.standard_normal(2000)
-    report = D.detect_collapse(healthy, train_len)
-    assert not report.collapsed and report.first_position is None
-    collapsing = healthy.copy()
-    collapsing[700:] += 4.0  # loss leaves 2x the in-training maximum from position 700 on
-    report = D.detect_collapse(np.stack([collapsing, collapsing]), train_len)
-    assert report.collapsed
-    assert 700 <= report.first_position <= 700 + train_len // 8
-    assert report.threshold == pytest.approx(2 * report.max_loss_within_train)
-    with pytest.raises(ValueError, match="train_len"):
-        D.detect_collapse(healthy[:50], train_len)
+    outcomes = set()
+    for _ in range(40):
+        train_len = int(rng.integers(8, 200))
+        width = int(rng.integers(1, train_len // 2 + 1))
+        length = train_len + width + int(rng.integers(1, 400))
+        losses = rng.uniform(1.0, 3.0, (3, length))  # (prompts, positions)
+        if rng.uniform() < 0.5:
+            losses[:, int(rng.integers(train_len, length)):] += rng.uniform(0.0, 6.0)
+        factor, unigram = float(rng.uniform(1.5, 2.5)), float(rng.uniform(1.5, 4.0))
+        got = D.collapse_verdict(D.bucket_means(losses, width), train_len, width=width, factor=factor,
+                                 unigram_loss=unigram)
+        want = direct_verdict(losses, train_len, width, factor, unigram)
+        for key in ("collapsed", "first_position", "first_position_above_unigram"):
+            assert getattr(got, key) == want[key], key
+        assert (got.reference, got.max_ratio) == pytest.approx((want["reference"], want["max_ratio"]), rel=1e-12)
+        outcomes.add(got.collapsed)
+    assert outcomes == {True, False}  # both verdicts were exercised
 
 
 def test_calibrated_state_norm_bounds_streaming(model, tokens):

@@ -1,4 +1,4 @@
-"""The state-capacity study (PAPER.md section 5) over finished evaluations.
+"""The state-capacity study (arXiv 2410.07145; docs/background.md) over finished evaluations.
 
 Evaluate each trained model (state sizes x training lengths) with loss_vs_position (streaming far past
 its training length) and passkey, then:
