@@ -99,10 +99,12 @@ def subprocess_env(cache_dir: str, devices: int = 8) -> Dict[str, str]:
 
 
 def parse_flags(argv: List[str]):
-    """The config that ``train.py`` / ``eval.py`` would run for ``argv`` (``--config=FILE[:ARG]`` and overrides)."""
+    """The config that ``train.py`` / ``eval.py`` would run for ``argv`` (its ``--config=FILE[:ARG]`` and
+    ``--config.x=y`` flags; other flags, such as ``--workdir``, are the scripts' own and left out)."""
     from absl import flags
     from ml_collections import config_flags
 
+    argv = argv[:1] + [a for a in argv[1:] if a.startswith("--config")]
     values = flags.FlagValues()
     # The override flags are read from the command line when the config flag is defined (sys_argv).
     holder = config_flags.DEFINE_config_file("config", None, "config", flag_values=values, sys_argv=argv)
