@@ -257,9 +257,6 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None, process_c
     need_int("eval.batch_size", config.eval.batch_size, 0)
     need_int("checkpoint.every_steps", config.checkpoint.every_steps, 1)
     need_int("checkpoint.max_to_keep", config.checkpoint.max_to_keep, 1)
-    for name in ("async_save", "allow_config_change"):
-        if not isinstance(config.checkpoint[name], bool):
-            bad(f"checkpoint.{name}", config.checkpoint[name], "must be True or False")
     # ---- mesh
     m = config.mesh
     for name in ("data", "fsdp", "seq"):
