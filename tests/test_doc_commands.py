@@ -52,9 +52,9 @@ COMMANDS = [c for path in DOCS + DOCSTRINGS for c in find_commands(path)]
 
 def test_the_scan_finds_the_documented_commands():
     where = {w.split(":")[0] for w, _ in COMMANDS}
-    assert {"README.md", "docs/RESULTS.md", "train.py", "eval.py", "configs/passkey_finetune.py"} <= where
+    assert {"README.md", "train.py", "eval.py", "configs/passkey_finetune.py"} <= where
     scripts = [argv[0] for _, argv in COMMANDS]
-    assert scripts.count("train.py") >= 10 and scripts.count("eval.py") >= 8
+    assert scripts.count("train.py") >= 8 and scripts.count("eval.py") >= 5
     readme = [argv for w, argv in COMMANDS if w.startswith("README.md")]
     assert ["train.py", "--config=configs/passkey_finetune.py:runs/default", "--workdir=runs/passkey"] in readme
 
