@@ -8,7 +8,8 @@ halo pass between devices (ssm_jax/parallel/sequence.py). On 2 GPUs:
 On a CPU, as 8 virtual devices:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python train.py \
-        --config=configs/sequence_parallel.py --workdir=/tmp/run_seq --config.train.num_steps=20
+        --config=configs/sequence_parallel.py --workdir=/tmp/run_seq --config.train.num_steps=20 \
+        --config.optim.warmup_steps=5
 
 seq_len must be divisible by the number of devices on "seq" (with at least d_conv - 1 = 3 tokens per
 device). To mix with data parallelism, set e.g. --config.mesh.data=2 --config.mesh.seq=4.

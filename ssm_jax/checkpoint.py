@@ -20,17 +20,44 @@ Layout of a ``train.py`` workdir::
 with their shardings (orbax OCDBT); every process of a multi-host run writes its shards, and each
 process writes its own data-iterator file. Restoring asks for the target shardings, so a checkpoint
 written on one mesh can be read on another.
+
+Faults. Orbax writes a step into a temporary directory and renames it when every item is written, so a
+process killed during a save leaves no ``<step>`` directory (the temporary one is removed on the next start).
+A step can still be damaged afterwards (a truncated or deleted file): :meth:`Checkpointer.restore_newest`
+tries the steps from the newest down, moves each one that fails to restore to
+``<workdir>/damaged_checkpoints/<step>`` with a warning naming it, and resumes from the newest one that
+restores. A save that fails (a full disk) raises :class:`CheckpointSaveError`, naming the step and the
+previous checkpoint, which the failed save leaves intact.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+import shutil
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
-__all__ = ["Checkpointer", "restore_params", "read_meta", "latest_step", "checkpoint_dir"]
+__all__ = [
+    "Checkpointer", "CheckpointSaveError", "NoCompleteCheckpointError", "restore_params", "read_meta",
+    "latest_step", "checkpoint_dir", "DAMAGED_DIR",
+]
+
+DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/: steps that failed to restore, kept for inspection
+T = TypeVar("T")
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint step could not be written (e.g. the disk is full); the steps saved before it are intact."""
+
+
+class NoCompleteCheckpointError(RuntimeError):
+    """Checkpoints exist but none of them restores (the run is not restarted from scratch)."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -66,6 +93,7 @@ class Checkpointer:
         read_only: bool = False,
     ) -> None:
         self.directory = os.path.abspath(directory)
+        self._async = async_save
         handlers = {
             "params": ocp.StandardCheckpointHandler(),
             "train_state": ocp.StandardCheckpointHandler(),
@@ -81,6 +109,8 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only,  # a save cut by a kill leaves a tmp directory behind
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._in_flight: Optional[int] = None  # step of an asynchronous save not yet known to be written
+        self._failed = False  # a save failed: orbax re-raises its error on every later wait
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -95,7 +125,11 @@ class Checkpointer:
         self, step: int, *, params: Any, train_state: Any, data_iterator: Any = None,
         meta: Optional[Dict[str, Any]] = None, force: bool = False,
     ) -> bool:
-        """Saves (asynchronously if configured) when ``step`` is due or ``force``; returns whether it saved."""
+        """Saves (asynchronously if configured) when ``step`` is due or ``force``; returns whether it saved.
+
+        Raises :class:`CheckpointSaveError` if this save, or an asynchronous one still in flight, fails.
+        """
+        self.wait()  # a failure of the previous asynchronous save is reported as that step's
         if step in self.manager.all_steps():
             return False
         items = {
@@ -105,7 +139,77 @@ class Checkpointer:
         }
         if data_iterator is not None:
             items["data"] = _data_args()[0](_IteratorSnapshot(data_iterator))
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except OSError as e:
+            raise self._save_error(step, e) from e
+        if saved and self._async:
+            self._in_flight = step
+        return saved
+
+    def _save_error(self, step: int, error: OSError) -> CheckpointSaveError:
+        self._failed = True
+        self._in_flight = None
+        self.manager.reload()  # orbax's own list may still hold the step that failed
+        previous = [s for s in self.manager.all_steps() if s < step]
+        what = f"could not write checkpoint step {step} in {self.directory}: {error}"
+        if error.errno == errno.ENOSPC:
+            what += f" ({shutil.disk_usage(self.directory).free / 2**20:.0f} MiB free)"
+        if previous:
+            what += (f". The previous checkpoint (step {max(previous)}) is intact: free space, then re-run the same "
+                     "command to resume from it.")
+        else:
+            what += ". No earlier checkpoint exists: re-running the same command starts from step 0."
+        return CheckpointSaveError(error.errno, what)
+
+    def restore_newest(self, restore: Callable[[int], T]) -> Optional[Tuple[int, T]]:
+        """``(step, restore(step))`` for the newest step whose ``restore`` succeeds; None without checkpoints.
+
+        A step that fails while an older one restores is damaged (truncated or deleted files): it is moved to
+        ``<workdir>/damaged_checkpoints/`` with a warning that names it, so that training saves that step
+        again. If no step restores, nothing is moved and :class:`NoCompleteCheckpointError` lists every
+        step's error (the cause is then more likely the code or the config than the files).
+        """
+        failures: List[Tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                result, error = restore(step), None
+            except Exception as e:  # noqa: BLE001 - any failure to read a step means: try an older one
+                result, error = None, _first_line(e)
+            if not _all_processes_agree(error is None):
+                failures.append((step, error or "failed to restore on another process"))
+                continue
+            if failures:
+                self._move_damaged(failures, step)
+            return step, result
+        if failures:
+            listing = "\n  ".join(f"step {s}: {e}" for s, e in failures)
+            raise NoCompleteCheckpointError(
+                f"no checkpoint in {self.directory} restores:\n  {listing}\nNothing was moved or deleted. To start "
+                "this run from scratch instead, move that directory away.")
+        return None
+
+    def _move_damaged(self, failures: List[Tuple[int, str]], good: int) -> None:
+        """Moves the failed steps out of the checkpoint directory (process 0; the others wait for it)."""
+        if jax.process_index() == 0:
+            root = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+            for step, error in failures:
+                target, suffix = os.path.join(root, str(step)), 1
+                while os.path.exists(target):  # the same step damaged again in an earlier resume
+                    target, suffix = os.path.join(root, f"{step}.{suffix}"), suffix + 1
+                os.makedirs(root, exist_ok=True)
+                shutil.move(os.path.join(self.directory, str(step)), target)
+                logging.warning("checkpoint step %d in %s is damaged (%s): moved it to %s; resuming from step %d, the "
+                                "newest step that restores", step, self.directory, error, target, good)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("ssm_jax.checkpoint: damaged steps moved")
+        self.manager.reload()
+
+    def read_meta(self, step: int) -> Dict[str, Any]:
+        """The ``meta`` JSON of ``step``."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(
         self, step: int, *, abstract_params: Any, abstract_train_state: Any, data_iterator: Any = None,
@@ -125,11 +229,37 @@ class Checkpointer:
         return restored["params"], restored["train_state"], restored["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for an asynchronous save; raises :class:`CheckpointSaveError` if it failed."""
+        if self._failed:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except OSError as e:  # only an asynchronous save fails here, so a step is in flight
+            raise self._save_error(self._in_flight, e) from e
+        self._in_flight = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        self.wait()
+        try:
+            self.manager.close()
+        except OSError:
+            if not self._failed:  # after a failed save orbax raises its error again: already reported
+                raise
+
+
+def _first_line(error: Exception) -> str:
+    """``"Type: first line of the message"`` (a KeyError's message without the quotes its str adds)."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return f"{type(error).__name__}: {(text.strip().splitlines() or [''])[0][:300]}"
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (all processes then take the same branch)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def _read_only(directory: str) -> Checkpointer:
@@ -169,8 +299,7 @@ def read_meta(directory: str, step: Optional[int] = None) -> Dict[str, Any]:
     """The ``meta`` JSON of ``step`` (default: the latest)."""
     ckpt = _read_only(directory)
     try:
-        step = _resolve_step(ckpt, step)
-        return ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return ckpt.read_meta(_resolve_step(ckpt, step))
     finally:
         ckpt.close()
 

@@ -29,14 +29,19 @@ be overridden on the command line (``--config.model.d_model=256``). Fields:
   ``weight_decay``, ``clip_norm`` (0 disables clipping).
 * ``eval``: ``every_steps`` (0: only at the end), ``num_batches`` (0: the whole validation split),
   ``batch_size`` (0: ``train.batch_size``).
-* ``checkpoint``: ``every_steps``, ``max_to_keep``, ``async_save``.
+* ``checkpoint``: ``every_steps``, ``max_to_keep``, ``async_save``, ``allow_config_change``. Re-running with the
+  same workdir resumes from its newest checkpoint that restores; the model config (and tokenizer) must then
+  equal the checkpoint's, else the run stops listing the fields that differ. ``allow_config_change=True``
+  continues with the requested values instead, for fields that leave the parameters' shapes and dtypes
+  unchanged (``dtype``, ``ssd_impl``, ``remat``, ``chunk_size``, ...).
 * ``mesh``: ``data`` (-1: all remaining devices), ``fsdp``, ``seq``, ``min_fsdp_size``.
 * ``distributed``: ``enabled``, ``coordinator_address``, ``num_processes`` (0: from the environment),
   ``process_id`` (-1: from the environment), ``local_device_ids`` ("" or "0,1"), ``cpu_collectives``
   ("" or "gloo"), ``num_cpu_devices`` (0: default). Also enabled when ``JAX_COORDINATOR_ADDRESS`` is set.
 * ``init``: ``workdir`` (fine-tune from another run's checkpoint; ``step`` -1: its latest) or
   ``pretrained`` (a state-spaces / Hugging Face checkpoint directory, :func:`ssm_jax.from_pretrained`);
-  the architecture then comes from that source. ``required``: fail unless one of them is given.
+  the architecture then comes from that source and only the fields of ``RUNTIME_MODEL_FIELDS`` from
+  ``model``. ``required``: fail unless one of them is given.
 * ``log``: ``tensorboard``, ``plot`` (loss-curve PNG at the end).
 """
 
@@ -51,14 +56,16 @@ from typing import Any, List, Optional
 from ssm_jax.model import Mamba2Config
 
 __all__ = [
-    "DATA_MODES", "NAN_POLICIES", "CORPORA", "base_config", "public_size_config", "paper_small_config",
-    "model_config_from", "validate_config",
+    "DATA_MODES", "NAN_POLICIES", "CORPORA", "RUNTIME_MODEL_FIELDS", "base_config", "public_size_config",
+    "paper_small_config", "model_config_from", "validate_config",
 ]
 
 DATA_MODES = ("packed", "concat", "stream", "passkey")
 NAN_POLICIES = ("skip", "stop")
 CORPORA = ("shakespeare", "kjv", "tiny", "local", "tokens")
 _TOKENIZER_VOCAB = {"byte": 257, "neox": 50277}
+# The model fields a fine-tuning run takes from its own config; the others come from the init source.
+RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "ssd_impl", "remat", "chunk_size")
 
 
 def base_config():
@@ -86,7 +93,8 @@ def base_config():
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
     ))
     c.eval = ml_collections.ConfigDict(dict(every_steps=200, num_batches=20, batch_size=0))
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, max_to_keep=3, async_save=True))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, max_to_keep=3, async_save=True,
+                                                  allow_config_change=False))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1, min_fsdp_size=4096))
     c.distributed = ml_collections.ConfigDict(dict(
         enabled=False, coordinator_address="", num_processes=0, process_id=-1, local_device_ids="",

@@ -49,6 +49,7 @@ __all__ = [
     "train_and_evaluate",
     "load_model_from_workdir",
     "model_flops_per_token",
+    "ConfigChangeError",
 ]
 
 Array = jax.Array
@@ -414,11 +415,11 @@ def _load_documents(config):
     return data_lib.split_documents(docs, d.validation_fraction, d.split_seed)
 
 
-def _build_data(config, shard_index: int, shard_count: int) -> _Data:
+def _build_data(config, shard_index: int, shard_count: int, tokenizer_name: str) -> _Data:
     from ssm_jax import data as data_lib
 
     d = config.data
-    tokenizer = data_lib.get_tokenizer(d.tokenizer)
+    tokenizer = data_lib.get_tokenizer(tokenizer_name)
     local_batch = config.train.batch_size // shard_count
     eval_batch = (config.eval.batch_size or config.train.batch_size) // shard_count
     common = dict(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch_buffer_size,
@@ -500,14 +501,81 @@ def _load_init_params(config, model_cfg: Mamba2Config):
 
         model = from_pretrained(config.init.pretrained)
         tokenizer = "neox" if model.config.vocab_size >= 50277 else "byte"
-    src = model.config
+    from ssm_jax.train_config import RUNTIME_MODEL_FIELDS
+
     # Architecture from the source; numerics / runtime options from this config.
-    keep = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, ssd_impl=model_cfg.ssd_impl,
-                remat=model_cfg.remat, chunk_size=model_cfg.chunk_size)
-    new_cfg = src.replace(**keep)
+    new_cfg = model.config.replace(**{f: getattr(model_cfg, f) for f in RUNTIME_MODEL_FIELDS})
     params = nnx.to_pure_dict(nnx.split(model)[1])
     params = jax.tree.map(lambda x: np.asarray(x).astype(new_cfg.jnp_param_dtype), params)
     return params, new_cfg, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Resuming
+# --------------------------------------------------------------------------------------------------
+
+
+class ConfigChangeError(ValueError):
+    """A run resumed with a model config (or tokenizer) other than its checkpoint's."""
+
+
+def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    """``{"section.field": value}`` of nested dicts (values as JSON would hold them)."""
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _resumed_model_config(config, requested: Mamba2Config, saved: Mamba2Config, saved_config: Dict[str, Any],
+                          step: int) -> Mamba2Config:
+    """The model config to resume with: the checkpoint's, which ``requested`` (and ``config.data.tokenizer``)
+    must equal unless ``config.checkpoint.allow_config_change``; then the requested values of fields that
+    leave the parameters' shapes and dtypes unchanged. A fine-tuning run (``config.init``) requests only
+    ``RUNTIME_MODEL_FIELDS``: its architecture and tokenizer came from the source. Other settings that changed
+    since the checkpoint (``train.num_steps``, ...) apply and are listed in a note.
+    """
+    from ssm_jax.train_config import RUNTIME_MODEL_FIELDS
+
+    fine_tune = bool(config.init.workdir or config.init.pretrained)
+    fields = RUNTIME_MODEL_FIELDS if fine_tune else [f.name for f in dataclasses.fields(Mamba2Config)]
+    changed = {f: getattr(requested, f) for f in fields if getattr(requested, f) != getattr(saved, f)}
+    rows = [f"config.model.{f}: {getattr(saved, f)!r} in the checkpoint, {v!r} requested" for f, v in changed.items()]
+    saved_tokenizer = saved_config.get("data", {}).get("tokenizer", config.data.tokenizer)
+    tokenizer_changed = not fine_tune and saved_tokenizer != config.data.tokenizer
+    if tokenizer_changed:
+        rows.append(f"config.data.tokenizer: {saved_tokenizer!r} in the checkpoint, {config.data.tokenizer!r} requested")
+    old = _flatten(saved_config)
+    notes = [f"{k}: {old[k]!r} -> {v!r}" for k, v in _flatten(json.loads(config.to_json_best_effort())).items()
+             if k in old and old[k] != v and not k.startswith("model.") and k != "data.tokenizer"]
+    if notes:
+        _print(f"note: resuming from step {step} with settings changed since that checkpoint: " + "; ".join(notes))
+    if not rows:
+        return saved
+    listing = "\n  ".join(rows)
+    if not config.checkpoint.allow_config_change:
+        raise ConfigChangeError(
+            f"resuming from checkpoint step {step}, whose config differs from the requested one:\n  {listing}\n"
+            "Re-run with the checkpoint's values; or add --config.checkpoint.allow_config_change=True to continue "
+            "with the requested ones (possible for fields that leave the parameters' shapes and dtypes unchanged); "
+            "or train in a new --workdir, starting from this run's weights with --config.init.workdir.")
+
+    def layout(cfg: Mamba2Config):
+        return jax.tree.map(lambda a: (a.shape, a.dtype), abstract_model(cfg)[1])
+
+    fixed = [f"config.model.{f}" for f in changed if layout(saved.replace(**{f: changed[f]})) != layout(saved)]
+    fixed += ["config.data.tokenizer"] * tokenizer_changed
+    if fixed:
+        raise ConfigChangeError(
+            f"resuming from checkpoint step {step}: {', '.join(fixed)} cannot change when resuming, even with "
+            f"config.checkpoint.allow_config_change (the checkpoint's parameters would not fit):\n  {listing}\n"
+            "Train in a new --workdir instead, starting from this run's weights with --config.init.workdir.")
+    _print(f"note: resuming from checkpoint step {step} with a changed config "
+           f"(config.checkpoint.allow_config_change=True):\n  {listing}")
+    return saved.replace(**changed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -544,7 +612,12 @@ def _evaluate(params, eval_fn, data: _Data, mesh: Mesh, *, num_batches: int, car
 
 
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
-    """Trains the model described by ``config`` in ``workdir`` (resuming from its latest checkpoint).
+    """Trains the model described by ``config`` in ``workdir``, resuming from its newest checkpoint that restores.
+
+    Resuming never starts over silently: a damaged newest step is moved aside with a warning
+    (:meth:`ssm_jax.checkpoint.Checkpointer.restore_newest`), and a model config or tokenizer other than the
+    checkpoint's raises :class:`ConfigChangeError` unless ``config.checkpoint.allow_config_change``. A save
+    that fails (a full disk) raises :class:`ssm_jax.checkpoint.CheckpointSaveError`.
 
     Returns a summary: ``{"step", "train_loss", "validation": {loss, bits_per_token, ...}, "wall_time_s",
     "num_skipped"}``. See :mod:`ssm_jax.train_config` for the fields and :mod:`ssm_jax.checkpoint` for
@@ -566,35 +639,14 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
 
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.seq)
-    model_cfg = model_config_from(config.model)
+    requested_cfg = model_config_from(config.model)
     ckpt = ckpt_lib.Checkpointer(
         ckpt_lib.checkpoint_dir(workdir), save_every=config.checkpoint.every_steps,
         max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save,
     )
-    latest = ckpt.latest_step()
-    init_params = None
-    tokenizer_name = config.data.tokenizer
-    if latest is not None:  # resuming: the model (and tokenizer) of the run being resumed
-        meta = ckpt_lib.read_meta(ckpt.directory, latest)
-        model_cfg = _model_config_from_dict(meta["model_config"])
-        tokenizer_name = meta.get("config", {}).get("data", {}).get("tokenizer", tokenizer_name)
-    elif config.init.workdir or config.init.pretrained:
-        init_params, model_cfg, tokenizer_name = _load_init_params(config, model_cfg)
-    with config.unlocked() if hasattr(config, "unlocked") else _nullcontext():
-        for k, v in dataclasses.asdict(model_cfg).items():
-            config.model[k] = v
-        if tokenizer_name != config.data.tokenizer:
-            _print(f"note: using the {tokenizer_name!r} tokenizer of the model being trained "
-                   f"(config.data.tokenizer was {config.data.tokenizer!r})")
-            config.data.tokenizer = tokenizer_name
-    if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
     tbptt = bool(config.train.tbptt)
     batch = config.train.batch_size
     eval_batch = config.eval.batch_size or batch
-    data = _build_data(config, process_index, process_count)
     num_steps = config.train.num_steps
     o = config.optim
     schedule = optim.make_schedule(o.schedule, peak_lr=o.lr, num_steps=num_steps, warmup_steps=o.warmup_steps,
@@ -602,30 +654,61 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                    decay_shape=o.decay_shape)
     optimizer = optim.make_optimizer(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                                      clip_norm=o.clip_norm)
-
     rng = jax.random.PRNGKey(config.seed)
-    def init_fn(key):
-        return init_train_state(model_cfg, optimizer, key, carry_batch=batch if tbptt else None)
 
-    abstract = jax.eval_shape(init_fn, rng)
-    shardings = state_shardings(abstract, mesh, min_fsdp_size=config.mesh.min_fsdp_size)
-    graphdef, _ = abstract_model(model_cfg)
+    def state_layout(cfg: Mamba2Config):
+        """``(init_fn, abstract state, shardings)`` of a training state of the model ``cfg``."""
+        def init_fn(key):
+            return init_train_state(cfg, optimizer, key, carry_batch=batch if tbptt else None)
 
-    train_iter = iter(data.train)
-    if latest is not None:
-        with_shard = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
-        abs_sharded = jax.tree.map(with_shard, abstract, shardings)
-        abs_params, abs_rest = abs_sharded.checkpoint_items()
-        params, rest, _ = ckpt.restore(latest, abstract_params=abs_params, abstract_train_state=abs_rest,
+        abstract = jax.eval_shape(init_fn, rng)
+        return init_fn, abstract, state_shardings(abstract, mesh, min_fsdp_size=config.mesh.min_fsdp_size)
+
+    def restore(step: int):
+        """One resume attempt: the step's model, tokenizer, data (iterator at the saved position) and state."""
+        meta = ckpt.read_meta(step)
+        cfg = _model_config_from_dict(meta["model_config"])
+        tokenizer = meta.get("config", {}).get("data", {}).get("tokenizer", config.data.tokenizer)
+        data = _build_data(config, process_index, process_count, tokenizer)
+        train_iter = iter(data.train)
+        _, abstract, shardings = state_layout(cfg)
+        abs_params, abs_rest = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                            abstract, shardings).checkpoint_items()
+        params, rest, _ = ckpt.restore(step, abstract_params=abs_params, abstract_train_state=abs_rest,
                                        data_iterator=train_iter)
-        state = TrainState.from_checkpoint_items(params, rest)
+        return meta, cfg, tokenizer, data, train_iter, TrainState.from_checkpoint_items(params, rest)
+
+    resumed = ckpt.restore_newest(restore)
+    if resumed is not None:  # the model and tokenizer of the run being resumed, unless changes are allowed
+        step, (meta, saved_cfg, tokenizer_name, data, train_iter, state) = resumed
+        model_cfg = _resumed_model_config(config, requested_cfg, saved_cfg, meta.get("config", {}), step)
+        _, abstract, shardings = state_layout(model_cfg)
+        if model_cfg != saved_cfg:  # an allowed change: the parameters keep their dtypes, the carry follows `dtype`
+            state = jax.tree.map(lambda x, a: x.astype(a.dtype), state, abstract)
     else:
+        model_cfg, tokenizer_name, init_params = requested_cfg, config.data.tokenizer, None
+        if config.init.workdir or config.init.pretrained:
+            init_params, model_cfg, tokenizer_name = _load_init_params(config, model_cfg)
+            if tokenizer_name != config.data.tokenizer:
+                _print(f"note: using the {tokenizer_name!r} tokenizer of the model being fine-tuned "
+                       f"(config.data.tokenizer was {config.data.tokenizer!r})")
+        data = _build_data(config, process_index, process_count, tokenizer_name)
+        train_iter = iter(data.train)
+        init_fn, abstract, shardings = state_layout(model_cfg)
         state = jax.jit(init_fn, out_shardings=shardings)(rng)
         if init_params is not None:
             params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]),
                                   init_params, shardings.params)
             state = dataclasses.replace(state, params=params, opt_state=jax.jit(
                 optimizer.init, out_shardings=shardings.opt_state)(params))
+    with config.unlocked() if hasattr(config, "unlocked") else _nullcontext():
+        for k, v in dataclasses.asdict(model_cfg).items():
+            config.model[k] = v
+        config.data.tokenizer = tokenizer_name
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    graphdef, _ = abstract_model(model_cfg)
     start_step = int(state.step)
 
     use_segment_ids = config.data.mode == "packed"

@@ -1,7 +1,6 @@
 """Config files: they load, validate, have the documented sizes, take CLI overrides, and bad values fail."""
 
 import glob
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,21 +8,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from train_helpers import CONFIG_DIR, REPO, load_config, parse_flags
 
 from ssm_jax import train_lib
 from ssm_jax.train_config import model_config_from, validate_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_DIR = os.path.join(REPO, "configs")
 CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
                       if not os.path.basename(p).startswith("_"))
-
-
-def load(name, arg=None):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name[:-3]}", os.path.join(CONFIG_DIR, name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
 
 
 def _n_params(cfg):
@@ -33,7 +24,7 @@ def _n_params(cfg):
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_every_config_loads_and_validates(name):
-    config = load(name)
+    config = load_config(name)
     if config.init.required:  # fine-tuning configs need a source; any train.py workdir shape will do here
         config.init.required = False
     validate_config(config)
@@ -45,7 +36,7 @@ def test_every_config_loads_and_validates(name):
     ("mamba2_1_3b.py", 2048, 48, 64), ("mamba2_2_7b.py", 2560, 64, 80),
 ])
 def test_public_sizes(name, d_model, n_layer, heads):
-    config = load(name)
+    config = load_config(name)
     cfg = model_config_from(config.model)
     assert (cfg.d_model, cfg.n_layer, cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups) == (
         d_model, n_layer, heads, 64, 128, 1)
@@ -58,30 +49,21 @@ def test_public_sizes(name, d_model, n_layer, heads):
     ("paper_36m.py", 6, 512, 36.4), ("paper_47m.py", 12, 512, 47.0), ("paper_85m.py", 12, 768, 84.6),
 ])
 def test_paper_small_sizes(name, n_layer, d_model, millions):
-    cfg = model_config_from(load(name).model)
+    cfg = model_config_from(load_config(name).model)
     assert (cfg.n_layer, cfg.d_model, cfg.nheads) == (n_layer, d_model, d_model // 32)
     assert abs(_n_params(cfg) / 1e6 - millions) / millions < 0.02
 
 
-def _parse(argv):
-    from absl import flags
-    from ml_collections import config_flags
-
-    fv = flags.FlagValues()
-    # The override flags are read from the command line when the config flag is defined (sys_argv).
-    holder = config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, sys_argv=argv)
-    fv(argv)
-    return holder.value
-
-
 def test_cli_overrides_reach_every_section():
-    c = _parse(["prog", f"--config={os.path.join(CONFIG_DIR, 'default.py')}", "--config.model.d_model=64",
+    c = parse_flags(["prog", f"--config={os.path.join(CONFIG_DIR, 'default.py')}", "--config.model.d_model=64",
                 "--config.train.tbptt=True", "--config.data.mode=stream", "--config.optim.lr=0.01",
-                "--config.mesh.fsdp=2", "--config.model.dt_limit=(0.0,1.0)", "--config.init.workdir=/x"])
+                "--config.mesh.fsdp=2", "--config.model.dt_limit=(0.0,1.0)", "--config.init.workdir=/x",
+                "--config.checkpoint.allow_config_change=True"])
     assert c.model.d_model == 64 and c.train.tbptt and c.data.mode == "stream" and c.optim.lr == 0.01
     assert c.mesh.fsdp == 2 and tuple(c.model.dt_limit) == (0.0, 1.0) and c.init.workdir == "/x"
+    assert c.checkpoint.allow_config_change is True
     with pytest.raises(Exception, match="no_such_field"):
-        _parse(["prog", f"--config={os.path.join(CONFIG_DIR, 'default.py')}", "--config.train.no_such_field=1"])
+        parse_flags(["prog", f"--config={os.path.join(CONFIG_DIR, 'default.py')}", "--config.train.no_such_field=1"])
 
 
 BAD = [
@@ -106,7 +88,7 @@ BAD = [
 
 @pytest.mark.parametrize("field,value,expected", BAD, ids=[f"{f}={v}" for f, v, _ in BAD])
 def test_invalid_values_are_rejected_naming_the_field(field, value, expected):
-    config = load("default.py")
+    config = load_config("default.py")
     section, key = field.split(".")
     config[section][key] = value
     with pytest.raises(ValueError, match=expected.replace(".", r"\.")):
@@ -114,7 +96,7 @@ def test_invalid_values_are_rejected_naming_the_field(field, value, expected):
 
 
 def test_device_dependent_checks():
-    config = load("default.py")
+    config = load_config("default.py")
     validate_config(config, num_devices=8, process_count=1)  # batch 16 over 8 devices
     config.train.batch_size = 12
     with pytest.raises(ValueError, match=r"train\.batch_size.*data-parallel size"):
@@ -130,11 +112,11 @@ def test_device_dependent_checks():
 
 
 def test_finetune_config_requires_a_source(tmp_path):
-    config = load("passkey_finetune.py")
+    config = load_config("passkey_finetune.py")
     with pytest.raises(ValueError, match=r"init\.workdir"):
         validate_config(config)
     with pytest.raises(ValueError, match=r"init\.workdir.*checkpoints"):
-        validate_config(load("passkey_finetune.py", str(tmp_path)))
+        validate_config(load_config("passkey_finetune.py", str(tmp_path)))
 
 
 def test_train_py_rejects_a_bad_value_with_the_field_name(tmp_path):

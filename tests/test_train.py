@@ -1,5 +1,7 @@
-"""Training step, loss, optimiser, truncated BPTT and NaN handling (tiny models, CPU)."""
+"""Training step, loss, optimiser, truncated BPTT, NaN handling and the loop, fine-tuning included (tiny models,
+CPU)."""
 
+import json
 import math
 
 import jax
@@ -8,6 +10,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+
+from train_helpers import CONFIG_DIR, compilation_cache, parse_flags, resume_config, tiny_config  # noqa: F401
 
 from ssm_jax import optim, train_lib
 from ssm_jax.model import Mamba2Config, Mamba2LM
@@ -224,29 +228,11 @@ def test_model_flops_per_token_counts_the_big_matmuls():
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def _tiny_config(**overrides):
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
-    spec = importlib.util.spec_from_file_location("tiny_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.train.batch_size = 8  # one row per (virtual) device
-    config.eval.batch_size = 8
-    for key, value in overrides.items():
-        section, field = key.split(".")
-        config[section][field] = value
-    return config
-
-
 def test_train_and_evaluate_writes_metrics_checkpoints_and_loads_back(tmp_path):
-    import json
     import os
 
     workdir = str(tmp_path / "run")
-    config = _tiny_config(**{"train.num_steps": 4, "eval.every_steps": 2, "checkpoint.every_steps": 2,
+    config = tiny_config(**{"train.num_steps": 4, "eval.every_steps": 2, "checkpoint.every_steps": 2,
                              "log.tensorboard": True, "log.plot": True})
     summary = train_lib.train_and_evaluate(config, workdir)
     assert summary["step"] == 4 and summary["num_skipped"] == 0
@@ -270,7 +256,37 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_loads_back(tmp_path):
 
 
 def test_nan_policy_stop_raises_with_the_step(tmp_path):
-    config = _tiny_config(**{"train.num_steps": 4, "optim.lr": 1e30, "optim.warmup_steps": 0,
+    config = tiny_config(**{"train.num_steps": 4, "optim.lr": 1e30, "optim.warmup_steps": 0,
                              "train.nan_policy": "stop", "eval.every_steps": 0})
     with pytest.raises(FloatingPointError, match=r"step 2: non-finite"):
         train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_fine_tuning_from_another_run_as_the_readme_shows(tmp_path, compilation_cache):  # noqa: F811
+    """``train.py --config=configs/passkey_finetune.py:<workdir>`` end to end, then the same command again (resume)."""
+    import os
+
+    source, target = str(tmp_path / "source"), str(tmp_path / "passkey")
+    train_lib.train_and_evaluate(resume_config(), source)
+    argv = ["train.py", f"--config={os.path.join(CONFIG_DIR, 'passkey_finetune.py')}:{source}", f"--workdir={target}",
+            "--config.data.seq_len=256", "--config.data.passkey_max_context=240", "--config.train.batch_size=8",
+            "--config.eval.batch_size=8", "--config.eval.num_batches=1", "--config.train.num_steps=2",
+            "--config.optim.warmup_steps=0", "--config.optim.lr=1e-7", "--config.train.progress_bar=False",
+            "--config.log.tensorboard=False", "--config.log.plot=False"]
+    summary = train_lib.train_and_evaluate(parse_flags(argv), target)
+    assert summary["step"] == 2 and np.isfinite(summary["validation"]["loss"])
+
+    tuned, config = train_lib.load_model_from_workdir(target)
+    trained, _ = train_lib.load_model_from_workdir(source)
+    fresh = Mamba2LM(trained.config, rngs=nnx.Rngs(0))
+    # The architecture and tokenizer of the source run, the runtime fields of the fine-tuning config.
+    assert (tuned.config.d_model, tuned.config.n_layer, tuned.config.chunk_size) == (32, 1, 64)
+    assert config.data.tokenizer == "byte" and config.data.mode == "passkey" and config.init.workdir == source
+    # It started from the source's weights: two steps at lr 1e-7 move them by about 2e-7.
+    weights = lambda m: nnx.state(m, nnx.Param)  # noqa: E731
+    assert _max_diff(weights(tuned), weights(trained)) < 1e-5 < _max_diff(weights(trained), weights(fresh))
+
+    again = train_lib.train_and_evaluate(parse_flags(argv), target)  # resumes its own run: nothing left to train
+    assert again["step"] == 2
+    records = [json.loads(line) for line in open(os.path.join(target, "metrics.jsonl"))]
+    assert [r["step"] for r in records if r["split"] == "train"] == [2]  # logged by the first run only
