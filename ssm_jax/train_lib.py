@@ -565,7 +565,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     from ssm_jax import checkpoint as ckpt_lib
     from ssm_jax import optim
     from ssm_jax.metrics_writer import MetricsWriter
-    from ssm_jax.train_config import model_config_from, validate_config
+    from ssm_jax.train_config import model_config_from, record_model_config, validate_config
 
     t_start = time.time()
     config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
@@ -592,9 +592,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         tokenizer_name = meta.get("config", {}).get("data", {}).get("tokenizer", tokenizer_name)
     elif config.init.workdir or config.init.pretrained:
         init_params, model_cfg, tokenizer_name = _load_init_params(config, model_cfg)
+    record_model_config(config, model_cfg)
     with config.unlocked() if hasattr(config, "unlocked") else _nullcontext():
-        for k, v in dataclasses.asdict(model_cfg).items():
-            config.model[k] = v
         if tokenizer_name != config.data.tokenizer:
             _print(f"note: using the {tokenizer_name!r} tokenizer of the model being trained "
                    f"(config.data.tokenizer was {config.data.tokenizer!r})")
