@@ -76,7 +76,8 @@ def config_from_state_spaces(raw: Mapping) -> Mamba2Config:
         )
     if not raw.get("rms_norm", True):
         raise CheckpointError("rms_norm = false (LayerNorm blocks) is not supported")
-    unknown = set(ssm_cfg) - set(_MAMBA2_SSM_DEFAULTS) - {"use_mem_eff_path", "process_group", "sequence_parallel", "activation"}
+    runtime_only = {"use_mem_eff_path", "process_group", "sequence_parallel", "activation"}
+    unknown = set(ssm_cfg) - set(_MAMBA2_SSM_DEFAULTS) - runtime_only
     if unknown:
         raise CheckpointError(f"unknown ssm_cfg fields {sorted(unknown)}")
     ssm = {**_MAMBA2_SSM_DEFAULTS, **ssm_cfg}
@@ -350,9 +351,10 @@ def from_pretrained(
     cfg, embedding_key = _config_from_file(raw, os.path.join(directory, hub.CONFIG_NAME))
     cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, **config_overrides)
     tensors, source = hub.read_weights(directory)
-    if embedding_key not in tensors:  # either embedding name in either format: some conversions rename it
-        other = {"backbone.embedding.weight": "backbone.embeddings.weight"}.get(embedding_key, "backbone.embedding.weight")
-        embedding_key = other if other in tensors else embedding_key
+    other = {"backbone.embedding.weight": "backbone.embeddings.weight",
+             "backbone.embeddings.weight": "backbone.embedding.weight"}[embedding_key]
+    if embedding_key not in tensors and other in tensors:  # some conversions use the other format's name
+        embedding_key = other
     return model_from_tensors(cfg, tensors, embedding_key, source)
 
 

@@ -60,7 +60,9 @@ def checkpoint_directory(name_or_path: str, *, revision: Optional[str] = None, c
             raise ValueError(f"`revision` selects a version of a Hub repo; {name!r} is a local directory")
         return name
     if os.path.exists(name):
-        raise CheckpointError(f"{name!r} is a file; a checkpoint is a directory (config.json and weights) or a Hub repo id")
+        raise CheckpointError(
+            f"{name!r} is a file; a checkpoint is a directory (config.json and weights) or a Hub repo id"
+        )
     if os.path.isabs(name) or name.startswith((".", "~")):
         raise CheckpointError(f"checkpoint directory {name!r} does not exist")
     directory = ""

@@ -121,12 +121,12 @@ def chunk_loss_function(model: Mamba2LM):
     return fns["chunk_loss"], state
 
 
-def _check_ids(input_ids) -> jax.Array:
+def _check_ids(input_ids, argument: str = "input_ids") -> jax.Array:
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
-        raise ValueError(f"`input_ids` must be (batch, seqlen), got shape {input_ids.shape}")
+        raise ValueError(f"`{argument}` must be (batch, seqlen), got shape {input_ids.shape}")
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise ValueError(f"`input_ids` must be integers, got dtype {input_ids.dtype}")
+        raise ValueError(f"`{argument}` must be integers, got dtype {input_ids.dtype}")
     return input_ids.astype(jnp.int32)
 
 
@@ -152,22 +152,25 @@ def step(
     return logits[:, 0], cache
 
 
-def pad_prompts(prompts: Prompts, pad_token_id: int = 0) -> Tuple[Array, Optional[Array]]:
+def pad_prompts(
+    prompts: Prompts, pad_token_id: int = 0, argument: str = "prompts"
+) -> Tuple[Array, Optional[Array]]:
     """A batch of prompts as ``(input_ids (batch, length) int32, valid (batch, length) bool or None)``.
 
     A ``(batch, length)`` array is used as it is (``valid`` None). A list of 1-D int sequences is left-padded
     with ``pad_token_id`` to the longest and ``valid`` marks the real tokens (None when no row needed padding).
+    ``argument`` names the caller's argument in errors.
     """
     if not isinstance(prompts, (list, tuple)):
-        return _check_ids(prompts), None
+        return _check_ids(prompts, argument), None
     if not prompts:
-        raise ValueError("`prompts` is an empty list; give at least one sequence")
+        raise ValueError(f"`{argument}` is an empty list; give at least one sequence")
     rows = [np.asarray(p) for p in prompts]
     for i, row in enumerate(rows):
         if row.ndim != 1 or row.size == 0:
-            raise ValueError(f"`prompts[{i}]` must be a non-empty 1-D sequence of token ids, got shape {row.shape}")
+            raise ValueError(f"`{argument}[{i}]` must be a non-empty 1-D sequence of token ids, got shape {row.shape}")
         if not np.issubdtype(row.dtype, np.integer):
-            raise ValueError(f"`prompts[{i}]` must hold integer token ids, got dtype {row.dtype}")
+            raise ValueError(f"`{argument}[{i}]` must hold integer token ids, got dtype {row.dtype}")
     length = max(row.size for row in rows)
     ids = np.full((len(rows), length), pad_token_id, np.int32)  # (b, L)
     valid = np.zeros((len(rows), length), bool)  # (b, L): True at real tokens, which end every row
@@ -193,7 +196,7 @@ def prefill(
     logits after each row's last token ``(batch, vocab)`` and the cache after the sequence.
     ``on_chunk(end_position, cache)`` is called after every chunk (diagnostics record states there).
     """
-    input_ids, valid = pad_prompts(input_ids)
+    input_ids, valid = pad_prompts(input_ids, argument="input_ids")
     if valid is not None and cache is not None:
         raise ValueError("prompts of different lengths need a fresh cache (`cache=None`): left padding after "
                          "earlier tokens would not leave their conv and SSM state untouched")

@@ -109,11 +109,18 @@ def test_generation_never_samples_padded_vocab(model):
 PROMPT_LENGTHS = (5, 13, 1)  # streamed in chunks of 8: the padding spans a chunk boundary
 
 
+@pytest.fixture(scope="module")
+def one_layer():
+    """Fewer layers, faster compilations; test_model checks the padding mask reaches every layer."""
+    return Mamba2LM(CFG.replace(n_layer=1), rngs=nnx.Rngs(1))
+
+
 @pytest.mark.parametrize("mitigation", [None, M.compose(M.sliding_window(6), M.forget_more())],
                          ids=["plain", "window+forget"])
-def test_ragged_prompts_equal_each_prompt_alone(model, mitigation):
+def test_ragged_prompts_equal_each_prompt_alone(one_layer, mitigation):
     """Left padding masked out of the model: each row's state, next-token logits and greedy continuation are
     those of the prompt alone (batch 1, no padding). That the mask matters: test_model's left-padding test."""
+    model = one_layer
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, CFG.vocab_size, n) for n in PROMPT_LENGTHS]
     if mitigation is not None:
@@ -132,7 +139,8 @@ def test_ragged_prompts_equal_each_prompt_alone(model, mitigation):
         np.testing.assert_array_equal(generated[i], alone_tokens[0])
 
 
-def test_eos_stops_rows_and_tokens_stream(model):
+def test_eos_stops_rows_and_tokens_stream(one_layer):
+    model = one_layer
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, CFG.vocab_size, n) for n in PROMPT_LENGTHS]
     free = inference.generate(model, prompts, 6, chunk_len=8)  # no end-of-sequence token
