@@ -27,6 +27,8 @@ from ssm_jax import mitigations as mitigations_lib
 from ssm_jax.model import Mamba2LM, MixerCache
 from ssm_jax.sampling import check_sampling_args, mask_padded_vocab, sample
 
+_mask_padded_vocab = mask_padded_vocab  # the name ssm_jax.diagnostics calls it by
+
 Array = jax.Array
 Cache = List[MixerCache]
 Prompts = Union[np.ndarray, jax.Array, Sequence[Sequence[int]]]

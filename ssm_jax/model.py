@@ -23,7 +23,6 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from ssm_jax import mitigations as mitigations_lib
 from ssm_jax.dtypes import dtype_name, jnp_dtype
@@ -33,14 +32,13 @@ Array = jax.Array
 
 # Rematerialisation policy of each block in the backward pass (``Mamba2Config.remat``):
 #   "none": keep every activation; "full": keep only the block's input and recompute the rest;
-#   "dots": keep the outputs of matmuls without batch dimensions (the in/out projections), recompute the
-#   elementwise work, the conv and the SSD; "projections": keep exactly the in_proj and out_proj outputs,
-#   named with ``jax.ad_checkpoint.checkpoint_name`` in :class:`Mamba2Mixer`.
+#   "dots": also keep the outputs of matmuls without batch dimensions -- in a block the in_proj output (the
+#   out_proj output is not needed by the backward pass, and the SSD's contractions have batch dimensions) --
+#   and recompute the conv, the SSD and the norms.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "projections": jax.checkpoint_policies.save_only_these_names("in_proj", "out_proj"),
 }
 
 
@@ -340,7 +338,7 @@ class Mamba2Mixer(nnx.Module):
         smaller than ``d_inner``) followed by the SSM's gate; :meth:`output` takes it apart.
         """
         cfg = self.config
-        zxbcdt = checkpoint_name(self.in_proj(u.astype(cfg.jnp_dtype)), "in_proj")  # (b, l, d_in_proj)
+        zxbcdt = self.in_proj(u.astype(cfg.jnp_dtype))  # (b, l, d_in_proj)
         gate_width = 2 * cfg.d_mlp + cfg.ssm_dim
         z, xBC_raw, dt_raw = jnp.split(zxbcdt, [gate_width, gate_width + cfg.conv_dim], axis=-1)
         return z, xBC_raw, dt_raw
@@ -396,7 +394,7 @@ class Mamba2Mixer(nnx.Module):
         if cfg.d_mlp:
             mlp = jax.nn.silu(z0.astype(jnp.float32)) * x0.astype(jnp.float32)  # (b, l, d_mlp)
             out = jnp.concatenate([mlp.astype(cfg.jnp_dtype), out], axis=-1)  # (b, l, d_inner)
-        return checkpoint_name(self.out_proj(out), "out_proj")
+        return self.out_proj(out)
 
     def __call__(
         self,

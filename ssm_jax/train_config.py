@@ -6,7 +6,7 @@ be overridden on the command line (``--config.model.d_model=256``). Fields:
 * ``seed``: parameter initialisation, data order and the training RNG.
 * ``model``: the fields of :class:`ssm_jax.model.Mamba2Config` (``dtype`` is the compute dtype,
   ``param_dtype`` the master-weight dtype, each a string, a jnp type or a np.dtype; ``remat`` a
-  rematerialisation policy: "none", "full", "dots", "projections", or a bool).
+  rematerialisation policy: "none", "full", "dots", or a bool).
 * ``data``: ``corpus`` ("shakespeare", "kjv", "tiny" or "local": a corpus prepared with
   :func:`ssm_jax.data.build_local_corpus` under ``local_data_dir`` / ``local_name``), ``tokenizer``
   ("byte", "neox"), ``mode`` ("packed": documents packed with segment ids, no state crosses a document
