@@ -156,10 +156,11 @@ def _read_shards(directory: str, index_path: str) -> Dict[str, np.ndarray]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: expected a non-empty \"weight_map\" of tensor name -> shard file")
-    tensors: Dict[str, np.ndarray] = {}
-    for shard in sorted(set(weight_map.values())):
+    for shard in weight_map.values():
         if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
             raise CheckpointError(f"{index_path}: shard {shard!r} is not a file name in the checkpoint directory")
+    tensors: Dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
         path = os.path.join(directory, shard)
         if not os.path.isfile(path):
             raise CheckpointError(f"missing file {path} (a shard listed in {os.path.basename(index_path)})")

@@ -145,3 +145,24 @@ def test_safetensors_reader(tmp_path):
     save_file({"ids": np.arange(4, dtype=np.int32)}, str(tmp_path / "ints.safetensors"))
     with pytest.raises(CheckpointError, match="tensor `ids` has dtype I32"):
         hub.read_safetensors(str(tmp_path / "ints.safetensors"))
+
+
+def test_shard_index_faults(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"a": np.ones(3, np.float32)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": np.ones(2, np.float32)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    index = tmp_path / "model.safetensors.index.json"
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    tensors, source = hub.read_weights(str(tmp_path))
+    assert sorted(tensors) == ["a", "b"] and source == str(index)
+    for bad, message in (
+        ({**weight_map, "c": "model-00002-of-00002.safetensors"}, r"00002-of-00002\.safetensors: lacks 1 tensors .*'c'"),
+        ({**weight_map, "c": "../elsewhere.safetensors"}, "is not a file name in the checkpoint directory"),
+        ({"a": ["not", "a", "name"]}, "is not a file name"),
+        ({}, "non-empty \"weight_map\""),
+    ):
+        index.write_text(json.dumps({"weight_map": bad}))
+        with pytest.raises(CheckpointError, match=message):
+            hub.read_weights(str(tmp_path))
