@@ -1,8 +1,10 @@
 """ssm-jax: Mamba-2 in JAX/Flax for long contexts.
 
-Public API (DESIGN.md): :func:`ssd`, :func:`from_pretrained`, :class:`Mamba2Config`, :class:`Mamba2LM`,
-and the :mod:`ssm_jax.mitigations` transforms. Heavier subsystems (data, training, evaluation,
-parallelism) are imported from their modules.
+Public API: :func:`ssd`, :func:`from_pretrained` (a directory or a Hugging Face Hub repo id; bad checkpoints
+raise :class:`CheckpointError`), :func:`save_hf`, :func:`save_state_spaces`, :class:`Mamba2Config`,
+:class:`Mamba2LM`, and the :mod:`ssm_jax.mitigations` transforms. Generation and streaming live in
+:mod:`ssm_jax.inference`; heavier subsystems (data, training, evaluation, parallelism) are imported from their
+modules.
 """
 
 import importlib.util as _importlib_util
@@ -33,11 +35,13 @@ def _register_checkout_kernels() -> None:
 _register_checkout_kernels()
 
 from ssm_jax import mitigations  # noqa: E402
-from ssm_jax.convert import from_pretrained, save_hf  # noqa: E402
+from ssm_jax.convert import from_pretrained, save_hf, save_state_spaces  # noqa: E402
+from ssm_jax.hub import CheckpointError  # noqa: E402
 from ssm_jax.model import Mamba2Block, Mamba2Config, Mamba2LM, Mamba2Mixer  # noqa: E402
 from ssm_jax.ssd import ssd  # noqa: E402
 
 __all__ = [
-    "ssd", "from_pretrained", "save_hf", "Mamba2Config", "Mamba2LM", "Mamba2Mixer", "Mamba2Block", "mitigations",
+    "ssd", "from_pretrained", "save_hf", "save_state_spaces", "CheckpointError", "Mamba2Config", "Mamba2LM",
+    "Mamba2Mixer", "Mamba2Block", "mitigations",
 ]
 __version__ = "0.1.0"

@@ -1,17 +1,22 @@
 """Public Mamba-2 checkpoints <-> ssm_jax parameters.
 
-Two on-disk formats are read from a local directory:
+Two on-disk formats are read from a directory or a Hugging Face Hub repo (:mod:`ssm_jax.hub`):
 
 * **state-spaces** (``mamba_ssm``): ``config.json`` with ``d_model, n_layer, vocab_size, ssm_cfg, ...``
-  (``ssm_cfg`` may be partial: missing fields take the Mamba-2 defaults) and weights in
-  ``pytorch_model.bin`` or ``model.safetensors``; keys ``backbone.embedding.weight``,
-  ``backbone.layers.{i}.mixer.*``, ``backbone.norm_f.weight``.
+  (``ssm_cfg`` may be partial: missing fields take the Mamba-2 defaults; ``d_ssm``, ``D_has_hdim`` and
+  ``norm_before_gate`` are read) and weights in ``pytorch_model.bin`` or ``model.safetensors``; keys
+  ``backbone.embedding.weight``, ``backbone.layers.{i}.mixer.*``, ``backbone.norm_f.weight``.
 * **Hugging Face transformers** (``model_type: mamba2``): ``config.json`` with ``hidden_size,
   num_hidden_layers, state_size, head_dim, num_heads, n_groups, ...`` and ``model.safetensors``
   (optionally sharded with ``model.safetensors.index.json``) or ``pytorch_model.bin``; the embedding
-  is ``backbone.embeddings.weight``.
+  is ``backbone.embeddings.weight``. Read as transformers' ``Mamba2ForCausalLM`` computes it: its mixer
+  always gates before the norm and has no ``d_ssm`` / ``D_has_hdim``, so a ``norm_before_gate`` or
+  ``rms_norm`` field (older transformers wrote them, e.g. ``"norm_before_gate": true`` in Codestral's
+  config) is ignored, as transformers ignores it.
 
-:func:`save_hf` writes the Hugging Face format so a model trained here loads in ``transformers``.
+:func:`save_hf` writes the transformers format so a model trained here loads in ``transformers``;
+:func:`save_state_spaces` writes the state-spaces format (``config.json`` + ``model.safetensors``), which
+also holds the options transformers lacks.
 """
 
 from __future__ import annotations
@@ -26,17 +31,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ssm_jax import hub
+from ssm_jax.dtypes import dtype_name
+from ssm_jax.hub import CheckpointError
 from ssm_jax.model import Mamba2Config, Mamba2LM
+
+__all__ = ["CheckpointError", "from_pretrained", "save_hf", "save_state_spaces", "config_from_state_spaces",
+           "config_from_hf", "hf_config_dict", "state_spaces_config_dict"]
 
 _MAMBA2_SSM_DEFAULTS = dict(
     d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256, dt_min=0.001, dt_max=0.1,
     dt_init_floor=1e-4, dt_limit=(0.0, float("inf")), A_init_range=(1, 16), bias=False, conv_bias=True,
     D_has_hdim=False, rmsnorm=True, norm_before_gate=False, d_ssm=None,
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file, key or field at fault."""
+# Options of mamba_ssm's Mamba2 layer that transformers' Mamba2 does not have, with their neutral values.
+_STATE_SPACES_ONLY = dict(d_ssm=None, D_has_hdim=False, norm_before_gate=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -44,41 +53,39 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def config_from_state_spaces(raw: Mapping, **overrides) -> Mamba2Config:
+def config_from_state_spaces(raw: Mapping) -> Mamba2Config:
     """Builds a config from a state-spaces ``config.json`` (MambaConfig of mamba_ssm)."""
     for field in ("d_model", "n_layer", "vocab_size"):
         if field not in raw:
-            raise CheckpointError(f"config.json: missing field `{field}` (state-spaces format)")
+            raise CheckpointError(f"missing field `{field}` (state-spaces format)")
     ssm_cfg = dict(raw.get("ssm_cfg") or {})
     layer = ssm_cfg.pop("layer", "Mamba1")
     if layer != "Mamba2":
         raise CheckpointError(
-            f"config.json: ssm_cfg.layer = {layer!r}; only Mamba-2 layers are supported (Mamba-1 checkpoints "
+            f"ssm_cfg.layer = {layer!r}; only Mamba-2 layers are supported (Mamba-1 checkpoints "
             "use a different layer, and mamba_ssm treats a missing `layer` as Mamba1)"
         )
     if raw.get("attn_layer_idx"):
         raise CheckpointError(
-            f"config.json: attn_layer_idx = {raw['attn_layer_idx']}; hybrid checkpoints with attention layers "
+            f"attn_layer_idx = {raw['attn_layer_idx']}; hybrid checkpoints with attention layers "
             "are not supported"
         )
     if raw.get("d_intermediate", 0):
         raise CheckpointError(
-            f"config.json: d_intermediate = {raw['d_intermediate']}; checkpoints with MLP layers are not supported"
+            f"d_intermediate = {raw['d_intermediate']}; checkpoints with MLP layers are not supported"
         )
     if not raw.get("rms_norm", True):
-        raise CheckpointError("config.json: rms_norm = false (LayerNorm blocks) is not supported")
-    unknown = set(ssm_cfg) - set(_MAMBA2_SSM_DEFAULTS) - {"use_mem_eff_path", "process_group", "sequence_parallel", "activation"}
+        raise CheckpointError("rms_norm = false (LayerNorm blocks) is not supported")
+    runtime_only = {"use_mem_eff_path", "process_group", "sequence_parallel", "activation"}
+    unknown = set(ssm_cfg) - set(_MAMBA2_SSM_DEFAULTS) - runtime_only
     if unknown:
-        raise CheckpointError(f"config.json: unknown ssm_cfg fields {sorted(unknown)}")
+        raise CheckpointError(f"unknown ssm_cfg fields {sorted(unknown)}")
     ssm = {**_MAMBA2_SSM_DEFAULTS, **ssm_cfg}
     if ssm.get("activation", "silu") not in ("silu", "swish"):
-        raise CheckpointError(f"config.json: ssm_cfg.activation = {ssm['activation']!r}; only silu is supported")
-    for field, supported in (("D_has_hdim", False), ("rmsnorm", True), ("norm_before_gate", False)):
-        if bool(ssm[field]) != supported:
-            raise CheckpointError(f"config.json: ssm_cfg.{field} = {ssm[field]!r} is not supported (need {supported})")
-    d_inner = ssm["expand"] * raw["d_model"]
-    if ssm["d_ssm"] not in (None, d_inner):
-        raise CheckpointError(f"config.json: ssm_cfg.d_ssm = {ssm['d_ssm']} != expand * d_model = {d_inner}")
+        raise CheckpointError(f"ssm_cfg.activation = {ssm['activation']!r}; only silu is supported")
+    if not ssm["rmsnorm"]:
+        raise CheckpointError("ssm_cfg.rmsnorm = false (an SSM output without its gated norm) is not "
+                              "supported")
     fields = dict(
         d_model=raw["d_model"], n_layer=raw["n_layer"], vocab_size=raw["vocab_size"],
         d_state=ssm["d_state"], d_conv=ssm["d_conv"], expand=ssm["expand"], headdim=ssm["headdim"],
@@ -88,27 +95,28 @@ def config_from_state_spaces(raw: Mapping, **overrides) -> Mamba2Config:
         pad_vocab_size_multiple=raw.get("pad_vocab_size_multiple", 8),
         norm_eps=raw.get("norm_epsilon", 1e-5), tie_embeddings=raw.get("tie_embeddings", True),
         residual_in_fp32=raw.get("residual_in_fp32", True), conv_bias=ssm["conv_bias"], proj_bias=ssm["bias"],
+        d_ssm=ssm["d_ssm"], D_has_hdim=ssm["D_has_hdim"], norm_before_gate=ssm["norm_before_gate"],
     )
-    fields.update(overrides)
     return Mamba2Config(**fields)
 
 
-def config_from_hf(raw: Mapping, **overrides) -> Mamba2Config:
-    """Builds a config from a Hugging Face ``Mamba2Config`` ``config.json``."""
+def config_from_hf(raw: Mapping) -> Mamba2Config:
+    """Builds a config from a Hugging Face ``Mamba2Config`` ``config.json`` (transformers' definition: see the
+    module docstring for the fields it ignores)."""
     if raw.get("model_type", "mamba2") != "mamba2":
-        raise CheckpointError(f"config.json: model_type = {raw.get('model_type')!r}; expected 'mamba2'")
+        raise CheckpointError(f"model_type = {raw.get('model_type')!r}; expected 'mamba2'")
     for field in ("hidden_size", "num_hidden_layers", "vocab_size"):
         if field not in raw:
-            raise CheckpointError(f"config.json: missing field `{field}` (Hugging Face format)")
+            raise CheckpointError(f"missing field `{field}` (Hugging Face format)")
     expand = raw.get("expand", 2)
     head_dim = raw.get("head_dim", 64)
     d_inner = expand * raw["hidden_size"]
     if "num_heads" in raw and raw["num_heads"] * head_dim != d_inner:
         raise CheckpointError(
-            f"config.json: num_heads * head_dim = {raw['num_heads'] * head_dim} != expand * hidden_size = {d_inner}"
+            f"num_heads * head_dim = {raw['num_heads'] * head_dim} != expand * hidden_size = {d_inner}"
         )
     if raw.get("hidden_act", "silu") not in ("silu", "swish"):
-        raise CheckpointError(f"config.json: hidden_act = {raw['hidden_act']!r}; only silu is supported")
+        raise CheckpointError(f"hidden_act = {raw['hidden_act']!r}; only silu is supported")
     limit = [_json_float(v) for v in raw.get("time_step_limit", (0.0, float("inf")))]
     fields = dict(
         d_model=raw["hidden_size"], n_layer=raw["num_hidden_layers"], vocab_size=raw["vocab_size"],
@@ -120,7 +128,6 @@ def config_from_hf(raw: Mapping, **overrides) -> Mamba2Config:
         tie_embeddings=raw.get("tie_word_embeddings", False), residual_in_fp32=raw.get("residual_in_fp32", True),
         conv_bias=raw.get("use_conv_bias", True), proj_bias=raw.get("use_bias", False),
     )
-    fields.update(overrides)
     return Mamba2Config(**fields)
 
 
@@ -132,18 +139,45 @@ def _json_float(value) -> float:
 
 
 def hf_config_dict(cfg: Mamba2Config) -> Dict:
-    """The Hugging Face ``config.json`` content for ``cfg`` (vocab_size is the padded size)."""
+    """The Hugging Face ``config.json`` content for ``cfg`` (vocab_size is the padded size).
+
+    Raises ValueError for the mamba_ssm options transformers' Mamba2 lacks (its loader would refuse the
+    weights, or for ``norm_before_gate`` compute something else): :func:`state_spaces_config_dict` holds them.
+    """
+    unsupported = {k: getattr(cfg, k) for k, neutral in _STATE_SPACES_ONLY.items() if getattr(cfg, k) != neutral}
+    if unsupported:
+        raise ValueError(
+            f"transformers' Mamba2 has no option {sorted(unsupported)} (this model: {unsupported}); write it with "
+            "ssm_jax.convert.save_state_spaces, which ssm_jax.from_pretrained and mamba_ssm read"
+        )
     return {
         "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
         "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "vocab_size": cfg.padded_vocab_size,
         "state_size": cfg.d_state, "head_dim": cfg.headdim, "num_heads": cfg.nheads, "n_groups": cfg.ngroups,
         "expand": cfg.expand, "conv_kernel": cfg.d_conv, "chunk_size": cfg.chunk_size,
         "time_step_min": cfg.dt_min, "time_step_max": cfg.dt_max, "time_step_floor": cfg.dt_init_floor,
-        "time_step_limit": [cfg.dt_limit[0], cfg.dt_limit[1] if math.isfinite(cfg.dt_limit[1]) else float("inf")],
+        "time_step_limit": [cfg.dt_limit[0], cfg.dt_limit[1]],
         "layer_norm_epsilon": cfg.norm_eps, "use_bias": cfg.proj_bias, "use_conv_bias": cfg.conv_bias,
         "residual_in_fp32": cfg.residual_in_fp32, "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu", "rescale_prenorm_residual": False, "time_step_rank": math.ceil(cfg.d_model / 16),
         "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0,
+    }
+
+
+def state_spaces_config_dict(cfg: Mamba2Config) -> Dict:
+    """The mamba_ssm (state-spaces) ``config.json`` content for ``cfg``, every layer option in ``ssm_cfg``."""
+    ssm_cfg = dict(
+        layer="Mamba2", d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
+        ngroups=cfg.ngroups, chunk_size=cfg.chunk_size, dt_min=cfg.dt_min, dt_max=cfg.dt_max,
+        dt_init_floor=cfg.dt_init_floor, dt_limit=list(cfg.dt_limit), A_init_range=list(cfg.A_init_range),
+        bias=cfg.proj_bias, conv_bias=cfg.conv_bias, d_ssm=cfg.d_ssm, D_has_hdim=cfg.D_has_hdim,
+        norm_before_gate=cfg.norm_before_gate, rmsnorm=True,
+    )
+    return {
+        "d_model": cfg.d_model, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size, "d_intermediate": 0,
+        "ssm_cfg": ssm_cfg, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "norm_epsilon": cfg.norm_eps,
+        "residual_in_fp32": cfg.residual_in_fp32, "fused_add_norm": True,
+        "pad_vocab_size_multiple": cfg.pad_vocab_size_multiple, "tie_embeddings": cfg.tie_embeddings,
     }
 
 
@@ -260,57 +294,8 @@ def tensors_from_model(model: Mamba2LM, embedding_key: str = "backbone.embedding
 
 
 # --------------------------------------------------------------------------------------------------
-# Files
+# Loading and saving
 # --------------------------------------------------------------------------------------------------
-
-
-def _read_json(path: str) -> Dict:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"missing file {path} (a Mamba-2 checkpoint directory needs config.json)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def load_tensors(directory: str) -> Tuple[Dict[str, np.ndarray], str]:
-    """Reads the weights of a checkpoint directory; returns (tensors, file description)."""
-    index = os.path.join(directory, "model.safetensors.index.json")
-    single = os.path.join(directory, "model.safetensors")
-    bin_path = os.path.join(directory, "pytorch_model.bin")
-    if os.path.isfile(index):
-        from safetensors.numpy import load_file
-
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
-        tensors = {}
-        for shard in shards:
-            path = os.path.join(directory, shard)
-            if not os.path.isfile(path):
-                raise CheckpointError(f"missing file {path} (listed in model.safetensors.index.json)")
-            tensors.update(_load_safetensors(path))
-        return tensors, index
-    if os.path.isfile(single):
-        return _load_safetensors(single), single
-    if os.path.isfile(bin_path):
-        try:
-            import torch
-        except ImportError as e:
-            raise CheckpointError(
-                f"{bin_path} is a PyTorch pickle; reading it needs torch (pip install 'ssm-jax[torch]')"
-            ) from e
-        raw = torch.load(bin_path, map_location="cpu", weights_only=True)
-        return {k: v.detach().to(torch.float32).numpy() for k, v in raw.items()}, bin_path
-    raise CheckpointError(
-        f"missing weights in {directory}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
-    )
-
-
-def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
-    from safetensors import safe_open
-
-    tensors = {}
-    with safe_open(path, framework="numpy") as f:
-        for key in f.keys():
-            tensors[key] = f.get_tensor(key)
-    return tensors
 
 
 def detect_format(raw_config: Mapping) -> str:
@@ -320,40 +305,82 @@ def detect_format(raw_config: Mapping) -> str:
     if "d_model" in raw_config:
         return "state-spaces"
     raise CheckpointError(
-        "config.json is neither a state-spaces config (d_model, n_layer, ssm_cfg) nor a Hugging Face Mamba-2 "
-        f"config (model_type 'mamba2'); fields: {sorted(raw_config)[:12]}"
+        "neither a state-spaces config (d_model, n_layer, ssm_cfg) nor a Hugging Face Mamba-2 config "
+        f"(model_type 'mamba2'); fields: {sorted(raw_config)[:12]}"
     )
 
 
-def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: Optional[str] = None, **config_overrides) -> Mamba2LM:
-    """Loads a local state-spaces or Hugging Face Mamba-2 checkpoint directory.
+def _config_from_file(raw: Mapping, path: str) -> Tuple[Mamba2Config, str]:
+    """The config of a checkpoint's ``config.json`` (read from ``path``) and its embedding key."""
+    try:
+        if detect_format(raw) == "hf":
+            return config_from_hf(raw), "backbone.embeddings.weight"
+        return config_from_state_spaces(raw), "backbone.embedding.weight"
+    except (TypeError, ValueError, KeyError) as e:  # CheckpointError, or a field of the wrong type or value
+        raise CheckpointError(f"{path}: {str(e).replace('Mamba2Config.', '')}") from e
+
+
+def from_pretrained(
+    name_or_path: str,
+    *,
+    revision: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    dtype="float32",
+    param_dtype=None,
+    **config_overrides,
+) -> Mamba2LM:
+    """Loads a state-spaces or Hugging Face Mamba-2 checkpoint from a directory or the Hugging Face Hub.
 
     Args:
-      path: directory with ``config.json`` and ``pytorch_model.bin`` / ``model.safetensors``.
-      dtype: compute dtype ("float32" or "bfloat16").
-      param_dtype: parameter dtype (defaults to ``dtype``).
+      name_or_path: a directory with ``config.json`` and ``model.safetensors`` (possibly sharded) or
+        ``pytorch_model.bin``; otherwise a Hub repo id (``"state-spaces/mamba2-130m"``), fetched with
+        ``huggingface_hub`` or, offline (``HF_HUB_OFFLINE=1``), read from its cache (:mod:`ssm_jax.hub`).
+      revision: branch, tag or commit of a Hub repo (default ``main``).
+      cache_dir: Hub cache directory (default: huggingface_hub's, from ``HF_HUB_CACHE`` / ``HF_HOME``).
+      dtype: compute dtype: a string ("float32", "bfloat16", ...), a jnp type (``jnp.bfloat16``) or a np.dtype.
+      param_dtype: parameter dtype, in the same forms (defaults to ``dtype``).
       **config_overrides: other :class:`Mamba2Config` fields, e.g. ``ssd_impl="xla"``.
+
+    Raises:
+      CheckpointError: naming the file and what is wrong, for anything that is not a loadable checkpoint.
     """
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint directory {path!r} does not exist (only local directories are read)")
-    raw = _read_json(os.path.join(path, "config.json"))
-    overrides = dict(dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
-    fmt = detect_format(raw)
-    if fmt == "hf":
-        cfg, embedding_key = config_from_hf(raw, **overrides), "backbone.embeddings.weight"
-    else:
-        cfg, embedding_key = config_from_state_spaces(raw, **overrides), "backbone.embedding.weight"
-    tensors, source = load_tensors(path)
-    if fmt == "state-spaces" and embedding_key not in tensors and "backbone.embeddings.weight" in tensors:
-        embedding_key = "backbone.embeddings.weight"
+    dtype = dtype_name(dtype, "dtype")
+    param_dtype = dtype if param_dtype is None else dtype_name(param_dtype, "param_dtype")
+    directory = hub.checkpoint_directory(name_or_path, revision=revision, cache_dir=cache_dir)
+    raw = hub.read_config(directory)
+    cfg, embedding_key = _config_from_file(raw, os.path.join(directory, hub.CONFIG_NAME))
+    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, **config_overrides)
+    tensors, source = hub.read_weights(directory)
+    other = {"backbone.embedding.weight": "backbone.embeddings.weight",
+             "backbone.embeddings.weight": "backbone.embedding.weight"}[embedding_key]
+    if embedding_key not in tensors and other in tensors:  # some conversions use the other format's name
+        embedding_key = other
     return model_from_tensors(cfg, tensors, embedding_key, source)
 
 
 def save_hf(model: Mamba2LM, directory: str) -> None:
-    """Writes ``config.json`` and ``model.safetensors`` in the Hugging Face transformers Mamba-2 format."""
+    """Writes ``config.json`` and ``model.safetensors`` in the Hugging Face transformers Mamba-2 format.
+
+    Models with options transformers lacks (``d_ssm``, ``D_has_hdim``, ``norm_before_gate``) are refused with a
+    ValueError pointing to :func:`save_state_spaces`.
+    """
+    _save(model, directory, hf_config_dict(model.config), "backbone.embeddings.weight")
+
+
+def save_state_spaces(model: Mamba2LM, directory: str) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` in the mamba_ssm (state-spaces) format, every option kept.
+
+    ``ssm_jax.from_pretrained`` reads it as is; mamba_ssm's own loader reads ``pytorch_model.bin``
+    (``torch.save(safetensors.torch.load_file(path), "pytorch_model.bin")`` converts).
+    """
+    _save(model, directory, state_spaces_config_dict(model.config), "backbone.embedding.weight")
+
+
+def _save(model: Mamba2LM, directory: str, config: Dict, embedding_key: str) -> None:
     from safetensors.numpy import save_file
 
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(hf_config_dict(model.config), f, indent=2)
-    save_file(tensors_from_model(model), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, hub.CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    save_file(tensors_from_model(model, embedding_key), os.path.join(directory, hub.SAFETENSORS_NAME),
+              metadata={"format": "pt"})

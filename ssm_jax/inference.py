@@ -5,12 +5,18 @@ last raw pre-conv columns) and the SSM state (float32) from one chunk to the nex
 zero-padding a chunk's convolution, a known bug of the reference evaluation code. Memory does not
 grow with the stream length: one chunk's activations plus the O(1) cache (O(window) with the
 sliding-window mitigation). Every function accepts ``mitigation=``.
+
+Prompts of different lengths are left-padded and the padding is masked out of the model (``valid``): a
+padded position feeds zeros to the conv and has ``dt = 0``, so each row's conv and SSM state after the
+prompt are those of the row alone, with no attention mask and no per-row loop. Generation stops a row at
+its end-of-sequence token and pads it after that.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +25,13 @@ from flax import nnx
 
 from ssm_jax import mitigations as mitigations_lib
 from ssm_jax.model import Mamba2LM, MixerCache
+from ssm_jax.sampling import check_sampling_args, mask_padded_vocab, sample
+
+_mask_padded_vocab = mask_padded_vocab  # the name ssm_jax.diagnostics calls it by
 
 Array = jax.Array
 Cache = List[MixerCache]
+Prompts = Union[np.ndarray, jax.Array, Sequence[Sequence[int]]]
 
 
 def init_cache(model: Mamba2LM, batch_size: int, mitigation: Optional[mitigations_lib.Mitigation] = None) -> Cache:
@@ -49,35 +59,52 @@ def init_cache(model: Mamba2LM, batch_size: int, mitigation: Optional[mitigation
 
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef) -> dict:
-    def forward(state, input_ids, cache, mitigation):
+    def forward(state, input_ids, cache, mitigation, valid=None):
         model = nnx.merge(graphdef, state)
-        return model.forward_with_cache(input_ids, cache, mitigation=mitigation)
+        return model.forward_with_cache(input_ids, cache, valid=valid, mitigation=mitigation)
 
     def chunk_loss(state, input_ids, targets, cache, mitigation):
         model = nnx.merge(graphdef, state)
         hidden, cache = model.hidden_states(input_ids, cache=cache, mitigation=mitigation)
         logits = model.logits_from_hidden(hidden)  # (b, t, V) float32
-        logits = _mask_padded_vocab(logits, model.config.vocab_size)
+        logits = mask_padded_vocab(logits, model.config.vocab_size)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
         return nll, cache
 
-    def decode(state, first_logits, cache, rng, mitigation, num_tokens, temperature, top_k):
+    def decode_step(state, logits, cache, key, done, mitigation, options):
+        """One token per row from ``logits (b, V)``; finished rows (``done``) get the pad token. Returns the
+        tokens, the logits after them, the cache and the updated ``done``."""
         model = nnx.merge(graphdef, state)
-        vocab = model.config.vocab_size
+        token = sample(logits, key, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+                       min_p=options.min_p, vocab_size=model.config.vocab_size)  # (b,)
+        token = jnp.where(done, options.pad_token_id, token)
+        if options.eos_token_id is not None:
+            done = done | (token == options.eos_token_id)
+        logits, cache = model.forward_with_cache(token[:, None], cache, mitigation=mitigation)
+        return token, logits[:, -1], cache, done
 
-        def one(carry, key):
-            logits, cache = carry
-            token = sample(logits, key, temperature=temperature, top_k=top_k, vocab_size=vocab)
-            logits, cache = model.forward_with_cache(token[:, None], cache, mitigation=mitigation)
-            return (logits[:, -1], cache), token
+    def decode(state, first_logits, cache, keys, mitigation, options):
+        """``len(keys)`` decoding steps in one compiled loop that ends early once every row is done."""
+        b, num_tokens = first_logits.shape[0], keys.shape[0]
 
-        (_, cache), tokens = jax.lax.scan(one, (first_logits, cache), jax.random.split(rng, num_tokens))
-        return jnp.swapaxes(tokens, 0, 1), cache
+        def cond(carry):
+            i, _, _, done, _ = carry
+            return (i < num_tokens) & ~jnp.all(done)
+
+        def body(carry):
+            i, logits, cache, done, out = carry
+            token, logits, cache, done = decode_step(state, logits, cache, keys[i], done, mitigation, options)
+            return i + 1, logits, cache, done, out.at[:, i].set(token)
+
+        out = jnp.full((b, num_tokens), options.pad_token_id, jnp.int32)
+        carry = (jnp.int32(0), first_logits, cache, jnp.zeros((b,), bool), out)
+        return jax.lax.while_loop(cond, body, carry)[-1]
 
     return dict(
         forward=jax.jit(forward),
         chunk_loss=jax.jit(chunk_loss),
-        decode=jax.jit(decode, static_argnames=("num_tokens", "temperature", "top_k")),
+        decode_step=jax.jit(decode_step, static_argnames=("options",)),
+        decode=jax.jit(decode, static_argnames=("options",)),
     )
 
 
@@ -96,18 +123,12 @@ def chunk_loss_function(model: Mamba2LM):
     return fns["chunk_loss"], state
 
 
-def _mask_padded_vocab(logits: Array, vocab_size: int) -> Array:
-    if logits.shape[-1] == vocab_size:
-        return logits
-    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
-
-
-def _check_ids(input_ids) -> jax.Array:
+def _check_ids(input_ids, argument: str = "input_ids") -> jax.Array:
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
-        raise ValueError(f"`input_ids` must be (batch, seqlen), got shape {input_ids.shape}")
+        raise ValueError(f"`{argument}` must be (batch, seqlen), got shape {input_ids.shape}")
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise ValueError(f"`input_ids` must be integers, got dtype {input_ids.dtype}")
+        raise ValueError(f"`{argument}` must be integers, got dtype {input_ids.dtype}")
     return input_ids.astype(jnp.int32)
 
 
@@ -133,30 +154,70 @@ def step(
     return logits[:, 0], cache
 
 
+def pad_prompts(
+    prompts: Prompts, pad_token_id: int = 0, argument: str = "prompts"
+) -> Tuple[Array, Optional[Array]]:
+    """A batch of prompts as ``(input_ids (batch, length) int32, valid (batch, length) bool or None)``.
+
+    A ``(batch, length)`` array is used as it is (``valid`` None). A list of 1-D int sequences is left-padded
+    with ``pad_token_id`` to the longest and ``valid`` marks the real tokens (None when no row needed padding).
+    ``argument`` names the caller's argument in errors.
+    """
+    if not isinstance(prompts, (list, tuple)):
+        return _check_ids(prompts, argument), None
+    if not prompts:
+        raise ValueError(f"`{argument}` is an empty list; give at least one sequence")
+    rows = [np.asarray(p) for p in prompts]
+    for i, row in enumerate(rows):
+        if row.ndim != 1 or row.size == 0:
+            raise ValueError(f"`{argument}[{i}]` must be a non-empty 1-D sequence of token ids, got shape {row.shape}")
+        if not np.issubdtype(row.dtype, np.integer):
+            raise ValueError(f"`{argument}[{i}]` must hold integer token ids, got dtype {row.dtype}")
+    length = max(row.size for row in rows)
+    ids = np.full((len(rows), length), pad_token_id, np.int32)  # (b, L)
+    valid = np.zeros((len(rows), length), bool)  # (b, L): True at real tokens, which end every row
+    for i, row in enumerate(rows):
+        ids[i, length - row.size :] = row
+        valid[i, length - row.size :] = True
+    return jnp.asarray(ids), (None if valid.all() else jnp.asarray(valid))
+
+
 def prefill(
     model: Mamba2LM,
-    input_ids,
+    input_ids: Prompts,
     *,
     cache: Optional[Cache] = None,
     chunk_len: int = 2048,
     mitigation: Optional[mitigations_lib.Mitigation] = None,
     on_chunk: Optional[Callable[[int, Cache], None]] = None,
 ) -> Tuple[Array, Cache]:
-    """Streams ``input_ids (batch, seqlen)`` of any length through the model in chunks.
+    """Streams ``input_ids`` of any length through the model in chunks.
 
-    Returns the logits of the last position ``(batch, vocab)`` and the cache after the sequence.
+    ``input_ids``: a ``(batch, seqlen)`` array, or a list of 1-D sequences of different lengths (left-padded,
+    the padding leaving every row's state as if the row were alone; only with a fresh cache). Returns the
+    logits after each row's last token ``(batch, vocab)`` and the cache after the sequence.
     ``on_chunk(end_position, cache)`` is called after every chunk (diagnostics record states there).
     """
-    input_ids = _check_ids(input_ids)
+    input_ids, valid = pad_prompts(input_ids, argument="input_ids")
+    if valid is not None and cache is not None:
+        raise ValueError("prompts of different lengths need a fresh cache (`cache=None`): left padding after "
+                         "earlier tokens would not leave their conv and SSM state untouched")
+    return _stream(model, input_ids, valid, cache, chunk_len, mitigations_lib.resolve(mitigation), on_chunk)
+
+
+def _stream(model, input_ids, valid, cache, chunk_len, mitigation, on_chunk=None) -> Tuple[Array, Cache]:
+    """``prefill`` on checked ``input_ids (b, L)`` and ``valid (b, L)`` or None."""
     _check_chunk_len(chunk_len)
-    mitigation = mitigations_lib.resolve(mitigation)
+    if input_ids.shape[1] < 1:
+        raise ValueError("`input_ids` has no positions (seqlen = 0)")
     fns, state = _split(model)
     if cache is None:
         cache = init_cache(model, input_ids.shape[0], mitigation)
     logits = None
     for start in range(0, input_ids.shape[1], chunk_len):
         chunk = input_ids[:, start : start + chunk_len]
-        logits, cache = fns["forward"](state, chunk, cache, mitigation)
+        chunk_valid = None if valid is None else valid[:, start : start + chunk_len]
+        logits, cache = fns["forward"](state, chunk, cache, mitigation, chunk_valid)
         if on_chunk is not None:
             on_chunk(start + chunk.shape[1], cache)
     return logits[:, -1], cache
@@ -196,44 +257,89 @@ def stream_losses(
     return np.concatenate(losses, axis=1)
 
 
-def sample(logits: Array, key: Array, *, temperature: float = 0.0, top_k: Optional[int] = None,
-           vocab_size: Optional[int] = None) -> Array:
-    """Greedy (``temperature == 0``) or temperature / top-k sampling of ``logits (batch, vocab)``."""
-    if vocab_size is not None:
-        logits = _mask_padded_vocab(logits, vocab_size)
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+@dataclasses.dataclass(frozen=True)
+class _DecodeOptions:
+    """The static settings of a decoding loop (hashable: a compile-time argument)."""
+
+    temperature: float
+    top_k: Optional[int]
+    top_p: Optional[float]
+    min_p: Optional[float]
+    eos_token_id: Optional[int]
+    pad_token_id: int
 
 
 def generate(
     model: Mamba2LM,
-    prompt_ids,
+    prompts: Prompts,
     max_new_tokens: int,
     *,
+    eos_token_id: Optional[int] = None,
+    pad_token_id: Optional[int] = None,
     temperature: float = 0.0,
     top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
     rng: Optional[Array] = None,
     mitigation: Optional[mitigations_lib.Mitigation] = None,
+    on_token: Optional[Callable[[np.ndarray], None]] = None,
     chunk_len: int = 2048,
 ) -> np.ndarray:
-    """Streams the prompt, then decodes ``max_new_tokens`` tokens per row; returns ``(batch, max_new_tokens)``."""
+    """Streams the prompts, then decodes up to ``max_new_tokens`` tokens per row.
+
+    Args:
+      prompts: a ``(batch, length)`` int array, or a list of 1-D int sequences of different lengths (left-padded
+        and masked: greedy output equals generating each prompt alone).
+      max_new_tokens: tokens to decode per row.
+      eos_token_id: a row that produces it stops; its later positions hold ``pad_token_id``. Decoding ends once
+        every row has stopped. None: every row decodes ``max_new_tokens`` tokens.
+      pad_token_id: fills rows after their end (and pads ragged prompts); default ``eos_token_id``, else 0.
+      temperature, top_k, top_p, min_p: sampling (:mod:`ssm_jax.sampling`); ``temperature=0`` is greedy.
+      rng: PRNG key of the sampling (default ``PRNGKey(0)``).
+      mitigation: a state-collapse mitigation applied while streaming and decoding.
+      on_token: called after every decoding step with the ``(batch,)`` tokens just produced (``pad_token_id``
+        for rows already stopped), for interactive output; the loop then runs step by step from Python.
+      chunk_len: prompt streaming chunk length.
+
+    Returns:
+      ``(batch, max_new_tokens)`` int32 NumPy array.
+    """
+    vocab = model.config.vocab_size
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"`temperature` must be >= 0, got {temperature}")
-    if top_k is not None and not (1 <= top_k <= model.config.vocab_size):
-        raise ValueError(f"`top_k` must be in [1, vocab_size={model.config.vocab_size}], got {top_k}")
+    check_sampling_args(temperature, top_k, top_p, min_p, vocab)
+    if eos_token_id is not None and not (isinstance(eos_token_id, (int, np.integer)) and 0 <= eos_token_id < vocab):
+        raise ValueError(f"`eos_token_id` must be None or a token id in [0, vocab_size={vocab}), got {eos_token_id!r}")
+    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    if not (isinstance(pad, (int, np.integer)) and 0 <= pad < model.config.padded_vocab_size):
+        raise ValueError(f"`pad_token_id` must be a token id in [0, {model.config.padded_vocab_size}), got {pad!r}")
+    input_ids, valid = pad_prompts(prompts, int(pad))
+    _check_token_range(input_ids, valid, vocab)
     mitigation = mitigations_lib.resolve(mitigation)
-    last_logits, cache = prefill(model, prompt_ids, chunk_len=chunk_len, mitigation=mitigation)
+    last_logits, cache = _stream(model, input_ids, valid, None, chunk_len, mitigation)
+    options = _DecodeOptions(float(temperature), None if top_k is None else int(top_k),
+                             None if top_p is None else float(top_p), None if min_p is None else float(min_p),
+                             None if eos_token_id is None else int(eos_token_id), int(pad))
+    keys = jax.random.split(jax.random.PRNGKey(0) if rng is None else rng, int(max_new_tokens))  # one per step
     fns, state = _split(model)
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    tokens, _ = fns["decode"](
-        state, last_logits, cache, rng, mitigation, num_tokens=int(max_new_tokens), temperature=float(temperature),
-        top_k=top_k,
-    )
-    return np.asarray(tokens)
+    if on_token is None:
+        return np.asarray(fns["decode"](state, last_logits, cache, keys, mitigation, options=options))
+    out = np.full((input_ids.shape[0], int(max_new_tokens)), options.pad_token_id, np.int32)
+    logits, done = last_logits, jnp.zeros((input_ids.shape[0],), bool)
+    for i in range(int(max_new_tokens)):
+        token, logits, cache, done = fns["decode_step"](state, logits, cache, keys[i], done, mitigation,
+                                                        options=options)
+        out[:, i] = np.asarray(token)
+        on_token(out[:, i].copy())
+        if eos_token_id is not None and bool(jnp.all(done)):
+            break
+    return out
+
+
+def _check_token_range(input_ids: Array, valid: Optional[Array], vocab_size: int) -> None:
+    """Prompt ids must index the vocabulary (the embedding lookup would clamp them silently)."""
+    ids = np.asarray(input_ids)
+    real = ids if valid is None else ids[np.asarray(valid)]
+    if real.size and (real.min() < 0 or real.max() >= vocab_size):
+        raise ValueError(f"`prompts` hold token ids outside [0, vocab_size={vocab_size}): min {real.min()}, "
+                         f"max {real.max()}")

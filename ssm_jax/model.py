@@ -1,35 +1,65 @@
 """Mamba-2 in Flax NNX, numerically matching the public state-spaces / Hugging Face checkpoints.
 
-Layer (PAPER.md section 1): ``in_proj -> [z, xBC, dt]``; ``xBC = silu(causal depthwise conv(xBC))``
-split into ``x, B, C``; ``dt = softplus(dt + dt_bias)``; SSD scan with ``A = -exp(A_log)`` and skip
-``D``; gated grouped RMSNorm ``norm(y * silu(z))``; ``out_proj``. Blocks are pre-norm with the
-residual stream kept in float32; the LM head is tied to the embedding unless configured otherwise.
+Layer (Dao & Gu 2024, "Transformers are SSMs", arXiv 2405.21060; docs/background.md):
+``in_proj -> [z0, x0, z, xBC, dt]``; ``xBC = silu(causal depthwise conv(xBC))`` split into ``x, B, C``;
+``dt = softplus(dt + dt_bias)``; SSD scan with ``A = -exp(A_log)`` and skip ``D`` (one per head, or one per
+channel with ``D_has_hdim``); gated grouped RMSNorm ``norm(y * silu(z))`` (or ``norm(y) * silu(z)`` with
+``norm_before_gate``); with ``d_ssm < expand * d_model`` the other channels form a gated MLP
+``silu(z0) * x0`` placed before the SSM output; ``out_proj``. Blocks are pre-norm with the residual stream
+kept in float32; the LM head is tied to the embedding unless configured otherwise.
 
-Every call can carry a cache (streaming / generation), ``segment_ids`` (packed documents: the
-conv and the SSM state restart where the id changes) and a ``mitigation`` (applied to every layer).
+Every call can carry a cache (streaming / generation), ``segment_ids`` (packed documents: the conv and the
+SSM state restart where the id changes), ``valid`` (left padding that leaves the conv and SSM state
+untouched: ragged batches) and a ``mitigation`` (applied to every layer).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ssm_jax import mitigations as mitigations_lib
+from ssm_jax.dtypes import dtype_name, jnp_dtype
 from ssm_jax.ssd import IMPLS, document_ids, resolve_impl, ssd
 
 Array = jax.Array
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
+# Rematerialisation policy of each block in the backward pass (``Mamba2Config.remat``):
+#   "none": keep every activation; "full": keep only the block's input and recompute the rest;
+#   "dots": also keep the outputs of matmuls without batch dimensions -- in a block the in_proj output (the
+#   out_proj output is not needed by the backward pass, and the SSD's contractions have batch dimensions) --
+#   and recompute the conv, the SSD and the norms.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy_name(value: Union[str, bool], argument: str = "remat") -> str:
+    """The canonical remat policy name; ``True`` / ``False`` (the former boolean field) mean "full" / "none"."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if isinstance(value, str) and value in REMAT_POLICIES:
+        return value
+    raise ValueError(f"`{argument}` must be one of {list(REMAT_POLICIES)} (or a bool: True = 'full'), got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Mamba2Config:
-    """Sizes and options of a Mamba-2 language model (defaults: the public 130m checkpoint)."""
+    """Sizes and options of a Mamba-2 language model (defaults: the public 130m checkpoint).
+
+    ``dtype`` (compute) and ``param_dtype`` (stored parameters) accept a string, a jnp scalar type or a
+    ``np.dtype`` and are stored as their canonical name; ``remat`` is a name of :data:`REMAT_POLICIES` (a bool
+    is accepted and stored as "full" / "none"). ``d_ssm``, ``D_has_hdim`` and ``norm_before_gate`` are the
+    options of mamba_ssm's ``Mamba2`` layer of the same names (``d_ssm=None``: every channel is SSM).
+    """
 
     d_model: int = 768
     n_layer: int = 24
@@ -51,10 +81,13 @@ class Mamba2Config:
     residual_in_fp32: bool = True
     conv_bias: bool = True
     proj_bias: bool = False
+    d_ssm: Optional[int] = None
+    D_has_hdim: bool = False
+    norm_before_gate: bool = False
     param_dtype: str = "float32"
     dtype: str = "float32"
     ssd_impl: str = "auto"
-    remat: bool = False
+    remat: str = "none"
 
     def __post_init__(self):
         positive = ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups",
@@ -63,15 +96,23 @@ class Mamba2Config:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Mamba2Config.{name} must be a positive int, got {value!r}")
-        if self.d_inner % self.headdim:
+        if self.d_ssm is not None and not (isinstance(self.d_ssm, int) and 1 <= self.d_ssm <= self.d_inner):
             raise ValueError(
-                f"Mamba2Config: expand * d_model = {self.d_inner} must be a multiple of headdim = {self.headdim}"
+                f"Mamba2Config.d_ssm must be None or an int in [1, expand * d_model = {self.d_inner}], got {self.d_ssm!r}"
+            )
+        if self.ssm_dim % self.headdim:
+            raise ValueError(
+                f"Mamba2Config: the SSM channels (d_ssm, or expand * d_model) = {self.ssm_dim} must be a multiple "
+                f"of headdim = {self.headdim}"
             )
         if self.nheads % self.ngroups:
             raise ValueError(f"Mamba2Config: heads ({self.nheads}) must be a multiple of ngroups ({self.ngroups})")
+        for name in ("D_has_hdim", "norm_before_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Mamba2Config.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"Mamba2Config.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, dtype_name(getattr(self, name), f"Mamba2Config.{name}"))
+        object.__setattr__(self, "remat", remat_policy_name(self.remat, "Mamba2Config.remat"))
         if self.ssd_impl not in IMPLS:
             raise ValueError(f"Mamba2Config.ssd_impl must be one of {IMPLS}, got {self.ssd_impl!r}")
         if not (0 < self.dt_min <= self.dt_max):
@@ -79,19 +120,31 @@ class Mamba2Config:
 
     @property
     def d_inner(self) -> int:
+        """Channels of the mixer: SSM channels plus gated-MLP channels."""
         return self.expand * self.d_model
 
     @property
+    def ssm_dim(self) -> int:
+        """Channels that go through the SSM (``d_ssm``, or all of ``d_inner``)."""
+        return self.d_inner if self.d_ssm is None else self.d_ssm
+
+    @property
+    def d_mlp(self) -> int:
+        """Channels of the gated MLP beside the SSM (0 unless ``d_ssm < d_inner``)."""
+        return self.d_inner - self.ssm_dim
+
+    @property
     def nheads(self) -> int:
-        return self.d_inner // self.headdim
+        return self.ssm_dim // self.headdim
 
     @property
     def conv_dim(self) -> int:
-        return self.d_inner + 2 * self.ngroups * self.d_state
+        return self.ssm_dim + 2 * self.ngroups * self.d_state
 
     @property
     def d_in_proj(self) -> int:
-        return 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
+        """``[z0, x0 (d_mlp each), z (ssm_dim), xBC (conv_dim), dt (nheads)]``."""
+        return 2 * self.d_mlp + self.ssm_dim + self.conv_dim + self.nheads
 
     @property
     def padded_vocab_size(self) -> int:
@@ -105,11 +158,11 @@ class Mamba2Config:
 
     @property
     def jnp_dtype(self):
-        return _DTYPES[self.dtype]
+        return jnp_dtype(self.dtype)
 
     @property
     def jnp_param_dtype(self):
-        return _DTYPES[self.param_dtype]
+        return jnp_dtype(self.param_dtype)
 
     def replace(self, **changes) -> "Mamba2Config":
         return dataclasses.replace(self, **changes)
@@ -150,12 +203,24 @@ def rms_norm(x: Array, weight: Array, eps: float, out_dtype) -> Array:
     return (xf * weight.astype(jnp.float32)).astype(out_dtype)
 
 
-def gated_rms_norm(y: Array, z: Array, weight: Array, group_size: int, eps: float, out_dtype) -> Array:
-    """``RMSNorm_grouped(y * silu(z)) * weight`` in float32 (norm after gating, one norm per group)."""
-    yf = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-    grouped = yf.reshape(yf.shape[:-1] + (yf.shape[-1] // group_size, group_size))
+def gated_rms_norm(
+    y: Array, z: Array, weight: Array, group_size: int, eps: float, out_dtype, *, norm_before_gate: bool = False
+) -> Array:
+    """Grouped RMSNorm with a SiLU gate in float32, one norm per group of ``group_size`` channels.
+
+    ``norm_before_gate=False`` (the public checkpoints): ``RMSNorm_grouped(y * silu(z)) * weight``;
+    ``True``: ``RMSNorm_grouped(y) * weight * silu(z)``. ``y, z (..., channels)``.
+    """
+    gate = jax.nn.silu(z.astype(jnp.float32))
+    yf = y.astype(jnp.float32)
+    if not norm_before_gate:
+        yf = yf * gate
+    grouped = yf.reshape(yf.shape[:-1] + (yf.shape[-1] // group_size, group_size))  # (..., groups, group_size)
     grouped = grouped * jax.lax.rsqrt(jnp.mean(jnp.square(grouped), axis=-1, keepdims=True) + eps)
-    return (grouped.reshape(yf.shape) * weight.astype(jnp.float32)).astype(out_dtype)
+    out = grouped.reshape(yf.shape) * weight.astype(jnp.float32)
+    if norm_before_gate:
+        out = out * gate
+    return out.astype(out_dtype)
 
 
 def causal_conv1d(
@@ -250,8 +315,9 @@ class Mamba2Mixer(nnx.Module):
         self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(pdt))
         A = jax.random.uniform(rngs.params(), (cfg.nheads,), jnp.float32, *cfg.A_init_range)
         self.A_log = nnx.Param(jnp.log(A).astype(pdt))
-        self.D = nnx.Param(jnp.ones((cfg.nheads,), pdt))
-        self.norm_weight = nnx.Param(jnp.ones((cfg.d_inner,), pdt))
+        # D: one skip weight per head, or per channel (head x headdim) with D_has_hdim.
+        self.D = nnx.Param(jnp.ones((cfg.ssm_dim if cfg.D_has_hdim else cfg.nheads,), pdt))
+        self.norm_weight = nnx.Param(jnp.ones((cfg.ssm_dim,), pdt))
         self.out_proj = nnx.Linear(
             cfg.d_inner, cfg.d_model, use_bias=cfg.proj_bias, bias_init=nnx.initializers.zeros,
             kernel_init=_scaled(_uniform_fan_in(cfg.d_inner), 1.0 / math.sqrt(cfg.n_layer)),
@@ -266,10 +332,15 @@ class Mamba2Mixer(nnx.Module):
         )
 
     def project(self, u: Array) -> Tuple[Array, Array, Array]:
-        """``u (batch, seqlen, d_model) -> z (b, l, d_inner), raw xBC (b, l, conv_dim), raw dt (b, l, heads)``."""
+        """``u (batch, seqlen, d_model) -> z, raw xBC (b, l, conv_dim), raw dt (b, l, heads)``.
+
+        ``z (b, l, 2 * d_mlp + ssm_dim)`` holds the gated-MLP inputs ``[z0, x0]`` (empty unless ``d_ssm`` is
+        smaller than ``d_inner``) followed by the SSM's gate; :meth:`output` takes it apart.
+        """
         cfg = self.config
         zxbcdt = self.in_proj(u.astype(cfg.jnp_dtype))  # (b, l, d_in_proj)
-        z, xBC_raw, dt_raw = jnp.split(zxbcdt, [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
+        gate_width = 2 * cfg.d_mlp + cfg.ssm_dim
+        z, xBC_raw, dt_raw = jnp.split(zxbcdt, [gate_width, gate_width + cfg.conv_dim], axis=-1)
         return z, xBC_raw, dt_raw
 
     def ssm_inputs_from_projection(
@@ -281,7 +352,7 @@ class Mamba2Mixer(nnx.Module):
         bias = None if self.conv_bias is None else self.conv_bias[...]
         xBC = causal_conv1d(xBC_raw, self.conv_weight[...], bias, conv_prefix, padded_doc)
         xBC = jax.nn.silu(xBC.astype(jnp.float32)).astype(cfg.jnp_dtype)
-        x, B, C = jnp.split(xBC, [cfg.d_inner, cfg.d_inner + cfg.ngroups * cfg.d_state], axis=-1)
+        x, B, C = jnp.split(xBC, [cfg.ssm_dim, cfg.ssm_dim + cfg.ngroups * cfg.d_state], axis=-1)
         b, l = xBC_raw.shape[:2]
         dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
         lo, hi = cfg.dt_limit
@@ -304,15 +375,26 @@ class Mamba2Mixer(nnx.Module):
         padded_doc = doc_with_prefix(document_ids(segment_ids, u.shape[:2]), self.config.d_conv)
         return self.ssm_inputs_from_projection(z, xBC_raw, dt_raw, conv_prefix=conv_prefix, padded_doc=padded_doc)
 
+    def head_skip(self) -> Optional[Array]:
+        """The ``D`` the SSD scan adds itself, ``(heads,)`` float32; None with ``D_has_hdim`` (see :meth:`__call__`)."""
+        return None if self.config.D_has_hdim else self.D[...].astype(jnp.float32)
+
     def output(self, y: Array, z: Array) -> Array:
-        """Gated grouped RMSNorm and ``out_proj``: ``y (b, l, heads, headdim), z (b, l, d_inner) -> (b, l, d_model)``."""
+        """Gated grouped RMSNorm, the gated MLP (if any) and ``out_proj``.
+
+        ``y (b, l, heads, headdim)``, ``z (b, l, 2 * d_mlp + ssm_dim)`` from :meth:`project` -> ``(b, l, d_model)``.
+        """
         cfg = self.config
         b, l = y.shape[:2]
-        y = gated_rms_norm(
-            y.reshape(b, l, cfg.d_inner), z, self.norm_weight[...], cfg.d_inner // cfg.ngroups, cfg.norm_eps,
-            cfg.jnp_dtype,
-        )
-        return self.out_proj(y)
+        z0, x0, gate = jnp.split(z, [cfg.d_mlp, 2 * cfg.d_mlp], axis=-1)
+        out = gated_rms_norm(
+            y.reshape(b, l, cfg.ssm_dim), gate, self.norm_weight[...], cfg.ssm_dim // cfg.ngroups, cfg.norm_eps,
+            cfg.jnp_dtype, norm_before_gate=cfg.norm_before_gate,
+        )  # (b, l, ssm_dim)
+        if cfg.d_mlp:
+            mlp = jax.nn.silu(z0.astype(jnp.float32)) * x0.astype(jnp.float32)  # (b, l, d_mlp)
+            out = jnp.concatenate([mlp.astype(cfg.jnp_dtype), out], axis=-1)  # (b, l, d_inner)
+        return self.out_proj(out)
 
     def __call__(
         self,
@@ -320,40 +402,52 @@ class Mamba2Mixer(nnx.Module):
         *,
         cache: Optional[MixerCache] = None,
         segment_ids: Optional[Array] = None,
+        valid: Optional[Array] = None,
         mitigation: Optional[mitigations_lib.Mitigation] = None,
         impl: Optional[str] = None,
         sequence_axis: Optional[str] = None,
     ) -> Tuple[Array, Optional[MixerCache]]:
         """``u (batch, seqlen, d_model) -> (out (batch, seqlen, d_model), new cache or None)``.
 
-        ``sequence_axis``: inside ``shard_map`` with the sequence split over that mesh axis, the conv reads
-        the previous shard's last columns and the SSD state passes between shards
+        ``valid (batch, seqlen)`` bool, False at padding: a padding position feeds a zero column to the conv
+        and has ``dt = 0`` (decay 1, no input), so it leaves the conv and SSM state as they were. Padding must
+        come before a row's first real token (left padding of a fresh cache): the conv then reads zeros
+        where a row alone would read its zero prefix, and the state is still zero when the mitigations'
+        decay-only terms act. ``sequence_axis``: inside ``shard_map`` with the sequence split over that mesh
+        axis, the conv reads the previous shard's last columns and the SSD state passes between shards
         (:mod:`ssm_jax.parallel.sequence`).
         """
         cfg = self.config
         impl = impl or cfg.ssd_impl
         if sequence_axis is not None:
-            if cache is not None:
-                raise ValueError("`cache` (streaming) and `sequence_axis` (sequence sharding) cannot be combined")
+            if cache is not None or valid is not None:
+                raise ValueError("`cache` / `valid` (streaming, padding) and `sequence_axis` (sequence sharding) "
+                                 "cannot be combined")
+            if cfg.D_has_hdim:
+                raise ValueError("sequence sharding (`sequence_axis`) does not support D_has_hdim=True models")
             from ssm_jax.parallel import sequence as sequence_parallel
 
             return sequence_parallel.mixer_in_shard(self, u, segment_ids, mitigation, impl, sequence_axis), None
         z, xBC_raw, dt_raw = self.project(u)
+        if valid is not None:
+            xBC_raw = jnp.where(valid[..., None], xBC_raw, jnp.zeros((), xBC_raw.dtype))
         conv_prefix = None if cache is None else jnp.swapaxes(cache.conv_state[:, :, 1:], 1, 2)
         padded_doc = doc_with_prefix(document_ids(segment_ids, u.shape[:2]), cfg.d_conv)
         inputs = self.ssm_inputs_from_projection(z, xBC_raw, dt_raw, conv_prefix=conv_prefix, padded_doc=padded_doc)
+        if valid is not None:
+            inputs = dataclasses.replace(inputs, dt=jnp.where(valid[..., None], inputs.dt, 0.0))
         window = None if mitigation is None else mitigation.window
         if self.capture_ssm_inputs:
             self._sow_ssm_inputs(inputs, mitigation)
 
         if cache is not None and window is not None:
             y, ssm_state, new_window = _windowed_stream_ssd(
-                inputs, self.D[...], cache, mitigation, segment_ids, cfg, impl
+                inputs, self.head_skip(), cache, mitigation, segment_ids, cfg, impl
             )
         else:
             y, ssm_state = ssd(
                 inputs.x, inputs.dt, inputs.A, inputs.B, inputs.C,
-                D=self.D[...].astype(jnp.float32),
+                D=self.head_skip(),
                 chunk_size=cfg.chunk_size,
                 initial_state=None if cache is None else cache.ssm_state,
                 segment_ids=segment_ids,
@@ -361,13 +455,15 @@ class Mamba2Mixer(nnx.Module):
                 impl=_streaming_impl(impl, mitigation, cache, cfg),
             )
             new_window = None
+        if cfg.D_has_hdim:  # per-channel skip, added here since ssd takes one D per head
+            skip = self.D[...].astype(jnp.float32).reshape(cfg.nheads, cfg.headdim)
+            y = (y.astype(jnp.float32) + skip * inputs.x.astype(jnp.float32)).astype(y.dtype)
         out = self.output(y, inputs.z)
         if cache is None:
             return out, None
         all_raw = jnp.concatenate([jnp.swapaxes(cache.conv_state, 1, 2), xBC_raw.astype(cache.conv_state.dtype)], axis=1)
         conv_state = jnp.swapaxes(all_raw[:, -cfg.d_conv :], 1, 2)
         return out, MixerCache(conv_state=conv_state, ssm_state=ssm_state.astype(jnp.float32), window=new_window)
-
 
     def _sow_ssm_inputs(self, inputs: SSMInputs, mitigation) -> None:
         from ssm_jax.ssd import input_weight_and_log_decay
@@ -389,7 +485,7 @@ def _streaming_impl(impl: str, mitigation: Optional[mitigations_lib.Mitigation],
 
 
 def _windowed_stream_ssd(
-    inputs: SSMInputs, D: Array, cache: MixerCache, mitigation, segment_ids, cfg: Mamba2Config, impl: str
+    inputs: SSMInputs, D: Optional[Array], cache: MixerCache, mitigation, segment_ids, cfg: Mamba2Config, impl: str
 ):
     """Sliding-window SSD over ``[last window-1 inputs ; this chunk]``: exact and O(window) memory.
 
@@ -417,7 +513,7 @@ def _windowed_stream_ssd(
     seg = None
     if segment_ids is not None:
         seg = jnp.concatenate([jnp.broadcast_to(segment_ids[:, :1], (b, keep)), segment_ids], axis=1)
-    y, windowed_state = ssd(x, dt, inputs.A, B, C, D=D.astype(jnp.float32), chunk_size=cfg.chunk_size,
+    y, windowed_state = ssd(x, dt, inputs.A, B, C, D=D, chunk_size=cfg.chunk_size,
                             segment_ids=seg, mitigation=mitigation, impl=impl)
     if seg is not None:
         # Inputs of earlier documents must not be read again once a reset passed: zero their weight.
@@ -443,11 +539,12 @@ class Mamba2Block(nnx.Module):
         self.norm_weight = nnx.Param(jnp.ones((config.d_model,), config.jnp_param_dtype))
         self.mixer = Mamba2Mixer(config, layer_idx=layer_idx, rngs=rngs)
 
-    def __call__(self, residual: Array, *, cache=None, segment_ids=None, mitigation=None, impl=None, sequence_axis=None):
+    def __call__(self, residual: Array, *, cache=None, segment_ids=None, valid=None, mitigation=None, impl=None,
+                 sequence_axis=None):
         cfg = self.config
         hidden = rms_norm(residual, self.norm_weight[...], cfg.norm_eps, cfg.jnp_dtype)
-        out, cache = self.mixer(hidden, cache=cache, segment_ids=segment_ids, mitigation=mitigation, impl=impl,
-                                sequence_axis=sequence_axis)
+        out, cache = self.mixer(hidden, cache=cache, segment_ids=segment_ids, valid=valid, mitigation=mitigation,
+                                impl=impl, sequence_axis=sequence_axis)
         residual_dtype = jnp.float32 if cfg.residual_in_fp32 else cfg.jnp_dtype
         return residual.astype(residual_dtype) + out.astype(residual_dtype), cache
 
@@ -481,16 +578,20 @@ class Mamba2LM(nnx.Module):
         *,
         cache: Optional[Sequence[MixerCache]] = None,
         segment_ids: Optional[Array] = None,
+        valid: Optional[Array] = None,
         mitigation: Optional[mitigations_lib.Mitigation] = None,
         impl: Optional[str] = None,
         sequence_axis: Optional[str] = None,
     ) -> Tuple[Array, Optional[List[MixerCache]]]:
         """Final-normed hidden states ``(batch, seqlen, d_model)`` and the new cache (when one is given).
 
+        ``valid (batch, seqlen)`` bool marks real tokens; False positions are left padding that leaves every
+        layer's state untouched (:meth:`Mamba2Mixer.__call__`); their outputs are meaningless.
         ``sequence_axis`` names the mesh axis the sequence is split over when called inside ``shard_map``.
         """
         cfg = self.config
         _check_input_ids(input_ids, cfg)
+        _check_valid(valid, input_ids.shape)
         mitigation = mitigations_lib.resolve(mitigation)
         if cache is not None and len(cache) != cfg.n_layer:
             raise ValueError(f"`cache` has {len(cache)} layers, the model has {cfg.n_layer}")
@@ -499,8 +600,9 @@ class Mamba2LM(nnx.Module):
         for i, block in enumerate(self.layers):
             layer_mitigation = None if mitigation is None else mitigation.for_layer(i)
             layer_cache = None if cache is None else cache[i]
-            call = _remat_block if cfg.remat else _call_block
-            residual, layer_cache = call(block, residual, layer_cache, segment_ids, layer_mitigation, impl, sequence_axis)
+            call = _block_call(cfg.remat)
+            residual, layer_cache = call(block, residual, layer_cache, segment_ids, valid, layer_mitigation, impl,
+                                         sequence_axis)
             new_cache.append(layer_cache)
         hidden = rms_norm(residual, self.norm_f_weight[...], cfg.norm_eps, cfg.jnp_dtype)
         return hidden, (new_cache if cache is not None else None)
@@ -514,13 +616,15 @@ class Mamba2LM(nnx.Module):
         input_ids: Array,
         *,
         segment_ids: Optional[Array] = None,
+        valid: Optional[Array] = None,
         mitigation: Optional[mitigations_lib.Mitigation] = None,
         impl: Optional[str] = None,
         sequence_axis: Optional[str] = None,
     ) -> Array:
         """``input_ids (batch, seqlen) -> logits (batch, seqlen, padded_vocab_size)`` in float32."""
         hidden, _ = self.hidden_states(
-            input_ids, segment_ids=segment_ids, mitigation=mitigation, impl=impl, sequence_axis=sequence_axis
+            input_ids, segment_ids=segment_ids, valid=valid, mitigation=mitigation, impl=impl,
+            sequence_axis=sequence_axis,
         )
         return self.logits_from_hidden(hidden)
 
@@ -530,24 +634,38 @@ class Mamba2LM(nnx.Module):
         cache: Sequence[MixerCache],
         *,
         segment_ids: Optional[Array] = None,
+        valid: Optional[Array] = None,
         mitigation: Optional[mitigations_lib.Mitigation] = None,
         impl: Optional[str] = None,
     ) -> Tuple[Array, List[MixerCache]]:
         """Continues from ``cache``: returns the logits of ``input_ids`` and the cache after them."""
         hidden, new_cache = self.hidden_states(
-            input_ids, cache=cache, segment_ids=segment_ids, mitigation=mitigation, impl=impl
+            input_ids, cache=cache, segment_ids=segment_ids, valid=valid, mitigation=mitigation, impl=impl
         )
         return self.logits_from_hidden(hidden), new_cache
 
 
-def _call_block(block, residual, cache, segment_ids, mitigation, impl, sequence_axis):
-    return block(residual, cache=cache, segment_ids=segment_ids, mitigation=mitigation, impl=impl,
+def _call_block(block, residual, cache, segment_ids, valid, mitigation, impl, sequence_axis):
+    return block(residual, cache=cache, segment_ids=segment_ids, valid=valid, mitigation=mitigation, impl=impl,
                  sequence_axis=sequence_axis)
 
 
-@nnx.remat(static_argnums=(5, 6))
-def _remat_block(block, residual, cache, segment_ids, mitigation, impl, sequence_axis):
-    return _call_block(block, residual, cache, segment_ids, mitigation, impl, sequence_axis)
+@functools.lru_cache(maxsize=None)
+def _block_call(remat: str):
+    """The block call for a remat policy name: plain, or wrapped in ``nnx.remat`` with that policy."""
+    if remat == "none":
+        return _call_block
+    return nnx.remat(_call_block, static_argnums=(6, 7), policy=REMAT_POLICIES[remat])
+
+
+def _check_valid(valid: Any, shape: Tuple[int, ...]) -> None:
+    if valid is None:
+        return
+    if getattr(valid, "shape", None) != tuple(shape) or getattr(valid, "dtype", None) != jnp.bool_:
+        raise ValueError(
+            f"`valid` must be a bool array shaped like input_ids {tuple(shape)}, got "
+            f"{getattr(valid, 'dtype', type(valid).__name__)} {getattr(valid, 'shape', '')}"
+        )
 
 
 def _check_input_ids(input_ids: Any, cfg: Mamba2Config) -> None:

@@ -5,7 +5,8 @@ be overridden on the command line (``--config.model.d_model=256``). Fields:
 
 * ``seed``: parameter initialisation, data order and the training RNG.
 * ``model``: the fields of :class:`ssm_jax.model.Mamba2Config` (``dtype`` is the compute dtype,
-  ``param_dtype`` the master-weight dtype).
+  ``param_dtype`` the master-weight dtype, each a string, a jnp type or a np.dtype; ``remat`` a
+  rematerialisation policy: "none", "full", "dots", or a bool).
 * ``data``: ``corpus`` ("shakespeare", "kjv", "tiny", "local": a text corpus prepared with
   :func:`ssm_jax.data.build_local_corpus` under ``local_data_dir`` / ``local_name``, or "tokens": a
   tokenised corpus directory ``tokens_dir`` such as ``python -m ssm_jax.data.linux_corpus`` builds, whose
@@ -47,6 +48,7 @@ be overridden on the command line (``--config.model.d_model=256``). Fields:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -57,7 +59,7 @@ from ssm_jax.model import Mamba2Config
 
 __all__ = [
     "DATA_MODES", "NAN_POLICIES", "CORPORA", "RUNTIME_MODEL_FIELDS", "base_config", "public_size_config",
-    "paper_small_config", "model_config_from", "validate_config",
+    "paper_small_config", "model_config_from", "record_model_config", "validate_config",
 ]
 
 DATA_MODES = ("packed", "concat", "stream", "passkey")
@@ -77,6 +79,12 @@ def base_config():
 
     model = {f.name: f.default for f in dataclasses.fields(Mamba2Config)}
     model.update(d_model=128, n_layer=2, vocab_size=257, d_state=32, headdim=32, chunk_size=64, dtype="float32")
+    # Fields that take several forms (dtypes: a string, jnp.bfloat16 or a np.dtype; remat: a policy name or a
+    # bool) hold any object; d_ssm is an optional int. Mamba2Config stores the canonical value, which the
+    # training loop writes back (record_model_config), so the saved config stays JSON.
+    for name in ("dtype", "param_dtype", "remat"):
+        model[name] = ml_collections.FieldReference(model[name], field_type=object)
+    model["d_ssm"] = ml_collections.FieldReference(None, field_type=int)
     c.model = ml_collections.ConfigDict(model)
 
     c.data = ml_collections.ConfigDict(dict(
@@ -106,7 +114,7 @@ def base_config():
 
 
 def public_size_config(*, d_model: int, n_layer: int, lr: float, grad_accum_steps: int, fsdp: bool = False,
-                       remat: bool = False):
+                       remat="none"):
     """A Mamba-2 of a public checkpoint's architecture (PAPER.md section 1: d_state 128, headdim 64, one group,
     conv 4, chunk 256, GPT-NeoX tokenizer with 50277 ids padded to 50288) with the paper's recipe (section 6):
     AdamW (weight decay 0.1, clip 1.0), warmup-stable-decay, bf16 compute with float32 master weights,
@@ -155,6 +163,16 @@ def model_config_from(model_cfg: Any) -> Mamba2Config:
         if isinstance(v, list):
             values[k] = tuple(v)
     return Mamba2Config(**values)
+
+
+def record_model_config(config: Any, model_cfg: Mamba2Config) -> None:
+    """Writes ``model_cfg``'s canonical values (dtype names, the remat policy name) into ``config.model``, so the
+    config says what is trained and stays JSON; any field type is replaced (``jnp.bfloat16`` by "bfloat16")."""
+    unlocked = config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext()
+    any_type = config.model.ignore_type() if hasattr(config.model, "ignore_type") else contextlib.nullcontext()
+    with unlocked, any_type:
+        for k, v in dataclasses.asdict(model_cfg).items():
+            config.model[k] = v
 
 
 def _is_int(v) -> bool:

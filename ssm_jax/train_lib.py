@@ -626,7 +626,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     from ssm_jax import checkpoint as ckpt_lib
     from ssm_jax import optim
     from ssm_jax.metrics_writer import MetricsWriter
-    from ssm_jax.train_config import model_config_from, validate_config
+    from ssm_jax.train_config import model_config_from, record_model_config, validate_config
 
     t_start = time.time()
     config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
@@ -701,9 +701,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                   init_params, shardings.params)
             state = dataclasses.replace(state, params=params, opt_state=jax.jit(
                 optimizer.init, out_shardings=shardings.opt_state)(params))
+    record_model_config(config, model_cfg)
     with config.unlocked() if hasattr(config, "unlocked") else _nullcontext():
-        for k, v in dataclasses.asdict(model_cfg).items():
-            config.model[k] = v
         config.data.tokenizer = tokenizer_name
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -1,4 +1,6 @@
-"""Public checkpoint formats load exactly: a random transformers Mamba2ForCausalLM is the reference."""
+"""Public checkpoint formats load exactly: a random transformers Mamba2ForCausalLM is the reference, and for the
+mamba_ssm options transformers lacks (d_ssm, D_has_hdim, norm_before_gate) a float64 NumPy statement of
+mamba_ssm's definition (tests/state_spaces_reference.py). Bad checkpoints raise CheckpointError naming the file."""
 
 import json
 import os
@@ -10,8 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import state_spaces_reference as ref  # noqa: E402
+
 import ssm_jax  # noqa: E402
-from ssm_jax.convert import CheckpointError  # noqa: E402
+from ssm_jax import CheckpointError  # noqa: E402
 
 VOCAB = 96  # already a multiple of 16, as Hugging Face configs store the padded size
 
@@ -80,6 +84,13 @@ def test_hf_and_state_spaces_formats_give_the_same_logits(tmp_path, tie, groups)
     model = ssm_jax.from_pretrained(str(tmp_path / "hf"), ssd_impl="xla")
     assert model.config.ngroups == groups and model.config.tie_embeddings == tie
     assert rel_err(model(jnp.asarray(ids)), want) < 1e-4
+    # Older transformers wrote `norm_before_gate: true` and `rms_norm` (Codestral's config has them); transformers
+    # ignores both (its mixer always gates before the norm), and so must we.
+    config_path = tmp_path / "hf" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "norm_before_gate": True,
+                                       "rms_norm": False}))
+    model = ssm_jax.from_pretrained(str(tmp_path / "hf"), ssd_impl="xla")
+    assert not model.config.norm_before_gate and rel_err(model(jnp.asarray(ids)), want) < 1e-4
     for use_bin in (True, False):
         path = write_state_spaces(hf, str(tmp_path / f"ss_{use_bin}"), use_bin=use_bin)
         model = ssm_jax.from_pretrained(path, ssd_impl="xla")
@@ -108,8 +119,8 @@ def test_partial_ssm_cfg_takes_mamba2_defaults(tmp_path):
     ({"layer": "Mamba1"}, None, "Mamba-2"),
     ({"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2}, {"attn_layer_idx": [1]}, "attn_layer_idx"),
     ({"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2}, {"d_intermediate": 128}, "d_intermediate"),
-    ({"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2, "norm_before_gate": True}, None,
-     "norm_before_gate"),
+    ({"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2, "rmsnorm": False}, None, "rmsnorm"),
+    ({"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2, "d_ssm": 100}, None, "d_ssm"),
 ])
 def test_unsupported_layers_are_named(tmp_path, ssm_cfg, extra, message):
     path = write_state_spaces(random_hf_model(False), str(tmp_path / "ss"), ssm_cfg=ssm_cfg, extra=extra)
@@ -147,3 +158,109 @@ def test_missing_files_and_bad_tensors_are_named(tmp_path):
     save_file(extra, str(tmp_path / "hf" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="q_proj"):
         ssm_jax.from_pretrained(str(tmp_path / "hf"))
+
+
+# ---- mamba_ssm options transformers lacks: a float64 statement of mamba_ssm's definition is the reference ----
+
+OPTIONS = {  # d_inner = 64, 2 groups; shapes shared between cases where they can be (fewer compilations)
+    "D_has_hdim": dict(D_has_hdim=True),
+    "norm_before_gate": dict(norm_before_gate=True),
+    "d_ssm": dict(d_ssm=32),  # 32 SSM channels (4 heads) and 32 gated-MLP channels
+    "all": dict(D_has_hdim=True, norm_before_gate=True, d_ssm=32),
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_state_spaces_options_match_float64_reference(tmp_path, options):
+    config = {"d_model": 32, "n_layer": 2, "vocab_size": 90, "pad_vocab_size_multiple": 16, "tie_embeddings": True,
+              "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 8, **options}}
+    weights = ref.random_weights(config, seed=len(options))
+    path = ref.write_checkpoint(str(tmp_path / "ss"), config, weights)
+    ids = np.random.default_rng(3).integers(0, 90, (2, 21))  # several chunks of 8, odd length
+    model = ssm_jax.from_pretrained(path, ssd_impl="xla")
+    for name, value in options.items():
+        assert getattr(model.config, name) == value
+    ours = np.asarray(model(jnp.asarray(ids)))
+    assert rel_err(ours, ref.lm_logits(config, weights, ids)) < 1e-4
+    without = ("D_has_hdim", "norm_before_gate")
+    plain = {**config, "ssm_cfg": {k: v for k, v in config["ssm_cfg"].items() if k not in without}}
+    if "d_ssm" not in options:  # the same weights read without the option give other logits: the option matters
+        assert rel_err(ref.lm_logits(plain, {**weights, **_per_head_D(weights, options)}, ids),
+                       ref.lm_logits(config, weights, ids)) > 1e-3
+    ssm_jax.save_state_spaces(model, str(tmp_path / "again"))  # every option survives our state-spaces export
+    np.testing.assert_array_equal(np.asarray(ssm_jax.from_pretrained(str(tmp_path / "again"), ssd_impl="xla")(
+        jnp.asarray(ids))), ours)
+    with pytest.raises(ValueError, match="transformers' Mamba2 has no option.*save_state_spaces"):
+        ssm_jax.save_hf(model, str(tmp_path / "hf"))
+
+
+def _per_head_D(weights, options):
+    """With D_has_hdim dropped, D must be one value per head: take each head's first channel."""
+    if not options.get("D_has_hdim"):
+        return {}
+    return {k: v[::8] for k, v in weights.items() if k.endswith("mixer.D")}
+
+
+# ---- weight files: shards, half precision, and every fault a CheckpointError naming the file ----
+
+def test_sharded_and_half_precision_weights_load(tmp_path):
+    hf = random_hf_model(tie=False, seed=1)
+    ids = np.random.default_rng(2).integers(0, VOCAB, (1, 19))
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
+    model = ssm_jax.from_pretrained(str(tmp_path / "sharded"), ssd_impl="xla")
+    assert rel_err(model(jnp.asarray(ids)), torch_logits(hf, ids)) < 1e-4
+    for dtype in (torch.bfloat16, torch.float16):
+        half = random_hf_model(tie=False, seed=1).to(dtype)
+        half.save_pretrained(tmp_path / str(dtype))
+        model = ssm_jax.from_pretrained(str(tmp_path / str(dtype)), ssd_impl="xla")
+        stored = half.backbone.layers[1].mixer.in_proj.weight.detach().float().numpy().T  # the half values, exactly
+        np.testing.assert_array_equal(np.asarray(model.layers[1].mixer.in_proj.kernel[...]), stored)
+        if dtype == torch.bfloat16:  # and the model they make computes what transformers computes with them
+            assert rel_err(model(jnp.asarray(ids)), torch_logits(half.float(), ids)) < 1e-4
+
+
+def test_corrupt_files_are_named(tmp_path):
+    hf = random_hf_model(tie=True)
+    hf.save_pretrained(tmp_path / "good")
+    good = (tmp_path / "good" / "model.safetensors").read_bytes()
+    config = (tmp_path / "good" / "config.json").read_text()
+
+    def checkpoint(name, weights=good, config_text=config):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "config.json").write_text(config_text)
+        (tmp_path / name / "model.safetensors").write_bytes(weights)
+        return str(tmp_path / name)
+
+    with pytest.raises(CheckpointError, match=r"truncated/model\.safetensors is truncated: tensor `.*` needs bytes"):
+        ssm_jax.from_pretrained(checkpoint("truncated", good[: len(good) - 1000]))
+    with pytest.raises(CheckpointError, match=r"header/model\.safetensors: the header claims \d+ bytes"):
+        ssm_jax.from_pretrained(checkpoint("header", good[:40]))
+    with pytest.raises(CheckpointError, match=r"json/config\.json is not valid JSON"):
+        ssm_jax.from_pretrained(checkpoint("json", config_text=config[: len(config) // 2]))
+    with pytest.raises(CheckpointError, match=r"neither/config\.json: neither a state-spaces config"):
+        ssm_jax.from_pretrained(checkpoint("neither", config_text='{"n_embd": 64, "n_layer": 2}'))
+    with pytest.raises(CheckpointError, match=r"types/config\.json: d_state must be a positive int"):
+        ssm_jax.from_pretrained(checkpoint("types", config_text=config.replace('"state_size": 16', '"state_size": "16"')))
+
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*-of-*.safetensors"))
+    shards[-1].unlink()
+    listed = r"\(a shard listed in model\.safetensors\.index\.json\)"
+    with pytest.raises(CheckpointError, match=rf"missing file .*{shards[-1].name} {listed}"):
+        ssm_jax.from_pretrained(str(tmp_path / "sharded"))
+
+
+def test_dtype_arguments_take_every_form(tmp_path):
+    hf = random_hf_model(tie=True)
+    hf.save_pretrained(tmp_path / "hf")
+    for dtype in ("bfloat16", jnp.bfloat16, np.dtype(jnp.bfloat16)):
+        model = ssm_jax.from_pretrained(str(tmp_path / "hf"), dtype=dtype, param_dtype=np.dtype("float32"))
+        assert (model.config.dtype, model.config.param_dtype) == ("bfloat16", "float32")
+        assert model.embedding[...].dtype == jnp.float32
+    model = ssm_jax.from_pretrained(str(tmp_path / "hf"), dtype=jnp.float16)
+    assert model.config.param_dtype == "float16" and model.embedding[...].dtype == jnp.float16
+    with pytest.raises(ValueError, match=r"`dtype` must be one of .* got 'int8'"):
+        ssm_jax.from_pretrained(str(tmp_path / "hf"), dtype="int8")
+    with pytest.raises(ValueError, match=r"`param_dtype` must be one of .* got <class 'float'>"):
+        ssm_jax.from_pretrained(str(tmp_path / "hf"), param_dtype=float)

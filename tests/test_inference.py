@@ -1,4 +1,5 @@
-"""Streaming, one-token steps and generation equal the full forward pass; memory stays flat."""
+"""Streaming, one-token steps and generation equal the full forward pass; ragged batches equal their rows alone;
+memory stays flat."""
 
 import json
 import os
@@ -105,6 +106,61 @@ def test_generation_never_samples_padded_vocab(model):
                                 vocab_size=CFG.vocab_size).max()) < CFG.vocab_size
 
 
+PROMPT_LENGTHS = (5, 13, 1)  # streamed in chunks of 8: the padding spans a chunk boundary
+
+
+@pytest.fixture(scope="module")
+def one_layer():
+    """Fewer layers, faster compilations; test_model checks the padding mask reaches every layer."""
+    return Mamba2LM(CFG.replace(n_layer=1), rngs=nnx.Rngs(1))
+
+
+@pytest.mark.parametrize("mitigation", [None, M.compose(M.sliding_window(6), M.forget_more())],
+                         ids=["plain", "window+forget"])
+def test_ragged_prompts_equal_each_prompt_alone(one_layer, mitigation):
+    """Left padding masked out of the model: each row's state, next-token logits and greedy continuation are
+    those of the prompt alone (batch 1, no padding). That the mask matters: test_model's left-padding test."""
+    model = one_layer
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, CFG.vocab_size, n) for n in PROMPT_LENGTHS]
+    if mitigation is not None:
+        prompts = prompts[:2]  # fewer shapes to compile
+    logits, cache = inference.prefill(model, prompts, chunk_len=8, mitigation=mitigation)
+    generated = inference.generate(model, prompts, 6, chunk_len=8, mitigation=mitigation)
+    for i, prompt in enumerate(prompts):
+        alone_logits, alone_cache = inference.prefill(model, jnp.asarray(prompt)[None], chunk_len=8,
+                                                      mitigation=mitigation)
+        np.testing.assert_allclose(np.asarray(logits[i]), np.asarray(alone_logits[0]), rtol=1e-5, atol=1e-5)
+        for layer, alone in zip(cache, alone_cache):
+            np.testing.assert_allclose(np.asarray(layer.conv_state[i]), np.asarray(alone.conv_state[0]), atol=1e-6)
+            np.testing.assert_allclose(np.asarray(layer.ssm_state[i]), np.asarray(alone.ssm_state[0]), rtol=1e-5,
+                                       atol=1e-6)
+        alone_tokens = inference.generate(model, jnp.asarray(prompt)[None], 6, chunk_len=8, mitigation=mitigation)
+        np.testing.assert_array_equal(generated[i], alone_tokens[0])
+
+
+def test_eos_stops_rows_and_tokens_stream(one_layer):
+    model = one_layer
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, CFG.vocab_size, n) for n in PROMPT_LENGTHS]
+    free = inference.generate(model, prompts, 6, chunk_len=8)  # no end-of-sequence token
+    eos = int(free[1, 2])
+    pad = CFG.padded_vocab_size - 1  # never generated (beyond vocab_size), so every pad below comes from the stop
+    want = np.full_like(free, pad)
+    for i, row in enumerate(free):
+        stop = list(row).index(eos) + 1 if eos in row else len(row)
+        want[i, :stop] = row[:stop]
+    assert (want == pad).any()
+    seen = []
+    streamed = inference.generate(model, prompts, 6, chunk_len=8, eos_token_id=eos, pad_token_id=pad,
+                                  on_token=seen.append)
+    np.testing.assert_array_equal(streamed, want)
+    np.testing.assert_array_equal(np.stack(seen, axis=1), want[:, : len(seen)])
+    assert len(seen) == (6 if (want[:, -1] != pad).any() else int((want != pad).sum(1).max()))
+    np.testing.assert_array_equal(
+        inference.generate(model, prompts, 6, chunk_len=8, eos_token_id=eos, pad_token_id=pad), want)
+
+
 def test_bad_arguments(model, ids):
     with pytest.raises(ValueError, match="chunk_len"):
         inference.prefill(model, ids, chunk_len=0)
@@ -114,6 +170,16 @@ def test_bad_arguments(model, ids):
         inference.generate(model, ids, 2, temperature=1.0, top_k=0)
     with pytest.raises(ValueError, match="input_ids"):
         inference.prefill(model, ids[0])
+    for kwargs, name in ((dict(top_p=0.0), "top_p"), (dict(min_p=1.5), "min_p"), (dict(temperature=-1.0), "temperature"),
+                         (dict(eos_token_id=CFG.vocab_size), "eos_token_id"), (dict(pad_token_id=-1), "pad_token_id")):
+        with pytest.raises(ValueError, match=name):
+            inference.generate(model, ids, 2, **kwargs)
+    with pytest.raises(ValueError, match=r"prompts\[1\]"):
+        inference.generate(model, [[1, 2], []], 2)
+    with pytest.raises(ValueError, match="outside"):
+        inference.generate(model, [[1, 2], [3, CFG.vocab_size]], 2)
+    with pytest.raises(ValueError, match="fresh cache"):
+        inference.prefill(model, [[1, 2], [3]], cache=inference.init_cache(model, 2))
 
 
 def test_streaming_memory_stays_flat(tmp_path):

@@ -1,5 +1,8 @@
-"""Mamba2Config / Mamba2LM: validation, the official initialisation, packing, remat, dtypes, impl parity."""
+"""Mamba2Config / Mamba2LM: validation, dtype forms, the official initialisation, packing, left padding, remat
+policies, dtypes, impl parity."""
 
+import dataclasses
+import json
 import math
 
 import jax
@@ -8,9 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ssm_jax import Mamba2Config, Mamba2LM
+from ssm_jax import Mamba2Config, Mamba2LM, inference
 from ssm_jax import mitigations as M
-from ssm_jax.model import causal_conv1d
+from ssm_jax.model import REMAT_POLICIES, causal_conv1d
 
 TINY = dict(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=8, ngroups=2, chunk_size=8)
 
@@ -29,10 +32,33 @@ def test_config_derived_sizes_match_public_130m():
 @pytest.mark.parametrize("change,field", [
     (dict(d_model=0), "d_model"), (dict(headdim=48), "headdim"), (dict(ngroups=5), "ngroups"),
     (dict(dtype="int8"), "dtype"), (dict(ssd_impl="cuda"), "ssd_impl"), (dict(dt_min=0.5, dt_max=0.1), "dt_min"),
+    (dict(d_ssm=12), "d_ssm"), (dict(d_ssm=128), "d_ssm"), (dict(D_has_hdim=1), "D_has_hdim"),
+    (dict(norm_before_gate="yes"), "norm_before_gate"), (dict(remat="sometimes"), "remat"),
 ])
 def test_config_rejects_bad_values(change, field):
     with pytest.raises(ValueError, match=field):
         Mamba2Config(**{**TINY, **change})
+
+
+@pytest.mark.parametrize("form", ["bfloat16", jnp.bfloat16, np.dtype(jnp.bfloat16), np.dtype("float16"), np.float16,
+                                  jnp.float32], ids=["str", "jnp", "np.dtype-bf16", "np.dtype-f16", "np-type", "jnp-f32"])
+def test_dtype_forms_are_stored_by_name(form):
+    cfg = Mamba2Config(**TINY, dtype=form, param_dtype=form)
+    assert cfg.dtype == cfg.param_dtype == np.dtype(form).name
+    assert cfg.jnp_dtype == jnp.dtype(form)
+    assert json.loads(json.dumps(dataclasses.asdict(cfg)))["dtype"] == cfg.dtype  # serialisable
+    assert cfg == Mamba2Config(**TINY, dtype=cfg.dtype, param_dtype=cfg.dtype)
+
+
+@pytest.mark.parametrize("bad", [float, "int8", jnp.int32, np.dtype("int32"), 3, "bf16"])
+def test_dtype_errors_name_the_argument_and_the_forms(bad):
+    for field in ("dtype", "param_dtype"):
+        with pytest.raises(ValueError, match=rf"`Mamba2Config\.{field}` must be one of .*jnp scalar type.*np\.dtype"):
+            Mamba2Config(**TINY, **{field: bad})
+
+
+def test_remat_accepts_the_former_booleans():
+    assert Mamba2Config(**TINY, remat=True).remat == "full" and Mamba2Config(**TINY, remat=False).remat == "none"
 
 
 def test_official_initialisation_statistics():
@@ -80,23 +106,54 @@ def test_conv_masks_taps_across_documents():
     np.testing.assert_allclose(out[0, 2], np.asarray(x[0, 2] * w[3] + x[0, 1] * w[2]), rtol=1e-6)
 
 
-def test_impls_and_remat_agree_values_and_gradients():
-    cfg = Mamba2Config(**TINY, ssd_impl="xla")
+def test_impls_and_remat_policies_agree_values_and_gradients():
+    cfg = Mamba2Config(**{**TINY, "n_layer": 1}, ssd_impl="xla")  # one layer: 5 compilations of the gradient
     ids = jax.random.randint(jax.random.PRNGKey(0), (2, 21), 0, 50)
 
     def loss(model):
         logits = model(ids)
         return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, ids[..., None], -1)[..., 0])
 
+    configs = {"xla": cfg, "recurrent": cfg.replace(ssd_impl="recurrent")}
+    configs.update({f"remat={name}": cfg.replace(remat=name) for name in REMAT_POLICIES if name != "none"})
     results = {}
-    for name, c in {"xla": cfg, "recurrent": cfg.replace(ssd_impl="recurrent"), "remat": cfg.replace(remat=True)}.items():
+    for name, c in configs.items():
         model = Mamba2LM(c, rngs=nnx.Rngs(3))
-        value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+        grad_fn = nnx.value_and_grad(loss)
+        value, grads = nnx.jit(grad_fn)(model)
         results[name] = (float(value), jax.tree.leaves(grads))
-    for name in ("recurrent", "remat"):
+        if c.remat != "none":  # the policy is really applied: the gradient's program rematerialises the blocks
+            graphdef, state = nnx.split(model)
+            jaxpr = str(jax.make_jaxpr(lambda s: grad_fn(nnx.merge(graphdef, s)))(state))
+            assert jaxpr.count("checkpoint[") + jaxpr.count("remat") >= c.n_layer
+    for name in configs:
         assert results[name][0] == pytest.approx(results["xla"][0], rel=1e-5)
         for a, b in zip(results[name][1], results["xla"][1]):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-6)
+
+
+def test_left_padding_leaves_the_state_untouched():
+    """``valid=False`` positions before a row's tokens: the cache after them and the logits of the real tokens are
+    those of the tokens alone, and streaming in chunks equals one pass. On a model with every mamba_ssm option
+    (gated MLP channels, per-channel D, norm before gate), whose caches are shaped by them."""
+    cfg = Mamba2Config(**{**TINY, "ngroups": 1}, ssd_impl="xla", d_ssm=48, D_has_hdim=True, norm_before_gate=True)
+    model = Mamba2LM(cfg, rngs=nnx.Rngs(2))
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (1, 12), 0, 50)
+    padded = jnp.concatenate([jnp.full((1, 6), 7), tokens], axis=1)  # 6 padding positions, then the tokens
+    forward = nnx.jit(lambda m, i, c, v: m.forward_with_cache(i, c, valid=v))
+    want, want_cache = forward(model, tokens, model.init_cache(1), None)
+    for valid, exact in ((jnp.arange(18)[None] >= 6, True), (jnp.ones((1, 18), bool), False)):
+        got, cache = forward(model, padded, model.init_cache(1), valid)
+        if not exact:  # the same positions counted as tokens: the state differs, so the mask is what matters
+            assert np.abs(np.asarray(cache[0].ssm_state) - np.asarray(want_cache[0].ssm_state)).max() > 1e-3
+            continue
+        np.testing.assert_allclose(np.asarray(got[:, 6:]), np.asarray(want), rtol=1e-5, atol=1e-5)
+        for a, b in zip(cache, want_cache):
+            np.testing.assert_allclose(np.asarray(a.conv_state), np.asarray(b.conv_state), atol=1e-6)
+            np.testing.assert_allclose(np.asarray(a.ssm_state), np.asarray(b.ssm_state), rtol=1e-5, atol=1e-6)
+    first, cache = forward(model, tokens[:, :6], inference.init_cache(model, 1), None)
+    second, _ = forward(model, tokens[:, 6:], cache, None)  # the conv and SSM state cross the chunk boundary
+    np.testing.assert_allclose(np.concatenate([first, second], axis=1), np.asarray(want), rtol=1e-4, atol=2e-5)
 
 
 def test_bfloat16_compute_is_close_to_float32():
@@ -127,3 +184,7 @@ def test_bad_inputs():
         model(jnp.zeros((3,), jnp.int32))
     with pytest.raises(ValueError, match="input_ids"):
         model(jnp.zeros((1, 3), jnp.float32))
+    with pytest.raises(ValueError, match="valid"):
+        model(jnp.zeros((1, 3), jnp.int32), valid=jnp.ones((1, 4), bool))
+    with pytest.raises(ValueError, match="valid"):
+        model(jnp.zeros((1, 3), jnp.int32), valid=jnp.ones((1, 3), jnp.int32))
