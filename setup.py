@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["ssm_jax", "ssm_jax.data", "ssm_jax.parallel", "ssm_jax.kernels"],
+    packages=["ssm_jax", "ssm_jax.data", "ssm_jax.evaluators", "ssm_jax.parallel", "ssm_jax.kernels"],
     package_dir={"ssm_jax": "ssm_jax", "ssm_jax.kernels": "kernels"},
     package_data={"ssm_jax.data": ["*.json", "*.jsonl.gz", "*.txt"]},
     include_package_data=True,
@@ -24,6 +24,8 @@ setup(
         "absl-py>=2.1",
         "tokenizers>=0.20",
         "safetensors>=0.4.5",
+        "huggingface_hub>=0.24",  # from_pretrained with a Hub repo id
+        "array-record>=0.5",  # token-corpus shards (ssm_jax.data.token_shards)
         "numpy>=1.26",
         "tqdm>=4.66",
         "matplotlib>=3.8",
