@@ -54,7 +54,7 @@ from ssm_jax.model import Mamba2Config, Mamba2LM  # noqa: E402
 from ssm_jax.parallel import sequence as sp  # noqa: E402
 from ssm_jax.ssd import resolve_impl, ssd  # noqa: E402
 
-# 130m shapes (PAPER.md section 1).
+# 130m shapes (arXiv 2410.07145 section 1).
 MODEL_130M = dict(d_model=768, n_layer=24, vocab_size=50277, d_state=128, headdim=64, ngroups=1, chunk_size=256)
 MODEL_SMOKE = dict(d_model=64, n_layer=2, vocab_size=257, d_state=16, headdim=16, ngroups=1, chunk_size=64)
 

@@ -1,4 +1,4 @@
-"""The state-collapse study (docs/RESULTS.md, PAPER.md sections 3-5): byte-level Mamba-2 models of three
+"""The state-collapse study (docs/RESULTS.md, arXiv 2410.07145 sections 3-5): byte-level Mamba-2 models of three
 state sizes trained from scratch on the bundled Shakespeare corpus at short training lengths.
 
     python train.py --config=configs/collapse_study.py:m --config.data.seq_len=128 --workdir=runs/collapse/m_T128
@@ -11,9 +11,9 @@ public checkpoints' head shape (headdim 64, d_state 128, expand 2) so that the s
 * ``m``: 6 layers, d_model 512 (16 heads): N_S = 786,432 (0.79M; the paper's 36.4M architecture)
 * ``l``: 12 layers, d_model 512 (16 heads): N_S = 1,572,864 (1.57M; the paper's 47.0M architecture)
 
-Every run sees the same number of tokens (``tokens_per_step`` x ``num_steps`` = 39.3M, about 4.6 epochs of
+Every run sees the same number of tokens (``tokens_per_step`` x ``num_steps`` = 39.3M, about 8.7 epochs of
 the training split): the batch is ``tokens_per_step / seq_len`` sequences, so shorter T_train means more
-sequences per step, not fewer tokens. The paper's recipe otherwise (PAPER.md section 6): AdamW (weight
+sequences per step, not fewer tokens. The paper's recipe otherwise (arXiv 2410.07145 section 6): AdamW (weight
 decay 0.1, clip 1.0), warmup-stable-decay, bf16 compute with float32 master weights.
 """
 

@@ -1,4 +1,4 @@
-"""Fine-tune a trained model on the synthetic passkey task (PAPER.md section 6).
+"""Fine-tune a trained model on the synthetic passkey task (arXiv 2410.07145 section 6).
 
     python train.py --config=configs/passkey_finetune.py:/tmp/run_default --workdir=/tmp/run_passkey
 

@@ -7,10 +7,10 @@
     #    in priority order, each evaluated as soon as it ends, all within --budget_s
     python experiments/state_collapse.py daemon --study .study --root runs/state_collapse --budget_s 1200
     python experiments/state_collapse.py pack --root runs/state_collapse --out results.tar.gz
-    # 3. here: the committed data (raw per-position losses, compressed; summary JSON), figures and tables
-    python experiments/state_collapse.py gather --root runs/state_collapse --out docs/results
-    python experiments/state_collapse.py plot --results docs/results --out docs/results
-    python experiments/state_collapse.py report --results docs/results
+    # 3. here: the committed raw data (per-position losses, compressed), summary JSON, figures and tables
+    python experiments/state_collapse.py gather --root runs/state_collapse --corpus .study/corpus \
+        --out docs/results/state_collapse
+    python experiments/state_collapse.py report --results docs/results/state_collapse
 
 ``daemon`` runs every job as its own ``train.py`` / ``eval.py`` process (several share the GPU, each with a
 fixed share of its memory) and writes ``<root>/status.json`` as it goes; started again with the same root it
@@ -56,7 +56,7 @@ STUDY = Plan(runs=(("47m", 1024), ("47m", 8192), ("85m", 2048)), lr_candidates=(
              lr_check_steps=160, lr_check_warmup=40)
 # The same driver end to end on a CPU in a minute or two (tests/test_state_collapse.py).
 SMOKE = Plan(runs=(("tiny", 64), ("tiny", 128)), lr_candidates=(1e-3, 3e-3), lr_check_steps=4, lr_check_warmup=2,
-             train_overrides=("--config.train.num_steps=6", "--config.train.batch_size=4",
+             train_overrides=("--config.train.num_steps=9", "--config.train.batch_size=4",
                               "--config.checkpoint.every_steps=3", "--config.eval.every_steps=3",
                               "--config.eval.batch_size=2", "--config.eval.num_batches=2",
                               "--config.optim.warmup_steps=2"),
@@ -73,7 +73,7 @@ LR_GROUPS = 2
 LR_GROUP_TOKENS = 65_536
 PART_BYTES = 150 * 2**20  # bytes of uncompressed shards per packed part, before xz
 
-MEMORY_FRACTION = {"train": "0.28", "eval": "0.2"}
+MEMORY_FRACTION = {"train": "0.36", "eval": "0.22"}  # two training jobs and one evaluation share the GPU
 
 
 def run_name(size: str, train_len: int) -> str:
@@ -141,6 +141,7 @@ class Job:
     ended: Optional[float] = None
     rc: Optional[int] = None
     stopped_at_deadline: bool = False
+    priority: int = 0  # among queued jobs of a kind, the lowest starts first
 
     def state(self) -> str:
         if self.proc is None:
@@ -154,13 +155,29 @@ def train_argv(size: str, train_len: int, workdir: str, tokens_dir: str, lr: flo
             f"--workdir={workdir}", f"--config.data.tokens_dir={tokens_dir}", f"--config.optim.lr={lr}", *extra]
 
 
-def eval_argv(train_len: int, workdir: str, tokens_dir: str, *, final: bool, variant: str = "") -> List[str]:
-    """The evaluation of a finished run: ``final`` evaluates the latest checkpoint with every mitigation,
-    otherwise the earlier checkpoints without mitigation (collapse over training)."""
-    arg = f"{train_len},{'final' if final else 'history'}" + (f",{variant}" if variant else "")
-    return [sys.executable, os.path.join(ROOT, "eval.py"), f"--config={EVAL_CONFIG}:{arg}",
+EVAL_PARTS = ("final", "extra", "history")  # in priority order: the final checkpoint carries the verdict
+
+
+def eval_argv(train_len: int, workdir: str, tokens_dir: str, part: str, *, steps: Sequence[int] = (),
+              variant: str = "") -> List[str]:
+    """The evaluation ``part`` (configs/proj/state_collapse/eval.py) of a finished run into
+    ``<workdir>/eval_<part>``; ``steps`` are the checkpoints of the ``history`` part."""
+    arg = f"{train_len},{part}" + (f",{variant}" if variant else "")
+    argv = [sys.executable, os.path.join(ROOT, "eval.py"), f"--config={EVAL_CONFIG}:{arg}",
             f"--config.checkpoint={workdir}", f"--config.data.tokens_dir={tokens_dir}",
-            f"--config.output_dir={os.path.join(workdir, 'eval_final' if final else 'eval_history')}"]
+            f"--config.output_dir={os.path.join(workdir, 'eval_' + part)}"]
+    if steps:
+        argv.append(f"--config.steps={','.join(str(s) for s in steps)}")
+    return argv
+
+
+def saved_steps(workdir: str) -> List[int]:
+    """The complete checkpoint steps of a train.py work directory (orbax writes a step under a temporary
+    name and renames it when it is complete)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
 def _last_metrics(workdir: str) -> Dict[str, Any]:
@@ -175,13 +192,13 @@ def _last_metrics(workdir: str) -> Dict[str, Any]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line being written
-            out["eval" if any(k.startswith("eval") or k.startswith("validation") for k in rec) else "train"] = rec
+            out["eval" if rec.get("split") == "validation" else "train"] = rec  # ssm_jax.metrics_writer
     return out
 
 
-def _job_env(kind: str, cache_dir: str) -> Dict[str, str]:
+def _job_env(memory_fraction: str, cache_dir: str) -> Dict[str, str]:
     env = dict(os.environ)
-    env.update(XLA_PYTHON_CLIENT_MEM_FRACTION=MEMORY_FRACTION[kind], PYTHONUNBUFFERED="1",
+    env.update(XLA_PYTHON_CLIENT_MEM_FRACTION=memory_fraction, PYTHONUNBUFFERED="1",
                JAX_COMPILATION_CACHE_DIR=cache_dir, MPLBACKEND="Agg")
     return env
 
@@ -190,8 +207,10 @@ class Scheduler:
     """Starts queued jobs (at most ``parallel`` training jobs and one evaluation at a time), stops training at
     the deadline, and records everything in ``status.json``."""
 
-    def __init__(self, root: str, *, parallel: int, train_deadline: float, final_deadline: float) -> None:
+    def __init__(self, root: str, *, parallel: int, train_deadline: float, final_deadline: float,
+                 memory_fraction: Optional[Dict[str, str]] = None) -> None:
         self.root = root
+        self.memory_fraction = memory_fraction or MEMORY_FRACTION
         self.parallel = parallel
         self.train_deadline = train_deadline
         self.final_deadline = final_deadline
@@ -211,7 +230,7 @@ class Scheduler:
         os.makedirs(job.workdir, exist_ok=True)
         job.log = open(os.path.join(job.workdir, f"{job.kind}.log"), "a")
         job.proc = subprocess.Popen(job.argv, stdout=job.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                    env=_job_env(job.kind, self.cache_dir), start_new_session=True)
+                                    env=_job_env(self.memory_fraction[job.kind], self.cache_dir), start_new_session=True)
         job.started = time.time()
         self.log(f"start {job.name}: {shlex.join(job.argv[1:])}")
 
@@ -249,7 +268,7 @@ class Scheduler:
                 self.log(f"{job.name}: not started before the deadline")
         running = [j for j in self.jobs if j.proc is not None]
         for kind, limit in (("train", self.parallel), ("eval", 1)):
-            for job in self.jobs:
+            for job in sorted(self.jobs, key=lambda j: j.priority):
                 if job.kind == kind and job.proc is None and job.rc is None and \
                         sum(j.kind == kind for j in running) < limit:
                     self._start(job)
@@ -278,11 +297,8 @@ class Scheduler:
 
 
 def _final_validation_loss(workdir: str) -> Optional[float]:
-    last = _last_metrics(workdir).get("eval", {})
-    for key in ("eval_loss", "validation_loss", "eval/loss"):
-        if key in last:
-            return float(last[key])
-    return None
+    loss = _last_metrics(workdir).get("eval", {}).get("loss")
+    return None if loss is None else float(loss)
 
 
 def choose_lr(workdirs: Dict[float, str]) -> Dict[str, Any]:
@@ -306,8 +322,9 @@ def daemon(study: str, root: str, *, budget_s: float, eval_reserve_s: float, par
     short = [*plan.train_overrides, f"--config.train.num_steps={plan.lr_check_steps}",
              f"--config.optim.warmup_steps={plan.lr_check_warmup}",
              f"--config.checkpoint.every_steps={plan.lr_check_steps}", f"--config.eval.every_steps={plan.lr_check_steps}"]
+    lr_share = f"{0.95 / len(plan.lr_candidates):.2f}"  # every candidate at once
     lr_sched = Scheduler(root, parallel=len(plan.lr_candidates), train_deadline=sched.train_deadline,
-                         final_deadline=sched.final_deadline)
+                         final_deadline=sched.final_deadline, memory_fraction={"train": lr_share, "eval": lr_share})
     for lr, workdir in lr_runs.items():
         lr_sched.add(Job(f"lr_check_{lr:g}", "train", train_argv(size, train_len, workdir, lr_dir, lr, short), workdir))
     lr_sched.run_until_idle()
@@ -334,10 +351,18 @@ def daemon(study: str, root: str, *, budget_s: float, eval_reserve_s: float, par
             if job.kind == "train" and job.rc is not None and job.name not in evaluated:
                 evaluated.add(job.name)
                 train_len = int(job.name.rsplit("_T", 1)[1])
-                for final in (True, False):  # the final checkpoint first: it carries the verdict
-                    sched.add(Job(job.name.replace("train_", "eval_final_" if final else "eval_history_"), "eval",
-                                  eval_argv(train_len, job.workdir, corpus_dir, final=final, variant=plan.eval_variant),
-                                  job.workdir))
+                steps = saved_steps(job.workdir)
+                if not steps:
+                    sched.log(f"{job.name}: no checkpoint to evaluate")
+                    continue
+                for part in EVAL_PARTS:
+                    history = steps[:-1]  # the latest is the final part's
+                    if part == "history" and not history:
+                        continue
+                    sched.add(Job(job.name.replace("train_", f"eval_{part}_"), "eval",
+                                  eval_argv(train_len, job.workdir, corpus_dir, part,
+                                            steps=history if part == "history" else (), variant=plan.eval_variant),
+                                  job.workdir, priority=EVAL_PARTS.index(part)))
                 busy = True
         if not busy:
             break
@@ -391,6 +416,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = sub.add_parser("pack", help="tarball of the results under --root")
     p.add_argument("--root", required=True)
     p.add_argument("--out", required=True)
+    p = sub.add_parser("gather", help="copy the raw outputs RESULTS.md reads (experiments/state_collapse_report.py)")
+    p.add_argument("--root", required=True)
+    p.add_argument("--corpus", default=None, help="the study corpus (prepare's <out>/corpus): its manifest")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("report", help="summary.json, figures and the tables of docs/RESULTS.md from the raw outputs")
+    p.add_argument("--results", required=True)
+    p.add_argument("--markdown", default=os.path.join(ROOT, "docs", "RESULTS.md"))
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(args.corpus, args.out)
@@ -399,6 +431,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                parallel=args.parallel, wait_for_corpus_s=args.wait_for_corpus_s, plan=SMOKE if args.smoke else STUDY)
     elif args.command == "pack":
         print(f"{args.out}: {pack(args.root, args.out)} files")
+    elif args.command == "gather":
+        import state_collapse_report
+
+        print(f"{args.out}: {len(state_collapse_report.gather(args.root, args.out, args.corpus))} files")
+    elif args.command == "report":
+        import state_collapse_report
+
+        state_collapse_report.report(args.results, args.markdown)
 
 
 if __name__ == "__main__":

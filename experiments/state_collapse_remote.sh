@@ -5,7 +5,8 @@
 #   start PART_DIR BUDGET_S   install the carried wheels (.whl/), unpack PART_DIR/part*.tar.xz into .study/,
 #                             check the GPU stack, start `experiments/state_collapse.py daemon` in its own
 #                             session (it outlives the call) with BUDGET_S seconds for everything
-#   part PART_DIR             unpack more parts (the daemon waits for the study corpus's manifest)
+#   part PART_DIR [WHEELS]    unpack more parts (the daemon waits for the study corpus's manifest), and install
+#                             more carried wheels (the evaluations of later jobs import them)
 #   poll SECONDS              wait, then pack the results into $OUT/results.tar.gz and print the status
 #
 # Results stay under runs/state_collapse/ (ignored by git); nothing but $OUT comes back.
@@ -33,6 +34,9 @@ case "${1:-}" in
     tail -n 20 "$root/daemon.log"
     ;;
   part)
+    if [ -n "${3:-}" ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$3"/*.whl
+    fi
     unpack "$2"
     tail -n 20 "$root/daemon.log"
     ;;
@@ -44,7 +48,7 @@ case "${1:-}" in
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
     ;;
   *)
-    echo "usage: $0 start PART_DIR BUDGET_S | part PART_DIR | poll SECONDS" >&2
+    echo "usage: $0 start PART_DIR BUDGET_S | part PART_DIR [WHEELS] | poll SECONDS" >&2
     exit 2
     ;;
 esac

@@ -164,7 +164,7 @@ def _find(tree: Any, names: Sequence[str]) -> Any:
 
 _DATA_FIELDS = (("corpus", ("corpus", "corpus_name")), ("validation_fraction", ("validation_fraction", "val_fraction")),
                 ("split_seed", ("split_seed",)), ("local_data_dir", ("local_data_dir",)),
-                ("local_name", ("local_name",)))
+                ("local_name", ("local_name",)), ("tokens_dir", ("tokens_dir",)))
 
 
 def load_model(

@@ -1,6 +1,6 @@
 """Optimiser and learning-rate schedules for training (optax only; no data or config imports).
 
-The paper's recipe (PAPER.md section 6): AdamW with weight decay 0.1, gradient clipping at global norm
+The paper's recipe (arXiv 2410.07145 section 6): AdamW with weight decay 0.1, gradient clipping at global norm
 1.0, a warmup-stable-decay schedule. Weight decay is applied to the matrices only (embedding, in/out
 projection kernels, conv weights): never to norms, biases, ``A_log``, ``D`` or ``dt_bias``
 (:func:`weight_decay_mask`).

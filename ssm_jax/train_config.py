@@ -115,7 +115,7 @@ def base_config():
 
 def public_size_config(*, d_model: int, n_layer: int, lr: float, grad_accum_steps: int, fsdp: bool = False,
                        remat="none"):
-    """A Mamba-2 of a public checkpoint's architecture (PAPER.md section 1: d_state 128, headdim 64, one group,
+    """A Mamba-2 of a public checkpoint's architecture (arXiv 2410.07145 section 1: d_state 128, headdim 64, one group,
     conv 4, chunk 256, GPT-NeoX tokenizer with 50277 ids padded to 50288) with the paper's recipe (section 6):
     AdamW (weight decay 0.1, clip 1.0), warmup-stable-decay, bf16 compute with float32 master weights,
     about 0.5M tokens per batch (256 x 2048), logits computed in chunks of 512 positions.
@@ -143,7 +143,7 @@ def public_size_config(*, d_model: int, n_layer: int, lr: float, grad_accum_step
 
 
 def paper_small_config(*, d_model: int, n_layer: int, lr: float = 1.5e-3):
-    """The paper's small from-scratch models (PAPER.md section 5): ``d_model / 32`` heads of dim 64 (expand 2),
+    """The paper's small from-scratch models (arXiv 2410.07145 section 5): ``d_model / 32`` heads of dim 64 (expand 2),
     d_state 128, GPT-NeoX vocabulary (tied embedding), trained at ``seq_len`` = T_train (2048 here; the
     state-capacity study sweeps it: ``--config.data.seq_len=...``), 0.5M tokens per batch."""
     config = public_size_config(d_model=d_model, n_layer=n_layer, lr=lr, grad_accum_steps=4)

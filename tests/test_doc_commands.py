@@ -4,7 +4,7 @@ Scans README.md, docs/*.md and the docstrings of train.py, eval.py and configs/ 
 ``python eval.py`` commands (new ones are picked up without editing this test). For each: the config file loads
 (with its ``:arg``), every ``--config.x=y`` override names a real field with a value of that field's type (the
 parsing of the scripts' own absl flags), and the config passes the checks: ``validate_config`` for training;
-for evaluation the modes, mitigations, loss sources and lengths that ``eval_lib`` accepts. Also every
+for evaluation the modes, mitigations, loss sources and lengths that ``ssm_jax.evaluators.config`` accepts. Also every
 ``config.section.field`` that the prose names is a field of the training or the evaluation config.
 """
 
@@ -19,7 +19,9 @@ from typing import List, Tuple
 import pytest
 from train_helpers import REPO, load_config, parse_flags
 
-from ssm_jax import eval_lib
+from ssm_jax.evaluators import config as eval_config
+from ssm_jax.evaluators.named_mitigations import MITIGATION_NAMES
+from ssm_jax.evaluators.streams import SOURCES
 from ssm_jax.train_config import validate_config
 
 DOCS = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
@@ -78,17 +80,16 @@ def _rooted(argv: List[str], root) -> List[str]:
 
 
 def _check_eval_config(config) -> None:
-    for mode in eval_lib.parse_list(config.modes):
-        assert mode in eval_lib.MODES, f"config.modes: {mode!r} is not one of {eval_lib.MODES}"
-    for entry in eval_lib.parse_list(config.mitigations):
+    for mode in eval_config.parse_list(config.modes):
+        assert mode in eval_config.MODES, f"config.modes: {mode!r} is not one of {eval_config.MODES}"
+    for entry in eval_config.parse_list(config.mitigations):
         for name in entry.split("+"):
-            assert name in eval_lib.MITIGATION_NAMES, f"config.mitigations: {name!r} is not one of " \
-                                                     f"{eval_lib.MITIGATION_NAMES}"
-    for source in eval_lib.parse_list(config.loss.sources):
-        assert source in eval_lib.SOURCES, f"config.loss.sources: {source!r} is not one of {eval_lib.SOURCES}"
+            assert name in MITIGATION_NAMES, f"config.mitigations: {name!r} is not one of {MITIGATION_NAMES}"
+    for source in eval_config.parse_list(config.loss.sources):
+        assert source in SOURCES, f"config.loss.sources: {source!r} is not one of {SOURCES}"
     for length in (config.loss.length, config.states.length):
-        assert eval_lib.parse_length(length, 2048) >= 1
-    assert eval_lib.parse_lengths(config.passkey.context_lengths, 2048)
+        assert eval_config.parse_length(length, 2048) >= 1
+    assert eval_config.parse_lengths(config.passkey.context_lengths, 2048)
 
 
 @pytest.mark.parametrize("where,argv", COMMANDS, ids=[f"{w} {a[0]}" for w, a in COMMANDS])

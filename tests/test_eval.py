@@ -275,13 +275,15 @@ def test_loss_and_passkey_modes_end_to_end_from_pretrained_dir(pretrained_dir):
 
     lv = json.load(open(os.path.join(out, "loss_vs_position.json")))
     assert lv["model"]["tokenizer"] == "byte" and lv["model"]["state_size"] == 2 * 4 * 16 * 8
-    assert lv["length"] == 512 and lv["model"]["heldout"]["corpus"] == "tiny"
+    assert lv["length"] == 512 and lv["model"]["heldout"]["corpus"] == "tiny" and lv["complete"]
     # A context-free model of the held-out documents: their unigram entropy, in nats.
     tok = get_tokenizer("byte")
     docs = streams.heldout_documents(streams.HeldOutData(corpus="tiny"))
     counts = np.bincount(np.concatenate([tok.encode(d.text) for d in docs] + [[tok.eos_id] * len(docs)]))
     p = counts[counts > 0] / counts.sum()
-    assert lv["unigram_loss"] == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-9)
+    want_unigram = float(-(p * np.log(p)).sum())
+    assert lv["unigram_loss"] == pytest.approx({"documents": want_unigram, "newlines": want_unigram}, rel=1e-9)
+    assert lv["sources"]["newlines"]["unigram_loss"] == pytest.approx(want_unigram, rel=1e-9)
     edges = np.asarray(lv["bucket_edges"])
     assert edges[0] == 1 and edges[-1] == 513 and np.all(np.diff(edges) > 0) and 65 in edges
     fine = np.load(os.path.join(out, "loss_vs_position_fine.npz"))
@@ -298,7 +300,7 @@ def test_loss_and_passkey_modes_end_to_end_from_pretrained_dir(pretrained_dir):
             assert len(c["per_prompt_loss"]) == 2
             # The verdict is the rule applied to the fixed buckets written to the npz.
             want = diagnostics.collapse_verdict(fine[f"{source}__{name}"].mean(axis=0), 64, width=32,
-                                                unigram_loss=lv["unigram_loss"]).to_json()
+                                                unigram_loss=lv["unigram_loss"][source]).to_json()
             assert c["collapse"] == pytest.approx(want)
     # the mitigation changes the curve; the windowed state equals the full state before the window fills
     none, fm = (np.asarray(lv["sources"]["documents"]["curves"][k]["loss"]) for k in ("none", "forget_more"))
@@ -457,7 +459,7 @@ def test_several_checkpoints_of_one_run(trained_run, tmp_path):
         lv = json.load(open(tmp_path / "steps" / entry["output_dir"] / "loss_vs_position.json"))
         assert lv["model"]["step"] == entry["step"] and lv["train_len"] == 64 and lv["length"] == 256
         assert lv["model"]["heldout"] == {"corpus": "tiny", "validation_fraction": 0.1, "split_seed": 0,
-                                          "local_data_dir": "", "local_name": "default"}
+                                          "local_data_dir": "", "local_name": "default", "tokens_dir": ""}
         collapse = lv["sources"]["documents"]["curves"]["none"]["collapse"]
         assert entry["headline"]["documents/none"] == {k: collapse[k] for k in entry["headline"]["documents/none"]}
         curves[entry["step"]] = np.asarray(lv["sources"]["documents"]["curves"]["none"]["loss"])

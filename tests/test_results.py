@@ -186,3 +186,137 @@ def test_study_driver_kills_whole_jobs_at_the_deadline(tmp_path, monkeypatch):
     # the shell's child (here sleep; in a real job train.py) must be gone, not only the shell
     alive = subprocess.run(["pgrep", "-x", "-f", "sleep 21.5"], capture_output=True, text=True).stdout.split()
     assert not alive and not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The Linux-kernel token study (experiments/state_collapse.py; docs/results/state_collapse/)
+# --------------------------------------------------------------------------------------------------
+
+SC_DIR = os.path.join(ROOT, "docs", "results", "state_collapse")
+
+
+def _load_report_module():
+    spec = importlib.util.spec_from_file_location(
+        "state_collapse_report", os.path.join(ROOT, "experiments", "state_collapse_report.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def flat(text):
+    """RESULTS.md with every run of whitespace made one space (claims may wrap across lines)."""
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def sc_summary():
+    """The study's summary recomputed from the committed raw data (not read from summary.json)."""
+    return json.loads(json.dumps(_load_report_module().summarize(SC_DIR), default=_jsonable))
+
+
+def _jsonable(x):
+    return x.tolist() if isinstance(x, np.ndarray) else x.item() if isinstance(x, np.generic) else str(x)
+
+
+def test_state_collapse_summary_is_the_raw_data_recomputed(sc_summary):
+    with open(os.path.join(SC_DIR, "summary.json")) as f:
+        committed = json.load(f)
+    _close(committed, sc_summary)
+
+
+def _close(a, b, path="summary") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, (int, float)):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def test_state_collapse_tables_are_generated_from_the_raw_data(sc_summary, text):
+    tables = _load_report_module().report_tables(sc_summary)
+    assert set(tables) == {"sc_runs", "sc_mitigations", "sc_history", "sc_sources", "sc_t_forget"}
+    for name, table in tables.items():
+        block = re.search(rf"<!-- table:{name} -->\n(.*?)\n<!-- /table:{name} -->", text, re.S)
+        assert block, f"RESULTS.md lacks the table {name}"
+        assert block.group(1) == table, f"table {name} differs from the raw data; run the study's report"
+
+
+def test_state_collapse_figures_and_commands(text):
+    for png in re.findall(r"\((results/state_collapse/[\w.]+\.png)\)", text):
+        assert os.path.getsize(os.path.join(ROOT, "docs", png)) > 10_000, png
+    assert len(re.findall(r"results/state_collapse/[\w.]+\.png", text)) >= 3
+    for path in ("experiments/state_collapse.py", "configs/proj/state_collapse/train.py",
+                 "configs/proj/state_collapse/eval.py", "ssm_jax.data.linux_corpus"):
+        assert path in text
+
+
+def test_state_collapse_claims(sc_summary, flat):
+    runs = {r["name"]: r for r in sc_summary["runs"]}
+    r = runs["47m_T1024"]
+    none = r["final"]["documents/none"]
+    # no collapse at T_train 1,024 after 151M tokens, with or without each mitigation
+    assert r["tokens"] == 2304 * 65536 and f"{r['tokens'] / 1e6:.0f}M tokens" == "151M tokens" in flat
+    assert not any(c["collapsed"] for c in r["final"].values()) and len(r["final"]) == 5
+    assert f"largest ratio after T_train: {none['max_ratio']:.2f}" in flat
+    assert none["num_prompts"] == 32 and "32 held-out kernel directories" in flat
+    assert f"newlines prompt either (ratio {r['extra']['newlines/none']['max_ratio']:.2f})" in flat
+    assert not r["extra"]["newlines/none"]["collapsed"]
+    assert f"predicts T_forget of about {r['paper_t_forget'] / 1000:.1f}K tokens" in flat
+    # retention and state norms
+    s = r["final_states"]
+    assert f"its {s['retention_1x']['heads']} heads at t = T_train is {s['retention_1x']['max']:.3f}" in flat
+    assert s["retention_1x"]["heads_above_0.5"] == 0 and "no head is above 0.5" in flat
+    assert s["retention_16x"]["max"] < 1e-8 and "the largest is below 1e-8" in flat
+    assert f"largest sustained growth: {s['max_sustained_norm_growth']:.2f}x" in flat
+    # every mitigation raises the loss at 64x T_train
+    assert all(c["windows"]["64x"] > none["windows"]["64x"] for k, c in r["final"].items() if k != "documents/none")
+    # the learning-rate check
+    lr = sc_summary["lr_check"]
+    assert lr["chosen"] == max(float(k) for k in lr["losses"]) == 4e-3
+    assert "validation losses " + " / ".join(f"{lr['losses'][k]:.3f}" for k in ("0.001", "0.002", "0.004")) in flat
+    # the runs that were not evaluated
+    assert "final" not in runs["47m_T8192"] and "final" not in runs["85m_T2048"]
+    assert runs["85m_T2048"]["stopped_at_deadline"] and f"step {runs['85m_T2048']['steps']:,} of 2,304" in flat
+
+
+def test_state_collapse_corpus_record(flat):
+    with open(os.path.join(SC_DIR, "corpus_manifest.json")) as f:
+        manifest = json.load(f)
+    src = manifest["source"]
+    assert src["package"] == "linux-source-6.1" and f"version {src['version']}" in flat
+    assert len(src["input_sha256"]) == 64 and "GPL-2.0" in src["license"]
+    train = manifest["splits"]["train"]
+    assert f"the first {train['tokens']:,} training tokens ({train['documents']:,} files)" in flat
+    groups = manifest["groups"]["validation"]
+    assert len(groups) == 32 and min(g["tokens"] + g["documents"] for g in groups) >= 524_288
+    assert f"({src['split']['num_heldout_units']} units of" in flat
+
+
+def test_byte_study_corpus_figures(flat):
+    """The appendix's corpus size and epochs, from the bundled corpus itself."""
+    from ssm_jax.data import load_corpus, split_documents
+
+    docs = load_corpus("shakespeare")
+    total = sum(len(d.text.encode("utf-8")) for d in docs)
+    train = sum(len(d.text.encode("utf-8")) for d in split_documents(docs, 0.1, 0)[0])
+    assert f"{total / 1e6:.2f} MB corpus" in flat and f"{train / 1e6:.2f} MB training split" in flat
+    assert f"about {600 * 65536 / train:.1f} epochs" in flat
+
+
+def test_readme_results_paragraph(sc_summary):
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = " ".join(f.read().split())
+    r = {x["name"]: x for x in sc_summary["runs"]}["47m_T1024"]
+    assert f"trained on {r['tokens'] / 1e6:.0f}M GPT-NeoX tokens" in readme
+    assert f"largest loss ratio after `T_train` {r['final']['documents/none']['max_ratio']:.2f}" in readme
+    assert f"first-token retention at `T_train` {r['final_states']['retention_1x']['max']:.3f}" in readme
+    assert f"to {262_144 // r['train_len']}x its training length on {r['final']['documents/none']['num_prompts']} held-out" \
+        in readme

@@ -1,4 +1,4 @@
-"""The passkey retrieval task (PAPER.md section 6): prompts for evaluation and examples for fine-tuning.
+"""The passkey retrieval task (arXiv 2410.07145 section 6): prompts for evaluation and examples for fine-tuning.
 
 A prompt is, one part per line (parts that would be empty are left out)::
 

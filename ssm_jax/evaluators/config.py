@@ -25,7 +25,7 @@ from typing import Any, List, Sequence
 import ml_collections
 
 from ssm_jax.evaluators.named_mitigations import MITIGATION_NAMES
-from ssm_jax.evaluators.streams import SOURCES, HeldOutData, heldout_documents
+from ssm_jax.evaluators.streams import SOURCES, HeldOutData, group_stream_tokens, heldout_documents, token_corpus
 
 __all__ = [
     "MODES", "MODEL_MODES", "DTYPES", "base_config", "parse_list", "parse_length", "parse_lengths", "parse_steps",
@@ -65,10 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Held-out documents; "" / -1: from the training config when there is one.
     c.data = ml_collections.ConfigDict(dict(corpus="", validation_fraction=-1.0, split_seed=-1, local_data_dir="",
-                                            local_name=""))
+                                            local_name="", tokens_dir=""))
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.sources = "documents"  # documents | newlines (the paper's prompt of newline characters)
+    # documents | newlines (the paper's prompt of newline characters) | shakespeare | kjv (bundled corpora)
+    c.loss.sources = "documents"
     c.loss.length = "64x"  # prompt length
     c.loss.num_prompts = 4
     c.loss.batch_size = 4  # prompts streamed together
@@ -313,10 +314,13 @@ def validate_config(config: Any) -> None:
     # data
     from ssm_jax.data import CORPUS_NAMES
 
-    if e.choice("data.corpus", ("",) + CORPUS_NAMES + ("local",)) and config.data.corpus == "local" and not (
+    if e.choice("data.corpus", ("",) + CORPUS_NAMES + ("local", "tokens")) and config.data.corpus == "local" and not (
             os.path.isdir(config.data.local_data_dir)):
         e.bad("data.local_data_dir", "must be the directory of a corpus prepared with build_local_corpus "
                                      "when data.corpus='local'")
+    if config.data.tokens_dir and not os.path.isfile(os.path.join(config.data.tokens_dir, "manifest.json")):
+        e.bad("data.tokens_dir", "must be a token corpus directory holding manifest.json (python -m "
+                                 "ssm_jax.data.linux_corpus writes one)")
     vf = config.data.validation_fraction
     if not (_is_num(vf) and (vf == -1 or 0 <= vf < 1)):
         e.bad("data.validation_fraction", "must be in [0, 1) (0: every document) or -1 (from the training config)")
@@ -355,9 +359,22 @@ def validate_for_model(config: Any, train_len: int, data: HeldOutData, tokenizer
     if data.corpus == "local" and not os.path.isdir(data.local_data_dir):  # the held-out documents
         e.bad("data.local_data_dir", "must be the directory of the local corpus the model trained on "
                                      f"(the training config names {data.local_data_dir!r})")
+    elif data.corpus == "tokens" and tokenizer is not None:
+        try:
+            longest = group_stream_tokens(token_corpus(data, tokenizer))
+        except (ValueError, OSError) as err:
+            e.bad("data.tokens_dir", f"{err}; accepted: a token corpus of the model's tokenizer with a validation split")
+        else:  # each prompt row reads one held-out group: the stream (and its next token) must fit in it
+            for mode, field in (("loss_vs_position", "loss.length"), ("states", "states.length")):
+                if mode in modes and longest is not None and (
+                        mode == "states" or "documents" in parse_list(config.loss.sources)):
+                    need = parse_length(config[field.split(".")[0]].length, train_len) + 1
+                    if need > longest:
+                        e.bad(field, f"needs {need} tokens per prompt, but the shortest held-out group of "
+                                     f"{data.tokens_dir} holds {longest}; accepted: at most {longest - 1}")
     elif data.corpus != "local" and data.corpus not in CORPUS_NAMES:
         e.bad("data.corpus", f"the training config names corpus {data.corpus!r}; accepted: "
-                             f"{', '.join(CORPUS_NAMES + ('local',))}")
+                             f"{', '.join(CORPUS_NAMES + ('local', 'tokens'))}")
     elif data.corpus != "local":
         try:
             heldout_documents(data)

@@ -7,10 +7,14 @@ prompts of ``config.loss.length`` tokens are streamed with the conv and SSM stat
 * log-spaced position buckets: the perplexity-vs-position curves (``loss_vs_position_<source>.png``);
 * fixed buckets of ``config.loss.bucket_width`` positions: the collapse verdict of
   :func:`ssm_jax.diagnostics.collapse_verdict`, and the first position above the corpus unigram loss
-  (a context-free model's loss: ``config.loss.unigram_loss``, or computed from the held-out documents).
+  (a context-free model's loss: ``config.loss.unigram_loss``, or computed per source from the text it
+  streams: the held-out documents for ``documents`` and ``newlines``, the whole corpus for ``shakespeare``
+  and ``kjv``).
 
 Writes ``loss_vs_position.json`` and ``loss_vs_position_fine.npz`` (the fixed-bucket curves per prompt,
-``<source>__<mitigation>: (prompts, buckets)``, and ``fine_width``).
+``<source>__<mitigation>: (prompts, buckets)``, and ``fine_width``). Both are rewritten after every curve,
+with ``"complete": false`` until the last: an evaluation stopped by a time limit keeps the curves it
+finished.
 """
 
 from __future__ import annotations
@@ -26,19 +30,21 @@ from ssm_jax import diagnostics
 from ssm_jax.evaluators.base import EvalModel
 from ssm_jax.evaluators.buckets import BucketedLosses, log_bucket_edges, stream_bucketed_losses
 from ssm_jax.evaluators.config import loss_bucket_width, parse_length, parse_list
-from ssm_jax.evaluators.streams import heldout_documents, make_stream
+from ssm_jax.evaluators.streams import make_stream, source_token_documents
 from ssm_jax.evaluators.summary import fmt
 from ssm_jax.io import write_json
 
 NEEDS_MODEL = True
 
 
-def corpus_unigram_loss(model: EvalModel) -> float:
-    """The loss (nats/token) of a context-free model of the held-out documents, EOS included: the entropy
-    of their unigram distribution."""
-    from ssm_jax.data import unigram_entropy_bits
+def corpus_unigram_loss(model: EvalModel, source: str = "documents") -> float:
+    """The loss (nats/token) of a context-free model of the text ``source`` streams, EOS included: the
+    entropy of its unigram distribution."""
+    from ssm_jax.data import unigram_entropy_bits_of_tokens
 
-    return unigram_entropy_bits(heldout_documents(model.data), model.loaded.tokenizer) * math.log(2.0)
+    tok = model.loaded.tokenizer
+    docs = source_token_documents(source, tok, model.data)
+    return unigram_entropy_bits_of_tokens(docs, tok.vocab_size, tok.eos_id) * math.log(2.0)
 
 
 def curve_json(b: BucketedLosses, train_len: int, *, factor: float, unigram_loss: float) -> Dict[str, Any]:
@@ -58,6 +64,11 @@ def curve_json(b: BucketedLosses, train_len: int, *, factor: float, unigram_loss
     }
 
 
+def _write(out_dir: str, result: Mapping[str, Any], fine_curves: Mapping[str, np.ndarray], width: int) -> None:
+    np.savez_compressed(os.path.join(out_dir, "loss_vs_position_fine.npz"), fine_width=width, **fine_curves)
+    write_json(os.path.join(out_dir, "loss_vs_position.json"), result)
+
+
 def run(model: Optional[EvalModel], config: Any) -> Dict[str, Any]:
     """Streams every (source, mitigation); writes the JSON, the npz and one figure per source."""
     from ssm_jax import plots
@@ -67,18 +78,19 @@ def run(model: Optional[EvalModel], config: Any) -> Dict[str, Any]:
     length, num_prompts = parse_length(lc.length, train_len), int(lc.num_prompts)
     edges = log_bucket_edges(length, int(lc.num_buckets), include=(train_len + 1,))
     width = loss_bucket_width(config, train_len)
-    unigram = float(lc.unigram_loss) or corpus_unigram_loss(model)
+    sources = parse_list(lc.sources)
+    unigram = {source: float(lc.unigram_loss) or corpus_unigram_loss(model, source) for source in sources}
     result: Dict[str, Any] = {
         "length": length, "num_prompts": num_prompts, "batch_size": int(lc.batch_size),
         "chunk_len": int(lc.chunk_len), "train_len": train_len, "bucket_edges": edges, "fine_width": width,
         "collapse_factor": float(lc.collapse_factor), "unigram_loss": unigram,
-        "unigram_loss_source": "config" if lc.unigram_loss else "held-out documents",
+        "unigram_loss_source": "config" if lc.unigram_loss else "the text each source streams",
         "position_definition": "t = tokens read before the predicted token (1 .. length)",
         "seed": int(config.seed), "model": model.describe(), "mitigations": dict(model.mitigation_params),
         "sources": {},
     }
     fine_curves: Dict[str, np.ndarray] = {}
-    for source in parse_list(lc.sources):
+    for source in sources:
         curves = {}
         for name, mitigation in model.mitigations.items():
             stream = make_stream(source, model.loaded.tokenizer, model.data, num_rows=num_prompts,
@@ -88,14 +100,15 @@ def run(model: Optional[EvalModel], config: Any) -> Dict[str, Any]:
                 batch_size=int(lc.batch_size), chunk_len=int(lc.chunk_len), mitigation=mitigation,
                 label=f"{source}/{name}",
             )
-            curves[name] = curve_json(b, train_len, factor=float(lc.collapse_factor), unigram_loss=unigram)
+            curves[name] = curve_json(b, train_len, factor=float(lc.collapse_factor), unigram_loss=unigram[source])
             fine_curves[f"{source}__{name}"] = b.fine_mean()  # (prompts, fixed buckets)
             logging.info("%s/%s: loss %.3f at T_train, %.3f at %d; collapsed=%s (%.1fs)", source, name,
                          curves[name]["loss_at_train_len"], curves[name]["loss_at_end"], length,
                          curves[name]["collapse"]["collapsed"], b.seconds)
-        result["sources"][source] = {"curves": curves}
+            result["sources"][source] = {"curves": curves, "unigram_loss": unigram[source]}
+            _write(out_dir, dict(result, complete=False), fine_curves, width)
 
-    np.savez_compressed(os.path.join(out_dir, "loss_vs_position_fine.npz"), fine_width=width, **fine_curves)
+    result["complete"] = True  # the npz already holds every curve
     files = ["loss_vs_position.json", "loss_vs_position_fine.npz"]
     for source, s in result["sources"].items():
         png = f"loss_vs_position_{source}.png"
@@ -114,7 +127,8 @@ def summarize(result: Mapping[str, Any]) -> List[str]:
     lines = [f"## Loss vs position ({result['num_prompts']} prompts of {result['length']:,} tokens)", "",
              f"Collapse rule: a loss (averaged over prompts and buckets of {result['fine_width']} positions) beyond "
              f"T_train above {result['collapse_factor']:g}x the largest within T_train, the first bucket excluded. "
-             f"Unigram loss {result['unigram_loss']:.3f} nats/token ({result['unigram_loss_source']}).", "",
+             "Unigram loss (nats/token, " + result["unigram_loss_source"] + "): " +
+             ", ".join(f"{k} {v:.3f}" for k, v in result["unigram_loss"].items()) + ".", "",
              "| source | mitigation | loss @ T_train | loss @ end | reference | max ratio after T_train | collapsed | "
              "first collapse position | first position above unigram | tok/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]

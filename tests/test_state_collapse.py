@@ -1,0 +1,112 @@
+"""The state-collapse study driver (experiments/state_collapse.py) end to end on a CPU: its tiny plan runs the
+learning-rate check, two training runs and every evaluation part as train.py / eval.py processes, on a small
+grouped NeoX token corpus made from the bundled Shakespeare plays, exactly as the study runs on a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+from ssm_jax.data import get_tokenizer, load_corpus
+from ssm_jax.data.token_shards import TokenCorpus, TokenShardWriter, write_manifest
+from ssm_jax.evaluators.streams import GroupStream
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import state_collapse  # noqa: E402
+
+
+def _grouped_corpus(directory: str) -> None:
+    """Plays 0-9 for training; two held-out groups (plays 10-11 and 12-13) streamed as one prompt each."""
+    tok = get_tokenizer("neox")
+    plays = load_corpus("shakespeare")[:14]
+    ids = [np.asarray(t, np.int64) for t in tok.encode_batch([d.text for d in plays])]
+    with TokenShardWriter(directory, "train", tokens_per_shard=40_000) as w:
+        for doc, t in zip(plays[:10], ids[:10]):
+            w.add(doc.doc_id, t)
+    train = w.close()
+    runs = []
+    with TokenShardWriter(directory, "validation") as w:
+        for g in range(2):
+            members = range(10 + 2 * g, 12 + 2 * g)
+            for i in members:
+                w.add(plays[i].doc_id, ids[i])
+            runs.append({"name": f"group{g}", "documents": 2, "tokens": int(sum(ids[i].size for i in members))})
+    validation = w.close()
+    write_manifest(directory, tokenizer={"name": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+                   token_dtype="uint16", splits={"train": train, "validation": validation},
+                   source={"what": "bundled Shakespeare plays (test)"}, groups={"validation": runs})
+
+
+def test_group_stream_reads_each_group_in_order_and_refuses_to_run_past_it():
+    rng = np.random.default_rng(0)
+    docs = [("a", [rng.integers(1, 100, 5), rng.integers(1, 100, 3)]), ("b", [rng.integers(1, 100, 7)])]
+    stream = GroupStream(docs, eos_id=0, num_rows=3)
+    a = np.concatenate([docs[0][1][0], [0], docs[0][1][1], [0]])
+    b = np.concatenate([docs[1][1][0], [0]])
+    first = stream.take([0, 1, 2], 4)
+    np.testing.assert_array_equal(first, np.stack([a[:4], b[:4], a[:4]]))  # row 2 streams group 0 again
+    np.testing.assert_array_equal(stream.take([0], 5), a[4:9][None])
+    with pytest.raises(ValueError, match="group 'b'.*holds 8"):
+        stream.take([1], 5)
+
+
+@pytest.mark.slow
+def test_the_study_driver_end_to_end(tmp_path):
+    study, root = tmp_path / "study", tmp_path / "runs"
+    for name in ("corpus", "lr_corpus"):
+        _grouped_corpus(str(study / name))
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "state_collapse.py"), "daemon", "--smoke",
+           "--study", str(study), "--root", str(root), "--budget_s", "1500", "--eval_reserve_s", "300"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1700,
+                          env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})  # one CPU device
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    status = json.load(open(root / "status.json"))
+    assert status["done"] and status["lr_check"]["chosen"] in state_collapse.SMOKE.lr_candidates
+    expected = {f"{kind}_tiny_T{t}" for t in (64, 128) for kind in ("train", "eval_final", "eval_extra", "eval_history")}
+    assert set(status["jobs"]) == expected
+    assert all(job["rc"] == 0 for job in status["jobs"].values()), status["jobs"]
+
+    run = root / "tiny_T128"
+    final = json.load(open(run / "eval_final" / "loss_vs_position.json"))
+    assert final["train_len"] == 128 and final["length"] == 1024 and final["num_prompts"] == 2
+    assert list(final["sources"]["documents"]["curves"]) == ["none", "forget_more", "dt_scale", "state_norm",
+                                                            "sliding_window"]
+    assert final["model"]["heldout"]["tokens_dir"] == str(study / "corpus")
+    extra = json.load(open(run / "eval_extra" / "loss_vs_position.json"))
+    assert list(extra["sources"]) == ["newlines", "shakespeare", "kjv"]
+    # each source's verdict is against its own text's unigram loss
+    assert len({round(v, 6) for v in extra["unigram_loss"].values()}) >= 2
+    history = json.load(open(run / "eval_history" / "index.json"))
+    assert history["steps"] == state_collapse.saved_steps(str(run))[:-1]
+    assert os.path.isfile(run / "eval_final" / "states.json")
+
+    archive = tmp_path / "results.tar.gz"
+    assert state_collapse.pack(str(root), str(archive)) > 0
+    names = tarfile.open(archive).getnames()
+    assert "runs/tiny_T128/eval_final/loss_vs_position_fine.npz" in names
+    assert not any("/checkpoints/" in n or "jax_cache" in n for n in names)
+
+
+def test_a_prompt_longer_than_the_held_out_groups_is_refused_before_loading(tmp_path):
+    import importlib.util
+
+    from ssm_jax.evaluators.config import validate_for_model
+    from ssm_jax.evaluators.streams import HeldOutData
+
+    _grouped_corpus(str(tmp_path / "corpus"))
+    shortest = min(r["tokens"] + r["documents"] for r in TokenCorpus(tmp_path / "corpus").manifest["groups"]["validation"])
+    spec = importlib.util.spec_from_file_location("study_eval", state_collapse.EVAL_CONFIG)
+    study_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study_eval)
+    config = study_eval.get_config("64,final")
+    config.loss.length = str(shortest)  # one token too many: the last prompt token needs a successor
+    data = HeldOutData(corpus="tokens", tokens_dir=str(tmp_path / "corpus"))
+    with pytest.raises(ValueError, match=rf"config.loss.length=.*needs {shortest + 1} tokens.*at most {shortest - 1}"):
+        validate_for_model(config, 64, data, get_tokenizer("neox"))
