@@ -276,7 +276,7 @@ def bench_fit(args, counts):
         trials = []
         deadline = time.perf_counter() + args.fit_budget_s
 
-        def fits(length: int) -> bool:
+        def fits(length: int, trainer: Trainer = trainer, step=step) -> bool:  # bound now: both are freed below
             t0 = time.perf_counter()
             record = dict(global_len=length)
             try:
@@ -328,7 +328,7 @@ def bench_fit(args, counts):
                    tokens_per_device=None if lo is None else lo // n)
         print(json.dumps({k: v for k, v in row.items() if k != "trials"}), flush=True)
         rows.append(row)
-        del trainer, step
+        del trainer, step, fits  # before the next size's model is built
     return rows
 
 

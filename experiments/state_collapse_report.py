@@ -20,7 +20,7 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 

@@ -384,7 +384,7 @@ def _chunked_windowed_output(x, dt_in, log_a, B, C, initial_state, doc, q, windo
     (``t``'s in-chunk prefix, whole chunks in between, ``s``'s in-chunk suffix), never a difference.
     """
     b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
+    g = B.shape[2]
     k = h // g
     acc = accumulation_dtype(x.dtype)
     prec = matmul_precision(acc)
