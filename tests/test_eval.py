@@ -648,3 +648,40 @@ def test_stream_benchmark_tiny(tmp_path):
     for r in data["results"]:
         assert r["tokens_streamed"] == 3000 and r["seconds"] > 0 and not r["extrapolated"]
         assert 0 < r["mean_loss"] < 2 * np.log(257)
+
+
+def test_windowed_curves_stream_fewer_rows_where_the_band_is_large():
+    from ssm_jax.evaluators.loss_vs_position import WINDOW_BAND_BYTES, windowed_rows_per_call
+
+    assert windowed_rows_per_call(16, 2048, None, 16) == 16  # no window: the configured batch
+    assert windowed_rows_per_call(16, 2048, 1024, 16) == 16  # T_train 1,024: 0.2 GB a row, all fit
+    # T_train 8,192 (the study's 72 GiB failure): one row at a time, under the budget
+    rows = windowed_rows_per_call(16, 2048, 8192, 16)
+    assert rows == 1 and 4 * (2048 + 8192) * 8192 * 16 * rows <= WINDOW_BAND_BYTES
+    assert windowed_rows_per_call(16, 2048, 4096, 16) == 5  # 1.5 GiB a row
+    assert windowed_rows_per_call(2, 1 << 20, 1 << 20, 64) == 1  # never zero rows
+
+
+def test_a_stopped_loss_evaluation_keeps_its_finished_curves(tiny_model, tmp_path, monkeypatch):
+    """The JSON and npz are rewritten after every curve: a stop during the second curve leaves the first."""
+    from ssm_jax.evaluators import loss_vs_position
+
+    real, calls = loss_vs_position.stream_bucketed_losses, []
+
+    def stop_on_the_second(*args, **kwargs):
+        calls.append(kwargs["label"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("stopped at the deadline")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loss_vs_position, "stream_bucketed_losses", stop_on_the_second)
+    config = eval_config.base_config()
+    config.output_dir = str(tmp_path)
+    config.loss.update(length="4x", num_prompts=2, batch_size=2, chunk_len=64, num_buckets=8, sources="documents")
+    model = eval_model(tiny_model, "byte", 64, {"none": None, "forget_more": M.forget_more()})
+    with pytest.raises(KeyboardInterrupt):
+        loss_vs_position.run(model, config)
+    assert calls == ["documents/none", "documents/forget_more"]
+    partial = json.load(open(tmp_path / "loss_vs_position.json"))
+    assert partial["complete"] is False and list(partial["sources"]["documents"]["curves"]) == ["none"]
+    assert list(np.load(tmp_path / "loss_vs_position_fine.npz")) == ["fine_width", "documents__none"]

@@ -35,6 +35,19 @@ from ssm_jax.evaluators.summary import fmt
 from ssm_jax.io import write_json
 
 NEEDS_MODEL = True
+# A sliding window is computed as a band of (streamed tokens + window) x window terms per row and head, in
+# float32 (ssm_jax.ssd): at T_train 8,192, 16 rows of 2,048-token chunks asked for 72 GiB. Windowed curves
+# stream fewer rows at a time to stay under this many bytes of band terms per call (the rows are independent,
+# so the result is the same).
+WINDOW_BAND_BYTES = 8 * 2**30
+
+
+def windowed_rows_per_call(batch_size: int, chunk_len: int, window: Optional[int], num_heads: int) -> int:
+    """The prompts streamed together for a curve whose mitigation keeps a ``window`` (None: ``batch_size``)."""
+    if window is None:
+        return batch_size
+    per_row = 4 * (chunk_len + window) * window * num_heads  # bytes of the band terms of one row
+    return max(1, min(batch_size, WINDOW_BAND_BYTES // per_row))
 
 
 def corpus_unigram_loss(model: EvalModel, source: str = "documents") -> float:
@@ -97,7 +110,9 @@ def run(model: Optional[EvalModel], config: Any) -> Dict[str, Any]:
                                  seed=int(config.seed))  # the same prompts for every mitigation
             b = stream_bucketed_losses(
                 model.loaded.model, stream, length, num_prompts=num_prompts, log_edges=edges, fine_width=width,
-                batch_size=int(lc.batch_size), chunk_len=int(lc.chunk_len), mitigation=mitigation,
+                batch_size=windowed_rows_per_call(int(lc.batch_size), int(lc.chunk_len),
+                                                  getattr(mitigation, "window", None), model.loaded.config.nheads),
+                chunk_len=int(lc.chunk_len), mitigation=mitigation,
                 label=f"{source}/{name}",
             )
             curves[name] = curve_json(b, train_len, factor=float(lc.collapse_factor), unigram_loss=unigram[source])
