@@ -55,7 +55,7 @@ class Plan:
 STUDY = Plan(runs=(("47m", 1024), ("47m", 8192), ("85m", 2048)), lr_candidates=(1e-3, 2e-3, 4e-3),
              lr_check_steps=160, lr_check_warmup=40)
 # The same driver end to end on a CPU in a minute or two (tests/test_state_collapse.py).
-SMOKE = Plan(runs=(("tiny", 64), ("tiny", 128)), lr_candidates=(1e-3, 3e-3), lr_check_steps=4, lr_check_warmup=2,
+SMOKE = Plan(runs=(("tiny", 128),), lr_candidates=(1e-3, 3e-3), lr_check_steps=4, lr_check_warmup=2,
              train_overrides=("--config.train.num_steps=9", "--config.train.batch_size=4",
                               "--config.checkpoint.every_steps=3", "--config.eval.every_steps=3",
                               "--config.eval.batch_size=2", "--config.eval.num_batches=2",
