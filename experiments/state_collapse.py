@@ -50,8 +50,8 @@ class Plan:
     eval_variant: str = ""  # appended to the eval config's argument ("smoke": tiny lengths)
 
 
-# The study: the pair that brackets the 47m model's predicted T_forget (3.7K tokens by the paper's fit),
-# then the 85m model below its predicted T_forget (7.7K).
+# The study: the pair that brackets the 47m model's predicted T_forget (3.9K tokens by the paper's fit, which
+# counts the conv state: experiments/state_collapse_report.py), then the 85m model below its prediction (8.1K).
 STUDY = Plan(runs=(("47m", 1024), ("47m", 8192), ("85m", 2048)), lr_candidates=(1e-3, 2e-3, 4e-3),
              lr_check_steps=160, lr_check_warmup=40)
 # The same driver end to end on a CPU in a minute or two (tests/test_state_collapse.py).
