@@ -66,9 +66,15 @@ def train_losses(workdir: str) -> Dict[int, float]:
     return losses
 
 
-def validation_losses(workdir: str) -> List[float]:
+def validation_losses(workdir: str) -> Dict[int, float]:
+    """Validation loss per step; a step evaluated twice keeps the last. A run killed while its last
+    asynchronous save finalises may already have logged its final validation; the resumed run logs it again."""
+    losses = {}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [r["loss"] for r in map(json.loads, f) if r["split"] == "validation"]
+        for record in map(json.loads, f):
+            if record["split"] == "validation":
+                losses[record["step"]] = record["loss"]
+    return losses
 
 
 _CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
