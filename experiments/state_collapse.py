@@ -3,11 +3,13 @@
     # 1. here: the part of the Linux-kernel token corpus the study reads, packed for a remote GPU machine
     python -m ssm_jax.data.linux_corpus --download --out data/linux-6.1
     python experiments/state_collapse.py prepare --corpus data/linux-6.1 --out .study
-    # 2. on the GPU machine (after unpacking .study/part*.tar.xz there): learning-rate check, then the runs
-    #    in priority order, each evaluated as soon as it ends, all within --budget_s
+    # 2. on the GPU machine (after unpacking .study/part*.tar.xz there): the learning-rate check (unless the
+    #    plan fixes the rate), then the runs in priority order, each checkpoint evaluated as it appears and
+    #    the last as the run ends (the mitigations on the runs that collapse), all within --budget_s
     python experiments/state_collapse.py daemon --study .study --root runs/state_collapse --budget_s 1200
     python experiments/state_collapse.py pack --root runs/state_collapse --out results.tar.gz
-    # 3. here: the committed raw data (per-position losses, compressed), summary JSON, figures and tables
+    # 3. here: the committed raw data (per-position losses, compressed), summary JSON, figures and tables;
+    #    gathering a later session's root adds its runs to those already there
     python experiments/state_collapse.py gather --root runs/state_collapse --corpus .study/corpus \
         --out docs/results/state_collapse
     python experiments/state_collapse.py report --results docs/results/state_collapse
@@ -39,28 +41,32 @@ EVAL_CONFIG = os.path.join(ROOT, "configs", "proj", "state_collapse", "eval.py")
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What the daemon runs: training runs in priority order and the learning-rate check (short
-    warmup-stable-decay runs of the first run's model and length at each candidate peak rate)."""
+    """What the daemon runs: training runs ``(size, T_train, optimizer steps)`` in priority order, and the peak
+    learning rate: ``lr`` when given, else the winner of a check (short warmup-stable-decay runs of the first
+    run's model and length at each candidate)."""
 
-    runs: Tuple[Tuple[str, int], ...]
-    lr_candidates: Tuple[float, ...]
-    lr_check_steps: int
-    lr_check_warmup: int
+    runs: Tuple[Tuple[str, int, int], ...]
+    lr: Optional[float] = None
+    lr_candidates: Tuple[float, ...] = ()
+    lr_check_steps: int = 0
+    lr_check_warmup: int = 0
     train_overrides: Tuple[str, ...] = ()  # extra train.py flags of every run
     eval_variant: str = ""  # appended to the eval config's argument ("smoke": tiny lengths)
+    mitigate_all: bool = False  # evaluate the mitigations on every run, not only on the runs that collapse
 
 
-# The study: the pair that brackets the 47m model's predicted T_forget (3.9K tokens by the paper's fit, which
-# counts the conv state: experiments/state_collapse_report.py), then the 85m model below its prediction (8.1K).
-STUDY = Plan(runs=(("47m", 1024), ("47m", 8192), ("85m", 2048)), lr_candidates=(1e-3, 2e-3, 4e-3),
-             lr_check_steps=160, lr_check_warmup=40)
-# The same driver end to end on a CPU in a minute or two (tests/test_state_collapse.py).
-SMOKE = Plan(runs=(("tiny", 128),), lr_candidates=(1e-3, 3e-3), lr_check_steps=4, lr_check_warmup=2,
-             train_overrides=("--config.train.num_steps=9", "--config.train.batch_size=4",
-                              "--config.checkpoint.every_steps=3", "--config.eval.every_steps=3",
-                              "--config.eval.batch_size=2", "--config.eval.num_batches=2",
-                              "--config.optim.warmup_steps=2"),
-             eval_variant="smoke")
+# The study. The first GPU session checked the peak rate (1e-3 / 2e-3 / 4e-3 at 47m, T_train 1,024, 160 steps:
+# 4e-3 won; docs/results/state_collapse/lr_check) and trained 47m at T_train 1,024, which did not collapse.
+# This plan brackets the 47m model's predicted T_forget (about 4,000 tokens by the paper's fit with the conv state
+# counted: experiments/state_collapse_report.py) from both sides: T_train 256 (a sixteenth of it, trained the
+# longest: 189M tokens in 2,880 steps) and 4,096.
+STUDY = Plan(runs=(("47m", 256, 2880), ("47m", 4096, 2304)), lr=4e-3)
+# The same driver end to end on a CPU in a few minutes (tests/test_state_collapse.py).
+SMOKE = Plan(runs=(("tiny", 128, 16),), lr_candidates=(1e-3, 3e-3), lr_check_steps=8, lr_check_warmup=2,
+             train_overrides=("--config.train.batch_size=4", "--config.checkpoint.every_steps=8",
+                              "--config.eval.every_steps=8", "--config.eval.batch_size=2",
+                              "--config.eval.num_batches=2", "--config.optim.warmup_steps=2"),
+             eval_variant="smoke", mitigate_all=True)
 
 # Data the study needs: training tokens (a little more than NUM_STEPS x TOKENS_PER_STEP, so one epoch
 # covers every step), held-out prompts (32 held-out directories streamed to 512K tokens: 64 x the longest
@@ -142,6 +148,8 @@ class Job:
     rc: Optional[int] = None
     stopped_at_deadline: bool = False
     priority: int = 0  # among queued jobs of a kind, the lowest starts first
+    train_len: int = 0
+    num_steps: int = 0  # of a training job: its planned optimizer steps
 
     def state(self) -> str:
         if self.proc is None:
@@ -149,26 +157,34 @@ class Job:
         return "running" if self.proc.poll() is None else "done"
 
 
-def train_argv(size: str, train_len: int, workdir: str, tokens_dir: str, lr: float,
+def train_argv(size: str, train_len: int, num_steps: int, workdir: str, tokens_dir: str, lr: float,
                extra: Sequence[str] = ()) -> List[str]:
-    return [sys.executable, os.path.join(ROOT, "train.py"), f"--config={TRAIN_CONFIG}:{size},{train_len}",
+    return [sys.executable, os.path.join(ROOT, "train.py"), f"--config={TRAIN_CONFIG}:{size},{train_len},{num_steps}",
             f"--workdir={workdir}", f"--config.data.tokens_dir={tokens_dir}", f"--config.optim.lr={lr}", *extra]
 
 
-EVAL_PARTS = ("final", "extra", "history")  # in priority order: the final checkpoint carries the verdict
+# Evaluation parts (configs/proj/state_collapse/eval.py) in priority order: the final checkpoint carries the
+# verdict, the mitigations follow a collapse, the earlier checkpoints show the trend, other text last.
+EVAL_PARTS = ("final", "mitigations", "history", "extra")
 
 
-def eval_argv(train_len: int, workdir: str, tokens_dir: str, part: str, *, steps: Sequence[int] = (),
+def eval_argv(train_len: int, workdir: str, tokens_dir: str, part: str, *, step: Optional[int] = None,
               variant: str = "") -> List[str]:
-    """The evaluation ``part`` (configs/proj/state_collapse/eval.py) of a finished run into
-    ``<workdir>/eval_<part>``; ``steps`` are the checkpoints of the ``history`` part."""
+    """The evaluation ``part`` of a run into ``<workdir>/eval_<part>``: its latest checkpoint, or checkpoint
+    ``step`` into ``<workdir>/eval_<part>/step_<step>`` (the history part)."""
     arg = f"{train_len},{part}" + (f",{variant}" if variant else "")
+    out = os.path.join(workdir, "eval_" + part)
     argv = [sys.executable, os.path.join(ROOT, "eval.py"), f"--config={EVAL_CONFIG}:{arg}",
-            f"--config.checkpoint={workdir}", f"--config.data.tokens_dir={tokens_dir}",
-            f"--config.output_dir={os.path.join(workdir, 'eval_' + part)}"]
-    if steps:
-        argv.append(f"--config.steps={','.join(str(s) for s in steps)}")
-    return argv
+            f"--config.checkpoint={workdir}", f"--config.data.tokens_dir={tokens_dir}"]
+    if step is not None:
+        return argv + [f"--config.output_dir={os.path.join(out, f'step_{step}')}", f"--config.steps={step}"]
+    return argv + [f"--config.output_dir={out}"]
+
+
+def collapsed(eval_dir: str) -> bool:
+    """Whether the unmitigated held-out curve of a finished evaluation collapsed (the evaluator's verdict)."""
+    with open(os.path.join(eval_dir, "loss_vs_position.json")) as f:
+        return bool(json.load(f)["sources"]["documents"]["curves"]["none"]["collapse"]["collapsed"])
 
 
 def saved_steps(workdir: str) -> List[int]:
@@ -310,29 +326,39 @@ def choose_lr(workdirs: Dict[float, str]) -> Dict[str, Any]:
     return {"chosen": min(finite, key=finite.get), "losses": {str(k): v for k, v in losses.items()}}
 
 
-def daemon(study: str, root: str, *, budget_s: float, eval_reserve_s: float, parallel: int,
-           wait_for_corpus_s: float, plan: Plan = STUDY) -> None:
-    """The whole GPU side of the study (see the module docstring)."""
-    os.makedirs(root, exist_ok=True)
-    sched = Scheduler(root, parallel=parallel, train_deadline=time.time() + budget_s - eval_reserve_s,
-                      final_deadline=time.time() + budget_s)
+def _check_lr(study: str, root: str, plan: Plan, sched: "Scheduler") -> float:
+    """Runs the learning-rate check (every candidate at once) and records it in ``sched.notes``."""
+    size, train_len, _ = plan.runs[0]
     lr_dir = os.path.join(study, "lr_corpus")
-    size, train_len = plan.runs[0]
     lr_runs = {lr: os.path.join(root, "lr_check", f"lr{lr:g}") for lr in plan.lr_candidates}
-    short = [*plan.train_overrides, f"--config.train.num_steps={plan.lr_check_steps}",
-             f"--config.optim.warmup_steps={plan.lr_check_warmup}",
+    short = [*plan.train_overrides, f"--config.optim.warmup_steps={plan.lr_check_warmup}",
              f"--config.checkpoint.every_steps={plan.lr_check_steps}", f"--config.eval.every_steps={plan.lr_check_steps}"]
-    lr_share = f"{0.95 / len(plan.lr_candidates):.2f}"  # every candidate at once
+    lr_share = f"{0.95 / len(plan.lr_candidates):.2f}"
     lr_sched = Scheduler(root, parallel=len(plan.lr_candidates), train_deadline=sched.train_deadline,
                          final_deadline=sched.final_deadline, memory_fraction={"train": lr_share, "eval": lr_share})
     for lr, workdir in lr_runs.items():
-        lr_sched.add(Job(f"lr_check_{lr:g}", "train", train_argv(size, train_len, workdir, lr_dir, lr, short), workdir))
+        lr_sched.add(Job(f"lr_check_{lr:g}", "train",
+                         train_argv(size, train_len, plan.lr_check_steps, workdir, lr_dir, lr, short), workdir))
     lr_sched.run_until_idle()
     choice = choose_lr(lr_runs)
     sched.notes["lr_check"] = {**choice, "size": size, "train_len": train_len, "steps": plan.lr_check_steps,
                                "jobs": {j.name: {"rc": j.rc, "seconds": (j.ended or 0) - (j.started or 0)}
                                         for j in lr_sched.jobs}}
     sched.log(f"learning-rate check: {choice}")
+    return choice["chosen"]
+
+
+def daemon(study: str, root: str, *, budget_s: float, eval_reserve_s: float, parallel: int,
+           wait_for_corpus_s: float, plan: Plan = STUDY) -> None:
+    """The whole GPU side of the study (see the module docstring)."""
+    os.makedirs(root, exist_ok=True)
+    sched = Scheduler(root, parallel=parallel, train_deadline=time.time() + budget_s - eval_reserve_s,
+                      final_deadline=time.time() + budget_s)
+    if plan.lr is not None:
+        lr = plan.lr
+        sched.notes["lr"] = {"chosen": lr, "checked": False}
+    else:
+        lr = _check_lr(study, root, plan, sched)
 
     corpus_dir = os.path.join(study, "corpus")
     waited = time.time()
@@ -340,31 +366,46 @@ def daemon(study: str, root: str, *, budget_s: float, eval_reserve_s: float, par
         if time.time() - waited > wait_for_corpus_s:
             raise RuntimeError(f"{corpus_dir}/manifest.json did not arrive within {wait_for_corpus_s:.0f}s")
         time.sleep(2)
-    for size, train_len in plan.runs:
+    trains = []
+    for size, train_len, num_steps in plan.runs:
         workdir = os.path.join(root, run_name(size, train_len))
-        sched.add(Job(f"train_{run_name(size, train_len)}", "train",
-                      train_argv(size, train_len, workdir, corpus_dir, choice["chosen"], plan.train_overrides), workdir))
-    evaluated = set()
+        trains.append(sched.add(Job(f"train_{run_name(size, train_len)}", "train",
+                                    train_argv(size, train_len, num_steps, workdir, corpus_dir, lr, plan.train_overrides),
+                                    workdir, train_len=train_len, num_steps=num_steps)))
+    queued = set()
+
+    def evaluate(train: Job, part: str, step: Optional[int] = None) -> None:
+        name = train.name.replace("train_", f"eval_{part}_") + ("" if step is None else f"_step{step}")
+        if name not in queued:
+            queued.add(name)
+            sched.add(Job(name, "eval", eval_argv(train.train_len, train.workdir, corpus_dir, part, step=step,
+                                                  variant=plan.eval_variant),
+                          train.workdir, priority=EVAL_PARTS.index(part)))
+
     while True:
         busy = sched.step()
-        for job in list(sched.jobs):
-            if job.kind == "train" and job.rc is not None and job.name not in evaluated:
-                evaluated.add(job.name)
-                train_len = int(job.name.rsplit("_T", 1)[1])
-                steps = saved_steps(job.workdir)
-                if not steps:
-                    sched.log(f"{job.name}: no checkpoint to evaluate")
-                    continue
-                for part in EVAL_PARTS:
-                    history = steps[:-1]  # the latest is the final part's
-                    if part == "history" and not history:
-                        continue
-                    sched.add(Job(job.name.replace("train_", f"eval_{part}_"), "eval",
-                                  eval_argv(train_len, job.workdir, corpus_dir, part,
-                                            steps=history if part == "history" else (), variant=plan.eval_variant),
-                                  job.workdir, priority=EVAL_PARTS.index(part)))
-                busy = True
-        if not busy:
+        for train in trains:
+            steps = saved_steps(train.workdir)
+            if train.rc is None:  # still training: evaluate its checkpoints as they appear
+                for step in steps:
+                    if step < train.num_steps:
+                        evaluate(train, "history", step)
+                continue
+            if not steps:
+                if train.name not in queued:
+                    queued.add(train.name)
+                    sched.log(f"{train.name}: no checkpoint to evaluate")
+                continue
+            for step in steps[:-1]:  # the latest is the final part's
+                evaluate(train, "history", step)
+            evaluate(train, "final")
+            evaluate(train, "extra")
+            final = next(j for j in sched.jobs if j.name == train.name.replace("train_", "eval_final_"))
+            if final.rc == 0 and (plan.mitigate_all or collapsed(os.path.join(train.workdir, "eval_final"))):
+                evaluate(train, "mitigations")
+            elif final.rc is None:
+                busy = True  # the mitigations wait for the verdict
+        if not (busy or any(j.rc is None for j in sched.jobs)):
             break
         time.sleep(3)
     sched.notes["done"] = True

@@ -2,9 +2,11 @@
 # The state-collapse study on a remote GPU machine, one step per call of the machine (each call is at most
 # 10 minutes; the machine and its files persist between back-to-back calls):
 #
-#   start PART_DIR BUDGET_S   install the carried wheels (.whl/), unpack PART_DIR/part*.tar.xz into .study/,
+#   start PART_DIR BUDGET_S [EVAL_RESERVE_S]
+#                             install the carried wheels (.whl/), unpack PART_DIR/part*.tar.xz into .study/,
 #                             check the GPU stack, start `experiments/state_collapse.py daemon` in its own
-#                             session (it outlives the call) with BUDGET_S seconds for everything
+#                             session (it outlives the call) with BUDGET_S seconds for everything, training
+#                             stopped EVAL_RESERVE_S (default 150) before the end
 #   part PART_DIR [WHEELS]    unpack more parts (the daemon waits for the study corpus's manifest), and install
 #                             more carried wheels (the evaluations of later jobs import them)
 #   poll SECONDS              wait, then pack the results into $OUT/results.tar.gz and print the status
@@ -29,6 +31,7 @@ case "${1:-}" in
     python3 -c "import jax, flax, optax, orbax.checkpoint, grain, ml_collections; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'grain', grain.__version__)"
     mkdir -p "$root"
     setsid nohup python3 experiments/state_collapse.py daemon --study .study --root "$root" --budget_s "$3" \
+      --eval_reserve_s "${4:-150}" \
       > "$root/daemon.log" 2>&1 < /dev/null &
     sleep 20
     tail -n 20 "$root/daemon.log"
@@ -48,7 +51,7 @@ case "${1:-}" in
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
     ;;
   *)
-    echo "usage: $0 start PART_DIR BUDGET_S | part PART_DIR [WHEELS] | poll SECONDS" >&2
+    echo "usage: $0 start PART_DIR BUDGET_S [EVAL_RESERVE_S] | part PART_DIR [WHEELS] | poll SECONDS" >&2
     exit 2
     ;;
 esac

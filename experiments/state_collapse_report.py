@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import importlib.util
 import json
 import os
 import re
@@ -24,32 +25,35 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from ssm_jax import diagnostics
+from ssm_jax import capacity, diagnostics
+from ssm_jax.model import Mamba2Config
+from ssm_jax.train_config import model_config_from
 
-# The paper's T_forget points (N_S in millions of state elements, T_forget in tokens; arXiv 2410.07145,
-# section 5) and its linear fit T_forget = 5.172 N_S - 4.469 (thousands of tokens).
-PAPER_POINTS = ((0.8, 1024), (1.6, 2048), (2.4, 8192), (4.8, 16384), (12.9, 65536))
-PAPER_FIT = (5.172, -4.469)
 WINDOW_MULTIPLES = (1, 8, 32, 64)  # loss windows (k T/2, k T] quoted per mitigation
-MODEL_SHAPES = {"47m": dict(n_layer=12, d_model=512), "85m": dict(n_layer=12, d_model=768),
-                "tiny": dict(n_layer=2, d_model=64)}
-HEADDIM, D_STATE, EXPAND, D_CONV, N_GROUPS = 64, 128, 2, 4, 1
 RUN_NAME = re.compile(r"^(?P<size>[a-z0-9]+)_T(?P<train_len>\d+)$")
+TRAIN_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "configs", "proj", "state_collapse", "train.py")
+
+
+def model_config(size: str) -> Mamba2Config:
+    """The model of a study size, from the study's training config."""
+    spec = importlib.util.spec_from_file_location("state_collapse_train_config", TRAIN_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return model_config_from(module.get_config(f"{size},1024").model)
 
 
 def state_size(size: str, with_conv: bool = False) -> int:
-    """N_S: layers x heads x headdim x d_state (the paper's count adds the conv state,
-    layers x (d_conv - 1) x (d_inner + 2 groups d_state))."""
-    shape = MODEL_SHAPES[size]
-    d_inner = EXPAND * shape["d_model"]
-    ssm = shape["n_layer"] * (d_inner // HEADDIM) * HEADDIM * D_STATE
-    conv = shape["n_layer"] * (D_CONV - 1) * (d_inner + 2 * N_GROUPS * D_STATE)
-    return ssm + conv if with_conv else ssm
+    """N_S: layers x heads x headdim x d_state; the paper's count adds the conv state,
+    layers x (d_conv - 1) x conv channels."""
+    cfg = model_config(size)
+    conv = cfg.n_layer * (cfg.d_conv - 1) * cfg.conv_dim
+    return cfg.state_size + conv if with_conv else cfg.state_size
 
 
 def paper_t_forget(n_s: int) -> float:
-    """The paper's linear fit, in tokens."""
-    return (PAPER_FIT[0] * n_s / 1e6 + PAPER_FIT[1]) * 1000.0
+    """The paper's linear fit (:func:`ssm_jax.capacity.paper_t_forget`), in tokens."""
+    return float(capacity.paper_t_forget(n_s / 1e6)) * capacity.TOKENS_PER_K
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,6 +61,9 @@ def paper_t_forget(n_s: int) -> float:
 # --------------------------------------------------------------------------------------------------
 
 RAW_FILES = ("loss_vs_position.json", "loss_vs_position_fine.npz", "states.json", "index.json")
+# Per-position state-norm traces (layers x heads x positions): kept for the final checkpoint's evaluation,
+# dropped from the earlier checkpoints' (whose per-head retention and norm growth the history table reads)
+STATE_TRACES = ("norm", "max_abs", "conv_norm")
 
 
 def _copy(src: str, dst: str) -> None:
@@ -69,17 +76,44 @@ def _copy(src: str, dst: str) -> None:
         shutil.copyfile(src, dst)
 
 
+def _copy_without_traces(src: str, dst: str) -> None:
+    """A states.json without its per-position traces (:data:`STATE_TRACES`), which it names instead."""
+    from ssm_jax.io import write_json
+
+    states = read_json(src)
+    for key in STATE_TRACES:
+        states.pop(key, None)
+    write_json(dst, {**states, "traces_dropped": list(STATE_TRACES)})
+
+
+def _merged_status(new: str, old: str) -> Dict[str, Any]:
+    """The daemon's ``status.json`` at ``new`` merged into the one already gathered at ``old`` (the study spans
+    GPU sessions, one daemon each): every session's jobs, the later session's entry where both ran one; the
+    notes of both (the learning-rate check of the session that ran it)."""
+    status = read_json(new)
+    if not os.path.isfile(old):
+        return status
+    merged = read_json(old)
+    sessions = merged.pop("sessions", [{"elapsed_s": merged.pop("elapsed_s", None)}])
+    merged.pop("done", None)
+    sessions.append({"elapsed_s": status.pop("elapsed_s", None), "done": status.pop("done", False)})
+    jobs = {**merged.pop("jobs", {}), **status.pop("jobs")}
+    return {**merged, **status, "jobs": jobs, "sessions": sessions}
+
+
 def gather(root: str, out: str, corpus: Optional[str] = None) -> List[str]:
     """Copies the raw outputs of every run under ``root`` into ``out`` (see the module docstring), and the
     manifest of the study's ``corpus`` (package, version, sha256, filters, token counts, held-out groups)
-    as ``corpus_manifest.json``."""
+    as ``corpus_manifest.json``. Gathering a later session's root adds to what is there."""
     copied = []
     if corpus:
         _copy(os.path.join(corpus, "manifest.json"), os.path.join(out, "corpus_manifest.json"))
         copied.append("corpus_manifest.json")
-    for name in ("status.json",):
-        _copy(os.path.join(root, name), os.path.join(out, name))
-        copied.append(name)
+    status = _merged_status(os.path.join(root, "status.json"), os.path.join(out, "status.json"))
+    from ssm_jax.io import write_json
+
+    write_json(os.path.join(out, "status.json"), status)
+    copied.append("status.json")
     for lr_dir in sorted(glob.glob(os.path.join(root, "lr_check", "lr*"))):
         rel = os.path.relpath(os.path.join(lr_dir, "metrics.jsonl"), root)
         if os.path.isfile(os.path.join(root, rel)):
@@ -94,7 +128,10 @@ def gather(root: str, out: str, corpus: Optional[str] = None) -> List[str]:
             for f in filenames:
                 if f in RAW_FILES or (f == "metrics.jsonl" and dirpath == run_dir):
                     rel = os.path.relpath(os.path.join(dirpath, f), root)
-                    _copy(os.path.join(root, rel), os.path.join(out, rel))
+                    if f == "states.json" and os.path.basename(os.path.dirname(dirpath)) == "eval_history":
+                        _copy_without_traces(os.path.join(root, rel), os.path.join(out, rel))
+                    else:
+                        _copy(os.path.join(root, rel), os.path.join(out, rel))
                     copied.append(rel)
     return copied
 
@@ -158,6 +195,16 @@ def curves_of(eval_dir: str) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def final_curves(run_dir: str) -> Dict[str, Dict[str, Any]]:
+    """The latest checkpoint's curves: unmitigated (``eval_final``) and, where they ran, the mitigations
+    (``eval_mitigations``, the same prompts)."""
+    curves = curves_of(os.path.join(run_dir, "eval_final"))
+    mitigations = os.path.join(run_dir, "eval_mitigations")
+    if _exists(os.path.join(mitigations, "loss_vs_position.json")):
+        curves.update(curves_of(mitigations))
+    return curves
+
+
 def _retention(states: Mapping[str, Any]) -> Dict[str, Any]:
     out = {"max_sustained_norm_growth": float(states["max_sustained_norm_growth"]),
            "conv_norm_growth": float(states["conv_norm_growth"])}
@@ -201,26 +248,20 @@ def summarize_run(run_dir: str, status: Mapping[str, Any]) -> Dict[str, Any]:
     }
     final = os.path.join(run_dir, "eval_final")
     if _exists(os.path.join(final, "loss_vs_position.json")):
-        run["final"] = {k: _lean(c) for k, c in curves_of(final).items()}
+        run["final"] = {k: _lean(c) for k, c in final_curves(run_dir).items()}
         run["final_step"] = read_json(os.path.join(final, "loss_vs_position.json"))["model"].get("step")
     if _exists(os.path.join(final, "states.json")):
         run["final_states"] = _retention(read_json(os.path.join(final, "states.json")))
     extra = os.path.join(run_dir, "eval_extra")
     if _exists(os.path.join(extra, "loss_vs_position.json")):
         run["extra"] = {k: _lean(c) for k, c in curves_of(extra).items()}
-    history = os.path.join(run_dir, "eval_history")
     steps = []
-    if _exists(os.path.join(history, "index.json")):
-        dirs = [(e["step"], os.path.join(history, e["output_dir"])) for e in read_json(os.path.join(history, "index.json"))["runs"]]
-    elif _exists(os.path.join(history, "loss_vs_position.json")):
-        dirs = [(read_json(os.path.join(history, "loss_vs_position.json"))["model"]["step"], history)]
-    else:
-        dirs = []
+    dirs = [(read_json(os.path.join(d, "loss_vs_position.json"))["model"]["step"], d)
+            for d in glob.glob(os.path.join(run_dir, "eval_history", "step_*"))
+            if _exists(os.path.join(d, "loss_vs_position.json"))]  # an evaluation stopped early wrote nothing
     if "final" in run:
         dirs.append((run["final_step"], final))
     for step, d in sorted(dirs, key=lambda x: x[0]):
-        if not _exists(os.path.join(d, "loss_vs_position.json")):
-            continue  # an evaluation stopped before it wrote
         entry = {"step": int(step), "documents/none": _lean(curves_of(d)["documents/none"])}
         if _exists(os.path.join(d, "states.json")):
             entry["states"] = _retention(read_json(os.path.join(d, "states.json")))
@@ -247,7 +288,7 @@ def summarize(results: str) -> Dict[str, Any]:
             "shortest_not_collapsed": min(fine) if fine else None,
         }
     return {"runs": runs, "lr_check": status.get("lr_check"), "t_forget": brackets,
-            "daemon_elapsed_s": status.get("elapsed_s")}
+            "daemon_elapsed_s": [x["elapsed_s"] for x in status.get("sessions", [status])]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,11 +355,14 @@ def report_tables(summary: Mapping[str, Any]) -> Dict[str, str]:
                          f"{_f(c['first_position_above_unigram'])} |")
     t["sc_sources"] = "\n".join(lines)
 
-    lines = ["| size | N_S (SSM) | N_S (with conv) | paper's fit: T_forget | longest T_train that collapsed | "
-             "shortest T_train that did not |", "|---|---|---|---|---|---|"]
+    lines = ["| size | N_S (SSM) | N_S (with conv) | paper's fit: T_forget | per state element | "
+             "longest T_train that collapsed | shortest T_train that did not | per state element |",
+             "|---|---|---|---|---|---|---|---|"]
     for size, b in summary["t_forget"].items():
-        lines.append(f"| {size} | {b['state_size'] / 1e6:.2f}M | {b['state_size_with_conv'] / 1e6:.2f}M | "
-                     f"{b['paper_t_forget']:,.0f} | {_f(b['longest_collapsed'])} | {_f(b['shortest_not_collapsed'])} |")
+        n_s, ours = b["state_size_with_conv"], b["shortest_not_collapsed"]
+        lines.append(f"| {size} | {b['state_size'] / 1e6:.2f}M | {n_s / 1e6:.2f}M | {b['paper_t_forget']:,.0f} | "
+                     f"{b['paper_t_forget'] / n_s:.5f} | {_f(b['longest_collapsed'])} | {_f(ours)} | "
+                     f"{'-' if ours is None else f'{ours / n_s:.5f}'} |")
     t["sc_t_forget"] = "\n".join(lines)
     return t
 
@@ -339,7 +383,7 @@ def write_tables(markdown: str, tables: Mapping[str, str]) -> str:
 
 
 def plot(results: str, out: str) -> List[str]:
-    """Per run: loss vs position for every mitigation (``<run>_mitigations.png``); all runs' unmitigated
+    """Per run with mitigations: loss vs position for each (``<run>_mitigations.png``); all runs' unmitigated
     curves (``runs.png``); the collapse measures over training (``history.png``)."""
     import matplotlib
 
@@ -354,8 +398,12 @@ def plot(results: str, out: str) -> List[str]:
         final = os.path.join(d, "eval_final")
         if not _exists(os.path.join(final, "loss_vs_position.json")):
             continue
-        curves = curves_of(final)
+        curves = final_curves(d)
         train_len = int(RUN_NAME.match(name)["train_len"])
+        c = curves["documents/none"]
+        ax_all.plot(c["bucket_end"], c["loss"], label=f"{name} (T_train {train_len:,})", linewidth=1.1)
+        if len(curves) == 1:
+            continue  # no mitigation ran
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for key, c in curves.items():
             ax.plot(c["bucket_end"], c["loss"], label=key.split("/")[1], linewidth=1.1)
@@ -368,8 +416,6 @@ def plot(results: str, out: str) -> List[str]:
         ax.set_title(f"{name}: held-out Linux directories, loss vs position by mitigation")
         ax.legend(fontsize=8)
         written.append(_save(fig, os.path.join(out, f"{name}_mitigations.png")))
-        c = curves["documents/none"]
-        ax_all.plot(c["bucket_end"], c["loss"], label=f"{name} (T_train {train_len:,})", linewidth=1.1)
     ax_all.set_xscale("log")
     ax_all.set_xlabel("position (tokens)")
     ax_all.set_ylabel("loss (nats/token)")

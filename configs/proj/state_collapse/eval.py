@@ -9,12 +9,15 @@ within T_train after the first bucket, collapse a loss above twice that.
 The argument is ``<T_train>,<part>[,smoke]``:
 
 * ``final``: the latest checkpoint on the held-out Linux directories (each prompt row streams one
-  directory's files in order) with every mitigation, and the state diagnostics (first-token retention per
-  head, state-norm growth);
+  directory's files in order), no mitigation, and the state diagnostics (first-token retention per head,
+  state-norm growth);
+* ``mitigations``: the same prompts with each mitigation of the paper's section 4 (the study runs it on the
+  models that collapse);
 * ``extra``: the latest checkpoint, no mitigation, on the paper's newlines prompt and on the bundled
   natural-language corpora (Shakespeare, KJV): text of another kind than the code the models trained on;
-* ``history``: the checkpoints of ``config.steps`` (the study driver lists the saved ones), no mitigation,
-  held-out documents and state diagnostics: whether collapse appears as training goes on;
+* ``history``: the checkpoint of ``config.steps`` (the study driver evaluates every saved one as it appears),
+  no mitigation, 16 of the held-out prompts and the state diagnostics: whether collapse appears as training
+  goes on;
 * ``smoke`` (added to any of them): tiny lengths, for the CPU test of the study driver.
 
 The evaluation is in bfloat16, as the models trained.
@@ -22,7 +25,7 @@ The evaluation is in bfloat16, as the models trained.
 
 from ssm_jax.evaluators.config import base_config
 
-PARTS = ("final", "extra", "history")
+PARTS = ("final", "mitigations", "extra", "history")
 NUM_PROMPTS = 32
 MIN_LENGTH = 262_144  # tokens: every prompt reaches at least 256K, and at least 64 T_train
 
@@ -55,7 +58,11 @@ def get_config(arg: str = "1024,final"):
     c.state_norm.num_prompts = 8
     if part == "final":
         c.modes = "loss_vs_position,states"
-        c.mitigations = "none,forget_more,dt_scale,state_norm,sliding_window"
+        c.mitigations = "none"
+        c.loss.sources = "documents"
+    elif part == "mitigations":
+        c.modes = "loss_vs_position"
+        c.mitigations = "forget_more,dt_scale,state_norm,sliding_window"
         c.loss.sources = "documents"
     elif part == "extra":
         c.modes = "loss_vs_position"
@@ -66,6 +73,7 @@ def get_config(arg: str = "1024,final"):
         c.modes = "loss_vs_position,states"
         c.mitigations = "none"
         c.loss.sources = "documents"
+        c.loss.num_prompts = 16
     if smoke:
         c.loss.num_prompts = c.loss.batch_size = 2
         c.loss.length = "8x"
