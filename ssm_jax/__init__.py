@@ -4,7 +4,8 @@ Public API: :func:`ssd`, :func:`from_pretrained` (a directory or a Hugging Face 
 raise :class:`CheckpointError`), :func:`save_hf`, :func:`save_state_spaces`, :class:`Mamba2Config`,
 :class:`Mamba2LM`, and the :mod:`ssm_jax.mitigations` transforms. Generation and streaming live in
 :mod:`ssm_jax.inference`; heavier subsystems (data, training, evaluation, parallelism) are imported from their
-modules.
+modules. Importing the package turns JAX's persistent compilation cache on (:mod:`ssm_jax.compilation_cache`:
+where it goes, and the opt-out).
 """
 
 import importlib.util as _importlib_util
@@ -34,11 +35,14 @@ def _register_checkout_kernels() -> None:
 
 _register_checkout_kernels()
 
+from ssm_jax import compilation_cache as _compilation_cache  # noqa: E402
 from ssm_jax import mitigations  # noqa: E402
 from ssm_jax.convert import from_pretrained, save_hf, save_state_spaces  # noqa: E402
 from ssm_jax.hub import CheckpointError  # noqa: E402
 from ssm_jax.model import Mamba2Block, Mamba2Config, Mamba2LM, Mamba2Mixer  # noqa: E402
 from ssm_jax.ssd import ssd  # noqa: E402
+
+_compilation_cache.enable_by_default()  # off with SSM_JAX_COMPILATION_CACHE=off
 
 __all__ = [
     "ssd", "from_pretrained", "save_hf", "save_state_spaces", "CheckpointError", "Mamba2Config", "Mamba2LM",
