@@ -4,7 +4,9 @@ Streaming feeds a sequence through the model in chunks and carries, per layer, t
 last raw pre-conv columns) and the SSM state (float32) from one chunk to the next -- never
 zero-padding a chunk's convolution, a known bug of the reference evaluation code. Memory does not
 grow with the stream length: one chunk's activations plus the O(1) cache (O(window) with the
-sliding-window mitigation). Every function accepts ``mitigation=``.
+sliding-window mitigation). Every function accepts ``mitigation=``. A one-token call (``step``, each decoding
+step) runs the SSD as one recurrent state update under ``ssd_impl="auto"``, not as a chunked kernel padded to a
+whole chunk for one position.
 
 Prompts of different lengths are left-padded and the padding is masked out of the model (``valid``): a
 padded position feeds zeros to the conv and has ``dt = 0``, so each row's conv and SSM state after the

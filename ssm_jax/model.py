@@ -452,7 +452,7 @@ class Mamba2Mixer(nnx.Module):
                 initial_state=None if cache is None else cache.ssm_state,
                 segment_ids=segment_ids,
                 mitigation=mitigation,
-                impl=_streaming_impl(impl, mitigation, cache, cfg),
+                impl=_streaming_impl(impl, mitigation, cache, cfg, u.shape[1]),
             )
             new_window = None
         if cfg.D_has_hdim:  # per-channel skip, added here since ssd takes one D per head
@@ -472,15 +472,24 @@ class Mamba2Mixer(nnx.Module):
         self.sow(nnx.Intermediate, "captured_ssm_inputs", dict(dt=inputs.dt, log_a=log_a, B=inputs.B, x=inputs.x))
 
 
-def _streaming_impl(impl: str, mitigation: Optional[mitigations_lib.Mitigation], cache, cfg: Mamba2Config) -> str:
-    """State normalisation is per step in streaming (exact), so cached calls with it run the recurrence: the
-    "stepwise" kernel (time loop inside one Pallas kernel) where the chunked kernels would run on a GPU or
-    when asked for explicitly, else the ``lax.scan`` ("recurrent")."""
+def _streaming_impl(impl: str, mitigation: Optional[mitigations_lib.Mitigation], cache, cfg: Mamba2Config,
+                    seqlen: int) -> str:
+    """The SSD implementation of a cached (streaming or decoding) call of ``seqlen`` tokens.
+
+    * State normalisation is per step in streaming (exact), so cached calls with it run the recurrence: the
+      "stepwise" kernel (time loop inside one Pallas kernel) where the chunked kernels would run on a GPU or
+      when asked for explicitly, else the ``lax.scan`` ("recurrent").
+    * One token ("auto"): the recurrence, a single state update ``h <- exp(dt A) h + dt x B^T``,
+      ``y = h C + D x`` that XLA fuses, instead of a chunked kernel padded to a whole chunk for one position.
+    * Otherwise ``impl`` as given.
+    """
     if cache is not None and mitigation is not None and mitigation.max_norm is not None:
         if impl == "stepwise":
             return impl
         resolved = resolve_impl(impl, headdim=cfg.headdim, state=cfg.d_state, chunk_size=cfg.chunk_size)
         return "stepwise" if resolved == "pallas" and jax.default_backend() == "gpu" else "recurrent"
+    if cache is not None and seqlen == 1 and impl == "auto":
+        return "recurrent"
     return impl
 
 

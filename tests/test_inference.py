@@ -59,6 +59,23 @@ def test_one_token_steps_equal_full_forward(model, ids):
         np.testing.assert_allclose(np.asarray(logits), want[:, t], rtol=1e-4, atol=2e-5)
 
 
+def test_one_token_calls_of_auto_run_the_recurrence_and_equal_the_chunked_path(ids):
+    """Under ``ssd_impl="auto"`` a cached one-token call runs the recurrence (one state update, no chunk padded
+    for one position): its logits equal the definition's with each mitigation, and greedy decoding gives the
+    tokens of the explicitly chunked model (same weights)."""
+    auto = Mamba2LM(CFG.replace(ssd_impl="auto"), rngs=nnx.Rngs(0))
+    chunked = Mamba2LM(CFG, rngs=nnx.Rngs(0))
+    for mitigation in (None, M.forget_more(), M.dt_scale(0.5), M.state_norm(0.05)):
+        want = full_logits(chunked, ids[:, :30], mitigation=mitigation, impl="recurrent")
+        cache = inference.init_cache(auto, 2, mitigation)
+        for t in range(30):
+            logits, cache = inference.step(auto, ids[:, t], cache, mitigation=mitigation)
+            np.testing.assert_allclose(np.asarray(logits), want[:, t], rtol=1e-4, atol=2e-5)
+    for prompts in (ids[:, :25], [ids[0, :9].tolist(), ids[1, :25].tolist()]):
+        np.testing.assert_array_equal(inference.generate(auto, prompts, 12, chunk_len=8),
+                                      inference.generate(chunked, prompts, 12, chunk_len=8))
+
+
 @pytest.mark.parametrize("mitigation", [M.forget_more(), M.dt_scale(0.5), M.state_norm(0.05), M.sliding_window(20),
                                         M.compose(M.sliding_window(9), M.forget_more())],
                          ids=["forget_more", "dt_scale", "state_norm", "window", "window+forget"])

@@ -182,7 +182,7 @@ def test_streaming_state_norm_losses_stepwise_equal_recurrent():
 def test_streaming_impl_selection(monkeypatch):
     cache, norm = object(), M.state_norm(1.0)
     cfg = CFG.replace(headdim=16, d_state=16, chunk_size=64)  # sizes the chunked kernels take
-    pick = lambda impl, mitigation=norm, c=cache: model_lib._streaming_impl(impl, mitigation, c, cfg)
+    pick = lambda impl, mitigation=norm, c=cache, t=7: model_lib._streaming_impl(impl, mitigation, c, cfg, t)
     assert pick("stepwise") == "stepwise"  # forced
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert pick("auto") == "recurrent" and pick("pallas") == "recurrent"  # not a GPU backend
@@ -190,4 +190,7 @@ def test_streaming_impl_selection(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert pick("auto") == "stepwise" and pick("pallas") == "stepwise"
     assert pick("xla") == "recurrent" and pick("recurrent") == "recurrent"
-    assert model_lib._streaming_impl("auto", norm, cache, CFG) == "recurrent"  # headdim 8: no chunked kernels
+    assert model_lib._streaming_impl("auto", norm, cache, CFG, 7) == "recurrent"  # headdim 8: no chunked kernels
+    # one cached token: the recurrence under "auto" (no chunk padding); an explicit choice is kept
+    assert pick("auto", None, t=1) == "recurrent" and pick("auto", M.forget_more(), t=1) == "recurrent"
+    assert pick("pallas", None, t=1) == "pallas" and pick("auto", None, c=None, t=1) == "auto"
