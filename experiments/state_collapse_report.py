@@ -21,7 +21,7 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -205,6 +205,14 @@ def final_curves(run_dir: str) -> Dict[str, Dict[str, Any]]:
     return curves
 
 
+def evaluated_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
+    """``[(step, evaluation directory)]`` of a run in step order: the earlier checkpoints (``eval_history``)
+    and the last (``eval_final``); an evaluation stopped before it wrote anything is left out."""
+    dirs = [d for d in glob.glob(os.path.join(run_dir, "eval_history", "step_*")) + [os.path.join(run_dir, "eval_final")]
+            if _exists(os.path.join(d, "loss_vs_position.json"))]
+    return sorted((int(read_json(os.path.join(d, "loss_vs_position.json"))["model"]["step"]), d) for d in dirs)
+
+
 def _retention(states: Mapping[str, Any]) -> Dict[str, Any]:
     out = {"max_sustained_norm_growth": float(states["max_sustained_norm_growth"]),
            "conv_norm_growth": float(states["conv_norm_growth"])}
@@ -256,12 +264,7 @@ def summarize_run(run_dir: str, status: Mapping[str, Any]) -> Dict[str, Any]:
     if _exists(os.path.join(extra, "loss_vs_position.json")):
         run["extra"] = {k: _lean(c) for k, c in curves_of(extra).items()}
     steps = []
-    dirs = [(read_json(os.path.join(d, "loss_vs_position.json"))["model"]["step"], d)
-            for d in glob.glob(os.path.join(run_dir, "eval_history", "step_*"))
-            if _exists(os.path.join(d, "loss_vs_position.json"))]  # an evaluation stopped early wrote nothing
-    if "final" in run:
-        dirs.append((run["final_step"], final))
-    for step, d in sorted(dirs, key=lambda x: x[0]):
+    for step, d in evaluated_checkpoints(run_dir):
         entry = {"step": int(step), "documents/none": _lean(curves_of(d)["documents/none"])}
         if _exists(os.path.join(d, "states.json")):
             entry["states"] = _retention(read_json(os.path.join(d, "states.json")))
@@ -384,7 +387,8 @@ def write_tables(markdown: str, tables: Mapping[str, str]) -> str:
 
 def plot(results: str, out: str) -> List[str]:
     """Per run with mitigations: loss vs position for each (``<run>_mitigations.png``); all runs' unmitigated
-    curves (``runs.png``); the collapse measures over training (``history.png``)."""
+    curves (``runs.png``); the collapse measures over training (``history.png``); every head's first-token
+    retention at T_train at each evaluated checkpoint (``retention_heads.png``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -439,6 +443,27 @@ def plot(results: str, out: str) -> List[str]:
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     written.append(_save(fig, os.path.join(out, "history.png")))
+
+    # Every head's first-token retention at T_train, checkpoint by checkpoint (the raw per-head values).
+    tracked = []
+    for d in run_dirs:
+        rows = [(step, np.asarray(read_json(os.path.join(e, "states.json"))["retention"]["1x"]["retention"]))
+                for step, e in evaluated_checkpoints(d) if _exists(os.path.join(e, "states.json"))]  # (layers, heads)
+        if len(rows) > 1:
+            tracked.append((os.path.basename(d), rows))
+    if tracked:
+        fig, axes = plt.subplots(len(tracked), 1, figsize=(11, 2.2 + 1.6 * len(tracked)), squeeze=False)
+        for ax, (name, rows) in zip(axes[:, 0], tracked):
+            layers, heads = rows[0][1].shape
+            grid = np.stack([r.ravel() for _, r in rows])  # (checkpoints, layers x heads)
+            image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_yticks(range(len(rows)), [f"{step:,}" for step, _ in rows], fontsize=7)
+            ax.set_xticks(np.arange(0, layers * heads, heads), [str(i) for i in range(layers)], fontsize=7)
+            ax.set_xlabel("layer (heads within it left to right)", fontsize=8)
+            ax.set_ylabel("optimizer step", fontsize=8)
+            ax.set_title(f"{name}: first-token retention at T_train, every head", fontsize=9)
+            fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
+        written.append(_save(fig, os.path.join(out, "retention_heads.png")))
     return written
 
 

@@ -331,6 +331,25 @@ def test_state_collapse_claims(sc_summary, flat):
     assert "cut four evaluations (47m_T256 at steps 2,160 and 2,520 and on other text, 47m_T4096 at step 2,016)" in flat
 
 
+def test_retention_per_head_claims(flat):
+    """The per-head retention figure's caption, from the committed states.json of every checkpoint."""
+    report = _load_report_module()
+
+    def per_head(run):
+        return [(step, np.asarray(report.read_json(os.path.join(d, "states.json"))["retention"]["1x"]["retention"]))
+                for step, d in report.evaluated_checkpoints(os.path.join(SC_DIR, run))]  # (layers, heads) each
+
+    short = [int((r > 0.05).sum()) for _, r in per_head("47m_T256")]
+    assert len(short) == 8 and f"At T_train 256, {min(short)} to {max(short)} of the 192 heads keep more than 0.05" in flat
+    long = per_head("47m_T4096")
+    assert f"at 4,096 at most {max(int((r > 0.05).sum()) for _, r in long)} do" in flat
+    from_step = next(step for step, r in long if r.max() > 0.05)
+    argmaxes = {np.unravel_index(r.argmax(), r.shape) for step, r in long if step >= from_step}
+    (layer, _), = argmaxes
+    assert f"from step {from_step} on the largest is always the same head of layer {layer}" in flat
+    assert os.path.getsize(os.path.join(SC_DIR, "retention_heads.png")) > 10_000
+
+
 def test_state_collapse_corpus_record(flat):
     with open(os.path.join(SC_DIR, "corpus_manifest.json")) as f:
         manifest = json.load(f)
