@@ -16,7 +16,9 @@
 
 ``daemon`` runs every job as its own ``train.py`` / ``eval.py`` process (several share the GPU, each with a
 fixed share of its memory) and writes ``<root>/status.json`` as it goes; started again with the same root it
-skips the jobs that finished and resumes the others from their checkpoints.
+skips the evaluations that finished and resumes the trainings from their checkpoints. ``daemon
+--evaluate_only`` trains nothing and runs the evaluations a deadline cut (its status in
+``<root>/evaluate_status.json``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_CONFIG = os.path.join(ROOT, "configs", "proj", "state_collapse", "train.py")
@@ -39,13 +41,27 @@ EVAL_CONFIG = os.path.join(ROOT, "configs", "proj", "state_collapse", "eval.py")
 
 
 
+class Run(NamedTuple):
+    """One training run of a plan: the model size, T_train, optimizer steps, and a tag that tells it apart
+    from an earlier session's run of the same size and length (its directory is ``47m_T256_long``)."""
+
+    size: str
+    train_len: int
+    num_steps: int
+    tag: str = ""
+
+    @property
+    def name(self) -> str:
+        return run_name(self.size, self.train_len, self.tag)
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What the daemon runs: training runs ``(size, T_train, optimizer steps)`` in priority order, and the peak
-    learning rate: ``lr`` when given, else the winner of a check (short warmup-stable-decay runs of the first
-    run's model and length at each candidate)."""
+    """What the daemon runs: training runs in priority order, and the peak learning rate: ``lr`` when given,
+    else the winner of a check (short warmup-stable-decay runs of the first run's model and length at each
+    candidate)."""
 
-    runs: Tuple[Tuple[str, int, int], ...]
+    runs: Tuple[Run, ...]
     lr: Optional[float] = None
     lr_candidates: Tuple[float, ...] = ()
     lr_check_steps: int = 0
@@ -53,16 +69,18 @@ class Plan:
     train_overrides: Tuple[str, ...] = ()  # extra train.py flags of every run
     eval_variant: str = ""  # appended to the eval config's argument ("smoke": tiny lengths)
     mitigate_all: bool = False  # evaluate the mitigations on every run, not only on the runs that collapse
+    memory_fraction: Tuple[Tuple[str, str], ...] = (("train", "0.36"), ("eval", "0.22"))  # of the GPU, per job
 
 
 # The study. The first GPU session checked the peak rate (1e-3 / 2e-3 / 4e-3 at 47m, T_train 1,024, 160 steps:
-# 4e-3 won; docs/results/state_collapse/lr_check) and trained 47m at T_train 1,024, which did not collapse.
-# This plan brackets the 47m model's predicted T_forget (about 4,000 tokens by the paper's fit with the conv state
-# counted: experiments/state_collapse_report.py) from both sides: T_train 256 (a sixteenth of it, trained the
-# longest: 189M tokens in 2,880 steps) and 4,096.
-STUDY = Plan(runs=(("47m", 256, 2880), ("47m", 4096, 2304)), lr=4e-3)
+# 4e-3 won; docs/results/state_collapse/lr_check) and trained 47m at T_train 1,024; the second bracketed the
+# 47m model's predicted T_forget (about 4,000 tokens by the paper's fit with the conv state counted:
+# experiments/state_collapse_report.py) from both sides, T_train 256 (189M tokens) and 4,096, two trainings
+# sharing the GPU. None collapsed. This plan asks whether the shortest length collapses with twice the training:
+# 47m at T_train 256 alone on the GPU, 5,632 steps (369M tokens) over the whole training split (285M tokens).
+STUDY = Plan(runs=(Run("47m", 256, 5632, "long"),), lr=4e-3, memory_fraction=(("train", "0.62"), ("eval", "0.3")))
 # The same driver end to end on a CPU in a few minutes (tests/test_state_collapse.py).
-SMOKE = Plan(runs=(("tiny", 128, 16),), lr_candidates=(1e-3, 3e-3), lr_check_steps=8, lr_check_warmup=2,
+SMOKE = Plan(runs=(Run("tiny", 128, 16),), lr_candidates=(1e-3, 3e-3), lr_check_steps=8, lr_check_warmup=2,
              train_overrides=("--config.train.batch_size=4", "--config.checkpoint.every_steps=8",
                               "--config.eval.every_steps=8", "--config.eval.batch_size=2",
                               "--config.eval.num_batches=2", "--config.optim.warmup_steps=2"),
@@ -79,11 +97,9 @@ LR_GROUPS = 2
 LR_GROUP_TOKENS = 65_536
 PART_BYTES = 150 * 2**20  # bytes of uncompressed shards per packed part, before xz
 
-MEMORY_FRACTION = {"train": "0.36", "eval": "0.22"}  # two training jobs and one evaluation share the GPU
 
-
-def run_name(size: str, train_len: int) -> str:
-    return f"{size}_T{train_len}"
+def run_name(size: str, train_len: int, tag: str = "") -> str:
+    return f"{size}_T{train_len}" + (f"_{tag}" if tag else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,10 +107,11 @@ def run_name(size: str, train_len: int) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def prepare(corpus: str, out: str) -> List[str]:
-    """Writes the study's corpus subset and the learning-rate check's under ``out`` and packs both into
-    ``out/part<i>.tar.xz`` files of about :data:`PART_BYTES` each (the study's manifest in the last part, so
-    the study corpus is complete only when every part is there). Returns the part paths."""
+def prepare(corpus: str, out: str, train_tokens: int = STUDY_TRAIN_TOKENS) -> List[str]:
+    """Writes the study's corpus subset (whole training documents from the start of the split until
+    ``train_tokens``) and the learning-rate check's under ``out`` and packs both into ``out/part<i>.tar.xz``
+    files of about :data:`PART_BYTES` each (the study's manifest in the last part, so the study corpus is
+    complete only when every part is there). Returns the part paths."""
     from ssm_jax.data.token_shards import MANIFEST, write_subset
 
     study, lr = os.path.join(out, "corpus"), os.path.join(out, "lr_corpus")
@@ -102,7 +119,7 @@ def prepare(corpus: str, out: str) -> List[str]:
         if os.path.exists(path):
             raise FileExistsError(f"{path} exists; remove {out} to prepare again")
     # Uncompressed records: xz over whole shards packs tokens about twice as tightly as zstd per record.
-    write_subset(corpus, study, train_tokens=STUDY_TRAIN_TOKENS, group_tokens=STUDY_GROUP_TOKENS,
+    write_subset(corpus, study, train_tokens=train_tokens, group_tokens=STUDY_GROUP_TOKENS,
                  num_groups=STUDY_GROUPS, compression="uncompressed")
     write_subset(corpus, lr, train_tokens=LR_TRAIN_TOKENS, group_tokens=LR_GROUP_TOKENS, num_groups=LR_GROUPS,
                  compression="uncompressed")
@@ -168,17 +185,22 @@ def train_argv(size: str, train_len: int, num_steps: int, workdir: str, tokens_d
 EVAL_PARTS = ("final", "mitigations", "history", "extra")
 
 
+def eval_output_dir(workdir: str, part: str, step: Optional[int] = None) -> str:
+    """Where the evaluation ``part`` of a run writes: ``<workdir>/eval_<part>``, or ``.../step_<step>`` for one
+    checkpoint's (the history part)."""
+    out = os.path.join(workdir, "eval_" + part)
+    return out if step is None else os.path.join(out, f"step_{step}")
+
+
 def eval_argv(train_len: int, workdir: str, tokens_dir: str, part: str, *, step: Optional[int] = None,
               variant: str = "") -> List[str]:
-    """The evaluation ``part`` of a run into ``<workdir>/eval_<part>``: its latest checkpoint, or checkpoint
-    ``step`` into ``<workdir>/eval_<part>/step_<step>`` (the history part)."""
+    """The evaluation ``part`` of a run into :func:`eval_output_dir`: its latest checkpoint, or checkpoint
+    ``step``."""
     arg = f"{train_len},{part}" + (f",{variant}" if variant else "")
-    out = os.path.join(workdir, "eval_" + part)
     argv = [sys.executable, os.path.join(ROOT, "eval.py"), f"--config={EVAL_CONFIG}:{arg}",
-            f"--config.checkpoint={workdir}", f"--config.data.tokens_dir={tokens_dir}"]
-    if step is not None:
-        return argv + [f"--config.output_dir={os.path.join(out, f'step_{step}')}", f"--config.steps={step}"]
-    return argv + [f"--config.output_dir={out}"]
+            f"--config.checkpoint={workdir}", f"--config.data.tokens_dir={tokens_dir}",
+            f"--config.output_dir={eval_output_dir(workdir, part, step)}"]
+    return argv if step is None else argv + [f"--config.steps={step}"]
 
 
 def collapsed(eval_dir: str) -> bool:
@@ -224,9 +246,10 @@ class Scheduler:
     the deadline, and records everything in ``status.json``."""
 
     def __init__(self, root: str, *, parallel: int, train_deadline: float, final_deadline: float,
-                 memory_fraction: Optional[Dict[str, str]] = None) -> None:
+                 memory_fraction: Dict[str, str], status_file: str = "status.json") -> None:
         self.root = root
-        self.memory_fraction = memory_fraction or MEMORY_FRACTION
+        self.memory_fraction = memory_fraction
+        self.status_file = status_file
         self.parallel = parallel
         self.train_deadline = train_deadline
         self.final_deadline = final_deadline
@@ -302,10 +325,10 @@ class Scheduler:
             if job.kind == "train":
                 jobs[job.name]["last"] = _last_metrics(job.workdir)
         status = {"elapsed_s": round(time.time() - self.t0, 1), "jobs": jobs, **self.notes}
-        tmp = os.path.join(self.root, "status.json.tmp")
-        with open(tmp, "w") as f:
+        path = os.path.join(self.root, self.status_file)
+        with open(path + ".tmp", "w") as f:
             json.dump(status, f, indent=1)
-        os.replace(tmp, os.path.join(self.root, "status.json"))
+        os.replace(path + ".tmp", path)
 
     def run_until_idle(self, poll_s: float = 3.0) -> None:
         while self.step():
@@ -328,7 +351,7 @@ def choose_lr(workdirs: Dict[float, str]) -> Dict[str, Any]:
 
 def _check_lr(study: str, root: str, plan: Plan, sched: "Scheduler") -> float:
     """Runs the learning-rate check (every candidate at once) and records it in ``sched.notes``."""
-    size, train_len, _ = plan.runs[0]
+    size, train_len = plan.runs[0].size, plan.runs[0].train_len
     lr_dir = os.path.join(study, "lr_corpus")
     lr_runs = {lr: os.path.join(root, "lr_check", f"lr{lr:g}") for lr in plan.lr_candidates}
     short = [*plan.train_overrides, f"--config.optim.warmup_steps={plan.lr_check_warmup}",
@@ -349,12 +372,14 @@ def _check_lr(study: str, root: str, plan: Plan, sched: "Scheduler") -> float:
 
 
 def daemon(study: str, root: str, *, budget_s: float, eval_reserve_s: float, parallel: int,
-           wait_for_corpus_s: float, plan: Plan = STUDY) -> None:
-    """The whole GPU side of the study (see the module docstring)."""
+           wait_for_corpus_s: float, plan: Plan = STUDY, evaluate_only: bool = False) -> None:
+    """The whole GPU side of the study (see the module docstring). With ``evaluate_only`` nothing trains: the
+    evaluations the plan's runs still lack (of the checkpoints under ``root``) run within the budget."""
     os.makedirs(root, exist_ok=True)
     sched = Scheduler(root, parallel=parallel, train_deadline=time.time() + budget_s - eval_reserve_s,
-                      final_deadline=time.time() + budget_s)
-    if plan.lr is not None:
+                      final_deadline=time.time() + budget_s, memory_fraction=dict(plan.memory_fraction),
+                      status_file="evaluate_status.json" if evaluate_only else "status.json")
+    if plan.lr is not None or evaluate_only:
         lr = plan.lr
         sched.notes["lr"] = {"chosen": lr, "checked": False}
     else:
@@ -367,17 +392,25 @@ def daemon(study: str, root: str, *, budget_s: float, eval_reserve_s: float, par
             raise RuntimeError(f"{corpus_dir}/manifest.json did not arrive within {wait_for_corpus_s:.0f}s")
         time.sleep(2)
     trains = []
-    for size, train_len, num_steps in plan.runs:
-        workdir = os.path.join(root, run_name(size, train_len))
-        trains.append(sched.add(Job(f"train_{run_name(size, train_len)}", "train",
-                                    train_argv(size, train_len, num_steps, workdir, corpus_dir, lr, plan.train_overrides),
-                                    workdir, train_len=train_len, num_steps=num_steps)))
+    for run in plan.runs:
+        workdir = os.path.join(root, run.name)
+        job = sched.add(Job(f"train_{run.name}", "train",
+                            train_argv(run.size, run.train_len, run.num_steps, workdir, corpus_dir, lr, plan.train_overrides),
+                            workdir, train_len=run.train_len, num_steps=run.num_steps))
+        if evaluate_only:
+            job.rc = 0  # treated as finished: its checkpoints are evaluated, nothing resumes it
+        trains.append(job)
     queued = set()
 
     def evaluate(train: Job, part: str, step: Optional[int] = None) -> None:
         name = train.name.replace("train_", f"eval_{part}_") + ("" if step is None else f"_step{step}")
         if name not in queued:
             queued.add(name)
+            if os.path.isfile(os.path.join(eval_output_dir(train.workdir, part, step), "loss_vs_position.json")):
+                # an earlier daemon on this root finished it
+                sched.log(f"{name}: already done")
+                sched.add(Job(name, "eval", [], train.workdir, rc=0))
+                return
             sched.add(Job(name, "eval", eval_argv(train.train_len, train.workdir, corpus_dir, part, step=step,
                                                   variant=plan.eval_variant),
                           train.workdir, priority=EVAL_PARTS.index(part)))
@@ -446,6 +479,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = sub.add_parser("prepare", help="write and pack the study's corpus subsets")
     p.add_argument("--corpus", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--train_tokens", type=int, default=STUDY_TRAIN_TOKENS,
+                   help="training tokens of the subset (whole documents from the start of the split)")
     p = sub.add_parser("daemon", help="run the learning-rate check, the runs and their evaluations")
     p.add_argument("--study", required=True, help="the unpacked output of prepare")
     p.add_argument("--root", required=True)
@@ -454,6 +489,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--parallel", type=int, default=2, help="training jobs at a time")
     p.add_argument("--wait_for_corpus_s", type=float, default=600.0)
     p.add_argument("--smoke", action="store_true", help="the tiny plan (a CPU check of the whole driver)")
+    p.add_argument("--evaluate_only", action="store_true",
+                   help="train nothing: run the evaluations the plan's runs under --root still lack")
     p = sub.add_parser("pack", help="tarball of the results under --root")
     p.add_argument("--root", required=True)
     p.add_argument("--out", required=True)
@@ -466,10 +503,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--markdown", default=os.path.join(ROOT, "docs", "RESULTS.md"))
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        prepare(args.corpus, args.out)
+        prepare(args.corpus, args.out, args.train_tokens)
     elif args.command == "daemon":
         daemon(args.study, args.root, budget_s=args.budget_s, eval_reserve_s=args.eval_reserve_s,
-               parallel=args.parallel, wait_for_corpus_s=args.wait_for_corpus_s, plan=SMOKE if args.smoke else STUDY)
+               parallel=args.parallel, wait_for_corpus_s=args.wait_for_corpus_s, plan=SMOKE if args.smoke else STUDY,
+               evaluate_only=args.evaluate_only)
     elif args.command == "pack":
         print(f"{args.out}: {pack(args.root, args.out)} files")
     elif args.command == "gather":

@@ -10,12 +10,21 @@
 #   part PART_DIR [WHEELS]    unpack more parts (the daemon waits for the study corpus's manifest), and install
 #                             more carried wheels (the evaluations of later jobs import them)
 #   poll SECONDS              wait, then pack the results into $OUT/results.tar.gz and print the status
+#   evaluate BUDGET_S         after the daemon ended: the evaluations it did not reach (its deadline cut them),
+#                             within BUDGET_S seconds, then pack as poll does
 #
 # Results stay under runs/state_collapse/ (ignored by git); nothing but $OUT comes back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 root=runs/state_collapse
+
+status() {
+  python3 experiments/state_collapse.py pack --root "$root" --out "$OUT/results.tar.gz"
+  tail -n 30 "$root/$1"
+  python3 -c "import json; s = json.load(open('$root/status.json')); print(json.dumps({k: (v['state'], v['rc'], v.get('last', {}).get('train', {}).get('step')) for k, v in s['jobs'].items()}))"
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+}
 
 unpack() {
   mkdir -p .study
@@ -43,15 +52,18 @@ case "${1:-}" in
     unpack "$2"
     tail -n 20 "$root/daemon.log"
     ;;
+  evaluate)
+    if pgrep -f "state_collapse.py daemon" > /dev/null; then echo "the daemon is still running" >&2; exit 1; fi
+    python3 experiments/state_collapse.py daemon --study .study --root "$root" --budget_s "$2" \
+      --eval_reserve_s "$2" --evaluate_only > "$root/evaluate.log" 2>&1 || true
+    status evaluate.log
+    ;;
   poll)
     sleep "$2"
-    python3 experiments/state_collapse.py pack --root "$root" --out "$OUT/results.tar.gz"
-    tail -n 30 "$root/daemon.log"
-    python3 -c "import json; s = json.load(open('$root/status.json')); print(json.dumps({k: (v['state'], v['rc'], v.get('last', {}).get('train', {}).get('step')) for k, v in s['jobs'].items()}))"
-    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+    status daemon.log
     ;;
   *)
-    echo "usage: $0 start PART_DIR BUDGET_S [EVAL_RESERVE_S] | part PART_DIR [WHEELS] | poll SECONDS" >&2
+    echo "usage: $0 start PART_DIR BUDGET_S [EVAL_RESERVE_S] | part PART_DIR [WHEELS] | poll SECONDS | evaluate BUDGET_S" >&2
     exit 2
     ;;
 esac

@@ -30,7 +30,7 @@ from ssm_jax.model import Mamba2Config
 from ssm_jax.train_config import model_config_from
 
 WINDOW_MULTIPLES = (1, 8, 32, 64)  # loss windows (k T/2, k T] quoted per mitigation
-RUN_NAME = re.compile(r"^(?P<size>[a-z0-9]+)_T(?P<train_len>\d+)$")
+RUN_NAME = re.compile(r"^(?P<size>[a-z0-9]+)_T(?P<train_len>\d+)(?:_(?P<tag>[a-z]+))?$")  # 47m_T256, 47m_T256_long
 TRAIN_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "configs", "proj", "state_collapse", "train.py")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -102,6 +103,19 @@ def test_the_study_driver_end_to_end(tmp_path):
     history = json.load(open(run / "eval_history" / "step_8" / "loss_vs_position.json"))
     assert history["model"]["step"] == 8
     assert os.path.isfile(run / "eval_history" / "step_8" / "states.json")
+
+    # --evaluate_only: trains nothing, reruns only the evaluation that is missing, keeps status.json
+    shutil.rmtree(run / "eval_history")
+    before = (root / "status.json").read_text()
+    done = subprocess.run(cmd + ["--evaluate_only"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert (root / "status.json").read_text() == before
+    again = json.load(open(root / "evaluate_status.json"))["jobs"]
+    ran = {name for name, job in again.items() if job["started_s"] is not None}
+    assert ran == {"eval_history_tiny_T128_step8"} and again[ran.pop()]["rc"] == 0, again
+    assert state_collapse.saved_steps(str(run)) == [8, 16]
+    assert json.load(open(run / "eval_history" / "step_8" / "loss_vs_position.json"))["model"]["step"] == 8
 
     archive = tmp_path / "results.tar.gz"
     assert state_collapse.pack(str(root), str(archive)) > 0
