@@ -77,8 +77,8 @@ class Plan:
 # 47m model's predicted T_forget (about 4,000 tokens by the paper's fit with the conv state counted:
 # experiments/state_collapse_report.py) from both sides, T_train 256 (189M tokens) and 4,096, two trainings
 # sharing the GPU. None collapsed. This plan asks whether the shortest length collapses with twice the training:
-# 47m at T_train 256 alone on the GPU, 5,632 steps (369M tokens) over the whole training split (285M tokens).
-STUDY = Plan(runs=(Run("47m", 256, 5632, "long"),), lr=4e-3, memory_fraction=(("train", "0.62"), ("eval", "0.3")))
+# 47m at T_train 256 alone on the GPU, 5,120 steps (336M tokens) over the whole training split (284M tokens).
+STUDY = Plan(runs=(Run("47m", 256, 5120, "long"),), lr=4e-3, memory_fraction=(("train", "0.62"), ("eval", "0.3")))
 # The same driver end to end on a CPU in a few minutes (tests/test_state_collapse.py).
 SMOKE = Plan(runs=(Run("tiny", 128, 16),), lr_candidates=(1e-3, 3e-3), lr_check_steps=8, lr_check_warmup=2,
              train_overrides=("--config.train.batch_size=4", "--config.checkpoint.every_steps=8",
