@@ -70,28 +70,23 @@ class Plan:
     eval_variant: str = ""  # appended to the eval config's argument ("smoke": tiny lengths)
     mitigate_all: bool = False  # evaluate the mitigations on every run, not only on the runs that collapse
     memory_fraction: Tuple[Tuple[str, str], ...] = (("train", "0.36"), ("eval", "0.22"))  # of the GPU, per job
-    evaluate_history: bool = True  # evaluate each earlier checkpoint as it appears (else only the final one)
 
 
 # The study. The first GPU session checked the peak rate (1e-3 / 2e-3 / 4e-3 at 47m, T_train 1,024, 160 steps:
 # 4e-3 won; docs/results/state_collapse/lr_check) and trained 47m at T_train 1,024; the second bracketed the
 # 47m model's predicted T_forget (about 4,000 tokens by the paper's fit with the conv state counted:
-# experiments/state_collapse_report.py) from both sides, T_train 256 (189M tokens) and 4,096, two trainings
-# sharing the GPU. None collapsed. This plan asks whether the shortest length collapses with twice the training:
-# 47m at T_train 256 alone on the GPU, 5,120 steps (336M tokens) over the whole training split (284M tokens).
-STUDY = Plan(runs=(Run("47m", 256, 5120, "long"),), lr=4e-3, memory_fraction=(("train", "0.62"), ("eval", "0.3")))
-# The larger model at the shortest length, started beside STUDY's evaluations when its training ended early: its
-# final checkpoint only (no evaluations beside the training, whose memory share they would need).
-STUDY_85M = Plan(runs=(Run("85m", 256, 2304),), lr=4e-3, memory_fraction=(("train", "0.6"), ("eval", "0.3")),
-                 evaluate_history=False)
+# experiments/state_collapse_report.py) from both sides, T_train 256 (189M tokens) and 4,096; the third trained
+# 47m at 256 again on twice the tokens, and 85m at 256 (113M tokens at its evaluated checkpoint), which grew a head
+# that does not forget within 16 T_train without collapsing. None collapsed. This plan follows that head: 85m at
+# T_train 256 alone on the GPU for 4,608 steps (302M tokens, 1.06 passes over the whole training split: about 13 minutes at
+# 407K tokens/s), every checkpoint evaluated as it appears.
+STUDY = Plan(runs=(Run("85m", 256, 4608, "long"),), lr=4e-3, memory_fraction=(("train", "0.62"), ("eval", "0.3")))
 # The same driver end to end on a CPU in a few minutes (tests/test_state_collapse.py).
 SMOKE = Plan(runs=(Run("tiny", 128, 16),), lr_candidates=(1e-3, 3e-3), lr_check_steps=8, lr_check_warmup=2,
              train_overrides=("--config.train.batch_size=4", "--config.checkpoint.every_steps=8",
                               "--config.eval.every_steps=8", "--config.eval.batch_size=2",
                               "--config.eval.num_batches=2", "--config.optim.warmup_steps=2"),
              eval_variant="smoke", mitigate_all=True)
-PLANS = {"study": STUDY, "85m": STUDY_85M, "smoke": SMOKE}
-
 # Data the study needs: training tokens (a little more than NUM_STEPS x TOKENS_PER_STEP, so one epoch
 # covers every step), held-out prompts (32 held-out directories streamed to 512K tokens: 64 x the longest
 # planned T_train) and a small corpus for the learning-rate check.
@@ -426,7 +421,7 @@ def daemon(study: str, root: str, *, budget_s: float, eval_reserve_s: float, par
         for train in trains:
             steps = saved_steps(train.workdir)
             if train.rc is None:  # still training: evaluate its checkpoints as they appear
-                for step in steps if plan.evaluate_history else ():
+                for step in steps:
                     if step < train.num_steps:
                         evaluate(train, "history", step)
                 continue
@@ -435,7 +430,7 @@ def daemon(study: str, root: str, *, budget_s: float, eval_reserve_s: float, par
                     queued.add(train.name)
                     sched.log(f"{train.name}: no checkpoint to evaluate")
                 continue
-            for step in steps[:-1] if plan.evaluate_history else ():  # the latest is the final part's
+            for step in steps[:-1]:  # the latest is the final part's
                 evaluate(train, "history", step)
             evaluate(train, "final")
             evaluate(train, "extra")
@@ -495,7 +490,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--parallel", type=int, default=2, help="training jobs at a time")
     p.add_argument("--wait_for_corpus_s", type=float, default=600.0)
     p.add_argument("--smoke", action="store_true", help="the tiny plan (a CPU check of the whole driver)")
-    p.add_argument("--plan", choices=sorted(PLANS), default="study")
     p.add_argument("--evaluate_only", action="store_true",
                    help="train nothing: run the evaluations the plan's runs under --root still lack")
     p = sub.add_parser("pack", help="tarball of the results under --root")
@@ -513,7 +507,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         prepare(args.corpus, args.out, args.train_tokens)
     elif args.command == "daemon":
         daemon(args.study, args.root, budget_s=args.budget_s, eval_reserve_s=args.eval_reserve_s,
-               parallel=args.parallel, wait_for_corpus_s=args.wait_for_corpus_s, plan=SMOKE if args.smoke else PLANS[args.plan],
+               parallel=args.parallel, wait_for_corpus_s=args.wait_for_corpus_s, plan=SMOKE if args.smoke else STUDY,
                evaluate_only=args.evaluate_only)
     elif args.command == "pack":
         print(f"{args.out}: {pack(args.root, args.out)} files")
