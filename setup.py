@@ -43,7 +43,7 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
-            "ruff>=0.6",
+            "ruff==0.17.6",
         ],
         "torch": ["torch>=2.4", "transformers>=4.46"],
     },

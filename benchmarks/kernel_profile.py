@@ -38,11 +38,14 @@ def markdown(result: dict) -> str:
     lines = []
     for key, prof in result["profiles"].items():
         host = f", host dispatch {prof['host_dispatch_us']:.1f} us" if "host_dispatch_us" in prof else ""
-        lines += [f"### {key}: wall {prof['wall_us']:.1f} us per call, device span {prof['span_us']:.1f} us, kernels "
-                  f"busy {prof['busy_us']:.1f} us, gaps {prof['gaps_us']:.1f} us{host}", "",
-                  "| kernel | us per call | launches |", "|---|---|---|"]
-        lines += [f"| `{k['name'][:90]}` | {k['us_per_call']:.1f} | {k['launches_per_call']:.0f} |"
-                  for k in prof["kernels"]]
+        lines += [
+            f"### {key}: wall {prof['wall_us']:.1f} us per call, device span {prof['span_us']:.1f} us, kernels "
+            f"busy {prof['busy_us']:.1f} us, gaps {prof['gaps_us']:.1f} us{host}",
+            "",
+            "| kernel | us per call | launches |",
+            "|---|---|---|",
+        ]
+        lines += [f"| `{k['name'][:90]}` | {k['us_per_call']:.1f} | {k['launches_per_call']:.0f} |" for k in prof["kernels"]]
         lines.append("")
     return "\n".join(lines)
 
@@ -51,27 +54,32 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", default="b8xL4096", choices=sorted(CASES))
     ap.add_argument("--impls", default="pallas", help="comma list of ssd() impls (xla, pallas)")
-    ap.add_argument("--config", default="",
-                    help="JSON dict of KernelConfig fields (then ssd_pallas with these is profiled instead)")
+    ap.add_argument("--config", default="", help="JSON dict of KernelConfig fields (then ssd_pallas with these is profiled instead)")
     ap.add_argument("--calls", type=int, default=5)
-    ap.add_argument("--split-gap-us", type=float, default=200.0,
-                    help="idle time that separates two calls (the host waits for each call)")
-    ap.add_argument("--back-to-back", action="store_true",
-                    help="dispatch all calls before waiting (as ssd_bench times them) instead of waiting for each")
+    ap.add_argument("--split-gap-us", type=float, default=200.0, help="idle time that separates two calls (the host waits for each call)")
+    ap.add_argument(
+        "--back-to-back", action="store_true", help="dispatch all calls before waiting (as ssd_bench times them) instead of waiting for each"
+    )
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     config = json.loads(args.config) if args.config else None
     b, L = CASES[args.case]
     x, dt, A, B, C, D, cot = make_inputs(FULL, b, L)
-    result = {"meta": {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "case": args.case,
-                       "config": config, "command": "python benchmarks/kernel_profile.py " +
-                       " ".join(argv if argv is not None else sys.argv[1:])}, "profiles": {}}
+    result = {
+        "meta": {
+            "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__,
+            "case": args.case,
+            "config": config,
+            "command": "python benchmarks/kernel_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        },
+        "profiles": {},
+    }
     for impl in [i for i in args.impls.split(",") if i]:
         fwd = forward_fn("fused" if config else impl, FULL, config)
         fwd, grad = jax.jit(fwd), jax.jit(loss_grad_fn(fwd))
-        run = functools.partial(device_profile, calls=args.calls, split_gap_us=args.split_gap_us,
-                                back_to_back=args.back_to_back)
+        run = functools.partial(device_profile, calls=args.calls, split_gap_us=args.split_gap_us, back_to_back=args.back_to_back)
         result["profiles"][f"{impl} fwd"] = run(fwd, (x, dt, A, B, C, D))
         if not args.no_bwd:
             result["profiles"][f"{impl} fwd+bwd"] = run(grad, (x, dt, A, B, C, D, cot))

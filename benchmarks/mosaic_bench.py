@@ -57,7 +57,8 @@ def make_inputs(b: int, L: int, h: int, p: int, g: int, n: int, Q: int, seed: in
         x=jax.random.normal(k[0], (b, L, h, p), jnp.float32).astype(jnp.bfloat16),  # (batch, seqlen, heads, headdim)
         B=(jax.random.normal(k[1], (b, L, g, n), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16),  # (b, L, g, n)
         C=jax.random.normal(k[2], (b, L, g, n), jnp.float32).astype(jnp.bfloat16),  # (batch, seqlen, groups, state)
-        cs=cs, w=w,
+        cs=cs,
+        w=w,
         states=jax.random.normal(k[5], (b, h, L // Q, p, n), jnp.float32).astype(jnp.bfloat16),  # (b, h, nc, p, n)
         D=jax.random.normal(k[6], (h,), jnp.float32),
     )
@@ -98,17 +99,14 @@ def rel_max(a: jax.Array, r: jax.Array) -> float:
 def data_bytes(b: int, L: int, h: int, p: int, g: int, n: int, Q: int, out_bytes: int) -> int:
     """Bytes the output kernel must move: x, y, C, the per-position scalars, states and ``C B^T``."""
     nc = L // Q
-    return (b * L * h * p * (2 + out_bytes) + b * L * g * n * 2 + 2 * b * h * L * 4 + b * h * nc * p * n * 2
-            + b * nc * g * Q * Q * 2)
+    return b * L * h * p * (2 + out_bytes) + b * L * g * n * 2 + 2 * b * h * L * 4 + b * h * nc * p * n * 2 + b * nc * g * Q * Q * 2
 
 
 def implementations(plan, out_dtype) -> Dict[str, Callable]:
     """Jitted ``(x, B, C, cs, w, states, D, cb) -> y`` per kernel."""
     return {
-        "triton": jax.jit(lambda x, B, C, cs, w, st, D, cb: gpu_output.output(plan, x, B, C, cs, w, st, None, D,
-                                                                               out_dtype, cb)),
-        "mosaic": jax.jit(lambda x, B, C, cs, w, st, D, cb: ssd_mosaic_gpu.output(plan, x, B, C, cs, w, st, None, D,
-                                                                                   out_dtype, cb)),
+        "triton": jax.jit(lambda x, B, C, cs, w, st, D, cb: gpu_output.output(plan, x, B, C, cs, w, st, None, D, out_dtype, cb)),
+        "mosaic": jax.jit(lambda x, B, C, cs, w, st, D, cb: ssd_mosaic_gpu.output(plan, x, B, C, cs, w, st, None, D, out_dtype, cb)),
     }
 
 
@@ -125,8 +123,7 @@ def run_impl(fn: Callable, args: tuple, iters: int, profile: bool) -> tuple:
         t0 = time.perf_counter()
         y = jax.block_until_ready(fn(*args))
         row["compile_s"] = round(time.perf_counter() - t0, 2)
-        row["wall_ms"], row["wall_min_ms"] = time_ms(fn, args, iters=iters, repeats=3 if profile else 1,
-                                                     warmup=1)
+        row["wall_ms"], row["wall_min_ms"] = time_ms(fn, args, iters=iters, repeats=3 if profile else 1, warmup=1)
     except Exception as e:  # noqa: BLE001 - recorded, the other implementations still run
         row.update(_error(e))
         return row, None
@@ -170,13 +167,17 @@ def format_row(row: dict) -> str:
         return format(row[key], fmt) if row.get(key) is not None else "-"
 
     status = "ok" if "error" not in row else "FAILED: " + " ".join(row["error"].split())[:160]
-    return (f"| {row['case']} | {row['impl']} | {num('wall_ms', '.3f')} | {num('device_us', '.1f')} | "
-            f"{num('data_floor_ms', '.3f')} | {num('rel_vs_triton', '.2e')} | {num('maxrel_vs_triton', '.2e')} | "
-            f"{num('rel_vs_f32_ref', '.2e')} | {status} |")
+    return (
+        f"| {row['case']} | {row['impl']} | {num('wall_ms', '.3f')} | {num('device_us', '.1f')} | "
+        f"{num('data_floor_ms', '.3f')} | {num('rel_vs_triton', '.2e')} | {num('maxrel_vs_triton', '.2e')} | "
+        f"{num('rel_vs_f32_ref', '.2e')} | {status} |"
+    )
 
 
-HEADER = ("| case | impl | wall ms | device us | floor ms | rel vs triton | max rel vs triton | rel vs f32 | status |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| case | impl | wall ms | device us | floor ms | rel vs triton | max rel vs triton | rel vs f32 | status |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -184,8 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--cases", default="b8xL4096,b2xL16384,b1xL65536", help=f"comma list of {sorted(CASES)}")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out-dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--smoke", action="store_true",
-                    help=f"CPU interpret mode at a tiny shape {SMOKE} (one call per timing, no profile)")
+    ap.add_argument("--smoke", action="store_true", help=f"CPU interpret mode at a tiny shape {SMOKE} (one call per timing, no profile)")
     ap.add_argument("--out", default="", help="JSON path")
     args = ap.parse_args(argv)
     out_dtype = jnp.dtype(args.out_dtype)
@@ -196,11 +196,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         cases = {c: dict(b=CASES[c][0], L=CASES[c][1], h=H, p=P, g=G, n=N, Q=Q) for c in args.cases.split(",") if c}
         iters, profile = args.iters, jax.default_backend() == "gpu"
     smallest = min(cases, key=lambda c: cases[c]["b"] * cases[c]["L"])
-    result = {"meta": {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "backend": jax.default_backend(),
-                       "command": "python benchmarks/mosaic_bench.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                  else argv),
-                       "out_dtype": str(out_dtype), "iters": iters, "reference_case": smallest},
-              "rows": []}
+    result = {
+        "meta": {
+            "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "command": "python benchmarks/mosaic_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "out_dtype": str(out_dtype),
+            "iters": iters,
+            "reference_case": smallest,
+        },
+        "rows": [],
+    }
     print(HEADER, flush=True)
     for name, shape in cases.items():
         plan = make_plan(jnp.bfloat16, jnp.bfloat16, shape["Q"], "gpu", args.smoke, KernelConfig())

@@ -116,8 +116,13 @@ def ssd_inputs(n: int, batch: int, length: int, heads: int, headdim: int, state:
     mesh = make_mesh(n)
     seq = lambda nd: NamedSharding(mesh, P(None, "seq", *([None] * (nd - 2))) if sharded else P())
     rep = NamedSharding(mesh, P())
-    shapes = dict(x=(batch, length, heads, headdim), dt=(batch, length, heads), B=(batch, length, 1, state),
-                  C=(batch, length, 1, state), cot=(batch, length, heads, headdim))
+    shapes = dict(
+        x=(batch, length, heads, headdim),
+        dt=(batch, length, heads),
+        B=(batch, length, 1, state),
+        C=(batch, length, 1, state),
+        cot=(batch, length, heads, headdim),
+    )
     out_shardings = (seq(4), seq(3), rep, seq(4), seq(4), rep, seq(4))
 
     def make(key):
@@ -138,8 +143,7 @@ def ssd_grad_fn(mesh, n: int, chunk: int, impl: str, plain: bool):
     def forward(x, dt, A, B, C, D):
         if plain:
             return ssd(x, dt, A, B, C, D=D, chunk_size=chunk, impl=impl)[0]
-        return sp.ssd_sequence_parallel(x, dt, A, B, C, mesh=mesh, seq_axis="seq", D=D, chunk_size=chunk,
-                                        impl=impl)[0]
+        return sp.ssd_sequence_parallel(x, dt, A, B, C, mesh=mesh, seq_axis="seq", D=D, chunk_size=chunk, impl=impl)[0]
 
     def loss(x, dt, A, B, C, D, cot):
         return jnp.sum(forward(x, dt, A, B, C, D).astype(jnp.float32) * cot.astype(jnp.float32))
@@ -149,16 +153,20 @@ def ssd_grad_fn(mesh, n: int, chunk: int, impl: str, plain: bool):
 
 def bench_ssd(args, counts):
     rows = []
-    shapes = dict(heads=4, headdim=16, state=16, chunk=64) if args.smoke else dict(heads=24, headdim=64, state=128,
-                                                                                      chunk=256)
+    shapes = dict(heads=4, headdim=16, state=16, chunk=64) if args.smoke else dict(heads=24, headdim=64, state=128, chunk=256)
     for n in counts:
-        for plain in ([True, False] if n == 1 else [False]):
+        for plain in [True, False] if n == 1 else [False]:
             length = n * args.ssd_len
-            row = dict(section="ssd", devices=n, variant="plain" if plain else "sharded", batch=args.ssd_batch,
-                       tokens_per_device=args.ssd_len, global_len=length)
+            row = dict(
+                section="ssd",
+                devices=n,
+                variant="plain" if plain else "sharded",
+                batch=args.ssd_batch,
+                tokens_per_device=args.ssd_len,
+                global_len=length,
+            )
             try:
-                mesh, inputs = ssd_inputs(n, args.ssd_batch, length, shapes["heads"], shapes["headdim"],
-                                          shapes["state"], sharded=not plain)
+                mesh, inputs = ssd_inputs(n, args.ssd_batch, length, shapes["heads"], shapes["headdim"], shapes["state"], sharded=not plain)
                 f = jax.jit(ssd_grad_fn(mesh, n, shapes["chunk"], args.impl, plain))
                 t0 = time.perf_counter()
                 compiled = f.lower(*inputs).compile()
@@ -234,10 +242,17 @@ def bench_train(args, counts):
     cfg = model_config(args, remat=args.train_remat)
     for n in counts:
         trainer = Trainer(cfg, n, args.loss_chunk)
-        for plain in ([True, False] if n == 1 else [False]):
+        for plain in [True, False] if n == 1 else [False]:
             length = n * args.train_len
-            row = dict(section="train", devices=n, variant="plain" if plain else "sharded", batch=args.train_batch,
-                       tokens_per_device=args.train_len, global_len=length, remat=args.train_remat)
+            row = dict(
+                section="train",
+                devices=n,
+                variant="plain" if plain else "sharded",
+                batch=args.train_batch,
+                tokens_per_device=args.train_len,
+                global_len=length,
+                remat=args.train_remat,
+            )
             try:
                 batch = trainer.batch(args.train_batch, length, sharded=not plain)
                 step = trainer.step_fn(sharded=not plain)
@@ -246,8 +261,7 @@ def bench_train(args, counts):
                 row["compile_s"] = round(time.perf_counter() - t0, 1)
                 row["peak_gb"] = (peak_bytes(compiled) or 0) / 1e9
                 state = (trainer.params, trainer.opt_state, batch)
-                row["ms"], row["min_ms"] = time_fn(compiled, state, args.iters, args.repeats,
-                                                   carry=lambda a, out: (out[0], out[1], a[2]))
+                row["ms"], row["min_ms"] = time_fn(compiled, state, args.iters, args.repeats, carry=lambda a, out: (out[0], out[1], a[2]))
                 row["ktok_per_s_per_device"] = args.train_batch * args.train_len / row["ms"]
                 # the donated buffers are gone: re-create the parameters for the next row
                 trainer = Trainer(cfg, n, args.loss_chunk)
@@ -322,10 +336,16 @@ def bench_fit(args, counts):
                 lo = mid
             else:
                 hi = mid
-        row = dict(section="fit", devices=n, longest_fitting_len=lo, smallest_failing_len=hi,
-                   capped=hi is None and lo is not None and lo * 2 > cap,
-                   budget_exhausted=time.perf_counter() >= deadline, trials=trials,
-                   tokens_per_device=None if lo is None else lo // n)
+        row = dict(
+            section="fit",
+            devices=n,
+            longest_fitting_len=lo,
+            smallest_failing_len=hi,
+            capped=hi is None and lo is not None and lo * 2 > cap,
+            budget_exhausted=time.perf_counter() >= deadline,
+            trials=trials,
+            tokens_per_device=None if lo is None else lo // n,
+        )
         print(json.dumps({k: v for k, v in row.items() if k != "trials"}), flush=True)
         rows.append(row)
         del trainer, step, fits  # before the next size's model is built
@@ -351,16 +371,26 @@ def markdown(result) -> str:
     lines += [f"Warning: {w}" for w in result.get("warnings", [])] + [""]
     scaling = [r for r in result["rows"] if r["section"] in ("ssd", "train")]
     if scaling:
-        lines += ["| section | devices | variant | tokens/device | global len | ms | tokens/s/device | peak GB | "
-                  "weak-scaling eff. |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| section | devices | variant | tokens/device | global len | ms | tokens/s/device | peak GB | weak-scaling eff. |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in scaling:
             eff = result["efficiency"].get(r["section"], {}).get(str(r["devices"])) if r["variant"] == "sharded" else None
             tps = r["batch"] * r["tokens_per_device"] / r["ms"] * 1e3 if "ms" in r else None
-            lines.append("| {section} | {devices} | {variant} | {tpd} | {gl} | {ms} | {tps} | {peak} | {eff} |".format(
-                section=r["section"], devices=r["devices"], variant=r["variant"], tpd=r["tokens_per_device"],
-                gl=r["global_len"], ms=f"{r['ms']:.2f}" if "ms" in r else r.get("error", "-")[:60],
-                tps=f"{tps:,.0f}" if tps else "-", peak=f"{r['peak_gb']:.2f}" if r.get("peak_gb") else "-",
-                eff=f"{eff:.2f}" if eff else "-"))
+            lines.append(
+                "| {section} | {devices} | {variant} | {tpd} | {gl} | {ms} | {tps} | {peak} | {eff} |".format(
+                    section=r["section"],
+                    devices=r["devices"],
+                    variant=r["variant"],
+                    tpd=r["tokens_per_device"],
+                    gl=r["global_len"],
+                    ms=f"{r['ms']:.2f}" if "ms" in r else r.get("error", "-")[:60],
+                    tps=f"{tps:,.0f}" if tps else "-",
+                    peak=f"{r['peak_gb']:.2f}" if r.get("peak_gb") else "-",
+                    eff=f"{eff:.2f}" if eff else "-",
+                )
+            )
         lines.append("")
     fit = [r for r in result["rows"] if r["section"] == "fit"]
     if fit:
@@ -401,9 +431,17 @@ def main(argv=None):
     counts = [1] if n == 1 else [1, n]
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     dev = jax.devices()[0]
-    result = dict(device=getattr(dev, "device_kind", str(dev)), platform=dev.platform, num_devices=n,
-                  jax=jax.__version__, impl=resolve_impl(args.impl), args=vars(args),
-                  device_memory_bytes=device_memory_limit(), rows=[], efficiency={})
+    result = dict(
+        device=getattr(dev, "device_kind", str(dev)),
+        platform=dev.platform,
+        num_devices=n,
+        jax=jax.__version__,
+        impl=resolve_impl(args.impl),
+        args=vars(args),
+        device_memory_bytes=device_memory_limit(),
+        rows=[],
+        efficiency={},
+    )
     if n == 1:
         print("only one device: the N-device rows are skipped (run on a machine with several GPUs)", flush=True)
     with warnings.catch_warnings(record=True) as caught:

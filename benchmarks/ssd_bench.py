@@ -51,8 +51,7 @@ from ssm_jax.kernels.config import KernelConfig, Launch  # noqa: E402
 from ssm_jax.profiling import device_profile, time_ms  # noqa: E402
 from ssm_jax.ssd import ssd  # noqa: E402
 
-CASES = {"smoke": (1, 512), "b8xL4096": (8, 4096), "b2xL16384": (2, 16384), "b1xL65536": (1, 65536),
-         "b1xL1M": (1, 1 << 20)}
+CASES = {"smoke": (1, 512), "b8xL4096": (8, 4096), "b2xL16384": (2, 16384), "b1xL65536": (1, 65536), "b1xL1M": (1, 1 << 20)}
 PEAK_FLOPS = 682e12
 PEAK_BW = 4.27e12
 # The official mamba_ssm Triton kernel on the same H200: forward, forward+backward (CUDA graph).
@@ -108,8 +107,7 @@ def forward_fn(impl, s: Shape, config=None):
         return lambda x, dt, A, B, C, D: ssd(x, dt, A, B, C, D=D, chunk_size=s.Q, impl=impl)[0]
 
     def fused(x, dt, A, B, C, D):
-        y, _ = ssd_ops.ssd_pallas(x, dt, dt * A, B, C, None, None, chunk_size=s.Q, D=D, out_dtype=x.dtype,
-                                  config=kernel_config(config or {}))
+        y, _ = ssd_ops.ssd_pallas(x, dt, dt * A, B, C, None, None, chunk_size=s.Q, D=D, out_dtype=x.dtype, config=kernel_config(config or {}))
         return y
 
     return fused
@@ -125,6 +123,7 @@ def loss_grad_fn(fwd):
 def vjp_fn(fwd):
     """``(y, gradients of x, dt, A, B, C, D)`` for a given cotangent of y: forward+backward as a framework's
     ``y.backward(dy)`` measures it, without the loss reduction over y that ``loss_grad_fn`` adds."""
+
     def f(x, dt, A, B, C, D, cot):
         y, pullback = jax.vjp(fwd, x, dt, A, B, C, D)
         return y, pullback(cot.astype(y.dtype))
@@ -177,8 +176,16 @@ def check_1m(s: Shape, b=1, L=1 << 20, tail=1 << 15):
     y, final = jax.jit(lambda x, dt, B, C: run(x, dt, dt * A, B, C))(x, dt, B, C)
     k = L - tail
     _, mid = jax.jit(lambda x, dt, B, C: run(x, dt, dt * A, B, C))(x[:, :k], dt[:, :k], B[:, :k], C[:, :k])
-    yr, fr = ssd(x[:, k:].astype(jnp.float32), dt[:, k:], A, B[:, k:].astype(jnp.float32),
-                 C[:, k:].astype(jnp.float32), chunk_size=s.Q, initial_state=mid, impl="xla")
+    yr, fr = ssd(
+        x[:, k:].astype(jnp.float32),
+        dt[:, k:],
+        A,
+        B[:, k:].astype(jnp.float32),
+        C[:, k:].astype(jnp.float32),
+        chunk_size=s.Q,
+        initial_state=mid,
+        impl="xla",
+    )
     return {"y_tail": rel(y[:, k:], yr), "final": rel(final, fr), "finite": bool(jnp.all(jnp.isfinite(y)))}
 
 
@@ -194,8 +201,7 @@ def check_heads(s: Shape, heads, b=2, L=1000, seed=4):
         cast = (lambda v: v.astype(jnp.float32)) if f32 else (lambda v: v)
 
         def loss(x, dt, A, B, C, h0):
-            y, final = ssd(cast(x), dt, A, cast(B), cast(C), D=D, chunk_size=s.Q, initial_state=h0, segment_ids=seg,
-                           impl=impl)
+            y, final = ssd(cast(x), dt, A, cast(B), cast(C), D=D, chunk_size=s.Q, initial_state=h0, segment_ids=seg, impl=impl)
             return jnp.sum(y.astype(jnp.float32) * cot.astype(jnp.float32)) + jnp.sum(final), y
 
         return jax.jit(jax.value_and_grad(loss, argnums=range(6), has_aux=True))(x, dt, A, B, C, h0)
@@ -250,8 +256,11 @@ def bench_case(s: Shape, name, b, L, impls, configs=None, bwd=True, iters=10, re
 
 
 def markdown(rows):
-    lines = ["| case | impl | fwd ms wall (device) | fwd TFLOP/s | fwd GB/s | fwd+bwd ms wall (device) | fwd+bwd TFLOP/s"
-             " | peak mem fwd / fwd+bwd GB | official fwd / fwd+bwd ms |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | impl | fwd ms wall (device) | fwd TFLOP/s | fwd GB/s | fwd+bwd ms wall (device) | fwd+bwd TFLOP/s"
+        " | peak mem fwd / fwd+bwd GB | official fwd / fwd+bwd ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         off = OFFICIAL.get(r["case"])
         fmt = lambda k, f="{:.3f}": f.format(r[k]) if k in r else "-"
@@ -259,8 +268,7 @@ def markdown(rows):
         lines.append(
             f"| {r['case']} | {r['impl']} | {both('fwd')} | {fmt('fwd_tflops', '{:.0f}')} | {fmt('fwd_gbs', '{:.0f}')}"
             f" | {both('fwdbwd')} | {fmt('fwdbwd_tflops', '{:.0f}')} | {fmt('fwd_mem_gb', '{:.2f}')} /"
-            f" {fmt('fwdbwd_mem_gb', '{:.2f}')} | {'%.3f / %.2f' % off if off else '-'} |"
-            + (f" error: {r['error'][:80]}" if "error" in r else "")
+            f" {fmt('fwdbwd_mem_gb', '{:.2f}')} | {'%.3f / %.2f' % off if off else '-'} |" + (f" error: {r['error'][:80]}" if "error" in r else "")
         )
     return "\n".join(lines)
 
@@ -278,8 +286,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="b8xL4096,b2xL16384,b1xL65536,b1xL1M")
     ap.add_argument("--impls", default="xla,pallas,pallas-fused")
-    ap.add_argument("--configs", default="",
-                    help='JSON {"name": {KernelConfig field: value}}: timed as "config:name" rows on --config-cases')
+    ap.add_argument("--configs", default="", help='JSON {"name": {KernelConfig field: value}}: timed as "config:name" rows on --config-cases')
     ap.add_argument("--config-cases", default="b8xL4096", help="comma list of cases the --configs run on")
     ap.add_argument("--configs-bwd", action="store_true", help="also time fwd+bwd of each --configs entry")
     ap.add_argument("--accuracy", action="store_true", help="relative errors vs the float32 reference")
@@ -287,12 +294,10 @@ def main(argv=None):
     ap.add_argument("--check-1m", action="store_true")
     ap.add_argument("--check-heads", default="", help="comma list of head counts for check_heads (e.g. 24,80)")
     ap.add_argument("--smoke", action="store_true", help="first a small correctness check of the kernels")
-    ap.add_argument("--small", action="store_true",
-                    help="heads, headdim, state 2, 16, 16, short --check-heads lengths, one timing repeat (CPU)")
+    ap.add_argument("--small", action="store_true", help="heads, headdim, state 2, 16, 16, short --check-heads lengths, one timing repeat (CPU)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--xla-cases", default="all", help="cases that also time impl='xla' (comma list or 'all')")
-    ap.add_argument("--public-cases", default="all",
-                    help="cases that also time ssd(impl='pallas') (comma list or 'all')")
+    ap.add_argument("--public-cases", default="all", help="cases that also time ssd(impl='pallas') (comma list or 'all')")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "ssd_h200.json"))
     args = ap.parse_args(argv)
     s = SMALL if args.small else FULL
@@ -301,8 +306,12 @@ def main(argv=None):
     configs = {f"config:{k}": v for k, v in json.loads(args.configs).items()} if args.configs else {}
 
     dev = jax.devices()[0]
-    meta = {"device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__, "shape": s._asdict(),
-            "command": "python benchmarks/ssd_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    meta = {
+        "device": getattr(dev, "device_kind", str(dev)),
+        "jax": jax.__version__,
+        "shape": s._asdict(),
+        "command": "python benchmarks/ssd_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     print(json.dumps(meta), flush=True)
     result = {"meta": meta, "rows": [], "variants": [], "accuracy": {}, "check_1m": None}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -319,11 +328,11 @@ def main(argv=None):
     for case in [c for c in args.cases.split(",") if c]:
         big = case == "b1xL1M"
         wanted = lambda spec: spec in ("all", "") or case in spec.split(",")  # noqa: B023
-        case_impls = [i for i in impls
-                      if (i != "xla" or wanted(args.xla_cases)) and (i != "pallas" or wanted(args.public_cases))]
+        case_impls = [i for i in impls if (i != "xla" or wanted(args.xla_cases)) and (i != "pallas" or wanted(args.public_cases))]
         b, L = CASES[case]
-        result["rows"] += bench_case(s, case, b, L, [i for i in case_impls if not (big and i == "xla")], bwd=not big,
-                                     iters=3 if big else args.iters, repeats=repeats)
+        result["rows"] += bench_case(
+            s, case, b, L, [i for i in case_impls if not (big and i == "xla")], bwd=not big, iters=3 if big else args.iters, repeats=repeats
+        )
         save()
     if args.accuracy:
         names = [i for i in args.accuracy_impls.split(",") if i and i != "xla"] + list(configs)
@@ -340,8 +349,7 @@ def main(argv=None):
         save()
     for case in [c for c in args.config_cases.split(",") if c] if configs else []:
         b, L = CASES[case]
-        result["variants"] += bench_case(s, case, b, L, list(configs), configs, bwd=args.configs_bwd,
-                                         iters=args.iters, repeats=repeats)
+        result["variants"] += bench_case(s, case, b, L, list(configs), configs, bwd=args.configs_bwd, iters=args.iters, repeats=repeats)
         save()
     save()
     print(markdown(result["variants"] + result["rows"]))

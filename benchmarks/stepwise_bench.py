@@ -95,8 +95,7 @@ def main(argv=None) -> Dict:
     x, dt, log_a, B, C = make_inputs(**sizes)
     bound = half_clipped_bound(x, dt, log_a, B, C, interpret)
     inputs = (x, dt, log_a, B, C, bound)
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; sizes {sizes}",
-          flush=True)
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; sizes {sizes}", flush=True)
 
     recurrent = jax.jit(lambda x, dt, la, B, C, mn: ssd_recurrent(x, dt, la, B, C, None, None, max_norm=mn))
     want_y, want_state = recurrent(*inputs)
@@ -109,14 +108,20 @@ def main(argv=None) -> Dict:
     for time_block, warps, stages in args.variants or (SMOKE_VARIANTS if args.smoke else VARIANTS):
         label = f"stepwise T{time_block} w{warps} s{stages}"
         row = dict(impl="stepwise", time_block=time_block, num_warps=warps, num_stages=stages)
-        fn = jax.jit(lambda x, dt, la, B, C, mn, T=time_block, w=warps, s=stages: ssd_stepwise(
-            x, dt, la, B, C, None, None, max_norm=mn, interpret=interpret, time_block=T, num_warps=w, num_stages=s))
+        fn = jax.jit(
+            lambda x, dt, la, B, C, mn, T=time_block, w=warps, s=stages: ssd_stepwise(
+                x, dt, la, B, C, None, None, max_norm=mn, interpret=interpret, time_block=T, num_warps=w, num_stages=s
+            )
+        )
         t_compile = time.perf_counter()
         try:
             y, state = fn(*inputs)
             row["compile_s"] = time.perf_counter() - t_compile
-            row.update(rel_err_y=rel_err(y, want_y), rel_err_state=rel_err(state, want_state),
-                       seconds=time_ms(fn, inputs, iters=iters, repeats=repeats, warmup=1)[0] / 1e3)
+            row.update(
+                rel_err_y=rel_err(y, want_y),
+                rel_err_state=rel_err(state, want_state),
+                seconds=time_ms(fn, inputs, iters=iters, repeats=repeats, warmup=1)[0] / 1e3,
+            )
         except Exception as e:  # noqa: BLE001 - a variant that fails to compile is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             print(f"{label}: FAILED {row['error']}", flush=True)
@@ -124,15 +129,25 @@ def main(argv=None) -> Dict:
             continue
         row["us_per_step"] = row["seconds"] / sizes["l"] * 1e6
         row["projected_1m_s"] = row["seconds"] * LAYERS * CALLS_PER_1M
-        print(f"{label}: {row['seconds'] * 1e3:9.2f} ms ({row['us_per_step']:.3f} us/step, 1M x 24 layers "
-              f"~{row['projected_1m_s']:.1f} s)  rel err y {row['rel_err_y']:.2e} state {row['rel_err_state']:.2e}",
-              flush=True)
+        print(
+            f"{label}: {row['seconds'] * 1e3:9.2f} ms ({row['us_per_step']:.3f} us/step, 1M x 24 layers "
+            f"~{row['projected_1m_s']:.1f} s)  rel err y {row['rel_err_y']:.2e} state {row['rel_err_state']:.2e}",
+            flush=True,
+        )
         rows.append(row)
 
     summary = dict(
-        benchmark="stepwise", device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
-        python=platform.python_version(), smoke=args.smoke, sizes=sizes, dtypes="x/B/C bf16, dt/log_a float32",
-        clip_active_heads=clip_active, heads=sizes["h"], results=rows,
+        benchmark="stepwise",
+        device=jax.devices()[0].device_kind,
+        backend=jax.default_backend(),
+        jax=jax.__version__,
+        python=platform.python_version(),
+        smoke=args.smoke,
+        sizes=sizes,
+        dtypes="x/B/C bf16, dt/log_a float32",
+        clip_active_heads=clip_active,
+        heads=sizes["h"],
+        results=rows,
     )
     write_json(args.out, summary)  # atomic, strict JSON
     print(f"wrote {args.out}")

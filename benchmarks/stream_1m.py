@@ -87,8 +87,7 @@ def stream(model, tokens: np.ndarray, chunk_len: int, mitigation, budget_s: floa
     t0 = time.perf_counter()
     for c in sorted({min(chunk_len, total), total % chunk_len} - {0}):
         cache = inference.init_cache(model, batch, mitigation)
-        jax.block_until_ready(fn(state, jnp.asarray(tokens[:, :c]), jnp.asarray(tokens[:, 1 : c + 1]), cache,
-                                 mitigation))
+        jax.block_until_ready(fn(state, jnp.asarray(tokens[:, :c]), jnp.asarray(tokens[:, 1 : c + 1]), cache, mitigation))
     compile_s = time.perf_counter() - t0
 
     cache = inference.init_cache(model, batch, mitigation)
@@ -97,16 +96,14 @@ def stream(model, tokens: np.ndarray, chunk_len: int, mitigation, budget_s: floa
     t0 = time.perf_counter()
     while done < total:
         c = min(chunk_len, total - done)
-        chunk_sum, cache = fn(state, jnp.asarray(tokens[:, done : done + c]),
-                              jnp.asarray(tokens[:, done + 1 : done + c + 1]), cache, mitigation)
+        chunk_sum, cache = fn(state, jnp.asarray(tokens[:, done : done + c]), jnp.asarray(tokens[:, done + 1 : done + c + 1]), cache, mitigation)
         loss_sum = loss_sum + chunk_sum
         done += c
         jax.block_until_ready(loss_sum)  # as eval.py, which reads every chunk's losses back
         elapsed = time.perf_counter() - t0
         over = elapsed > budget_s and done < total
         if done >= next_report or done == total or over:
-            print(f"  [{label}] {done:>9,} / {total:,} tokens  {elapsed:8.2f} s  {batch * done / elapsed:12,.0f} tok/s",
-                  flush=True)
+            print(f"  [{label}] {done:>9,} / {total:,} tokens  {elapsed:8.2f} s  {batch * done / elapsed:12,.0f} tok/s", flush=True)
             while next_report <= done:
                 next_report += PROGRESS_EVERY
         if over:
@@ -117,8 +114,13 @@ def stream(model, tokens: np.ndarray, chunk_len: int, mitigation, budget_s: floa
     elapsed = time.perf_counter() - t0
     seconds = elapsed * total / done
     return {
-        "mitigation": label, "compile_s": compile_s, "seconds": seconds, "measured_s": elapsed,
-        "tokens_streamed": int(done), "tokens_per_s": batch * done / elapsed, "extrapolated": extrapolated,
+        "mitigation": label,
+        "compile_s": compile_s,
+        "seconds": seconds,
+        "measured_s": elapsed,
+        "tokens_streamed": int(done),
+        "tokens_per_s": batch * done / elapsed,
+        "extrapolated": extrapolated,
         "mean_loss": float(loss_sum) / (batch * done),
     }
 
@@ -131,9 +133,11 @@ def main(argv=None):
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    print(f"model: {params / 1e6:.1f}M params, d_model {config.d_model}, {config.n_layer} layers, "
-          f"state {config.state_size:,}; {args.tokens:,} tokens x batch {args.batch}, chunks of {args.chunk_len}",
-          flush=True)
+    print(
+        f"model: {params / 1e6:.1f}M params, d_model {config.d_model}, {config.n_layer} layers, "
+        f"state {config.state_size:,}; {args.tokens:,} tokens x batch {args.batch}, chunks of {args.chunk_len}",
+        flush=True,
+    )
     rng = np.random.default_rng(args.seed)
     tokens = rng.integers(0, config.vocab_size, size=(args.batch, args.tokens + 1), dtype=np.int32)
 
@@ -150,12 +154,22 @@ def main(argv=None):
         print(f"| {r['mitigation']} | {r['seconds']:.2f}{mark} | {r['tokens_per_s']:,.0f} | {r['compile_s']:.2f} |")
 
     out = {
-        "benchmark": "stream_1m", "device": device.device_kind, "backend": jax.default_backend(),
-        "jax": jax.__version__, "python": platform.python_version(), "tiny": args.tiny, "params": params,
-        "model": {k: getattr(config, k) for k in ("d_model", "n_layer", "d_state", "headdim", "nheads", "vocab_size",
-                                                   "chunk_size", "dtype", "ssd_impl")},
-        "tokens": args.tokens, "batch": args.batch, "chunk_len": args.chunk_len, "window": args.window,
-        "max_norm": args.max_norm, "results": rows,
+        "benchmark": "stream_1m",
+        "device": device.device_kind,
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "tiny": args.tiny,
+        "params": params,
+        "model": {
+            k: getattr(config, k) for k in ("d_model", "n_layer", "d_state", "headdim", "nheads", "vocab_size", "chunk_size", "dtype", "ssd_impl")
+        },
+        "tokens": args.tokens,
+        "batch": args.batch,
+        "chunk_len": args.chunk_len,
+        "window": args.window,
+        "max_norm": args.max_norm,
+        "results": rows,
     }
     write_json(args.out, out)  # atomic, strict JSON
     print(f"\nwrote {args.out}")

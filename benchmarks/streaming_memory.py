@@ -25,8 +25,7 @@ def measure(tokens: int, chunk: int, tiny: bool) -> dict:
 
     from ssm_jax import Mamba2Config, Mamba2LM, inference
 
-    cfg = (Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=64)
-           if tiny else Mamba2Config())
+    cfg = Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=64) if tiny else Mamba2Config()
     model = Mamba2LM(cfg, rngs=nnx.Rngs(0))
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, tokens + 1))
     start = time.perf_counter()
@@ -35,7 +34,10 @@ def measure(tokens: int, chunk: int, tiny: bool) -> dict:
     device = jax.local_devices()[0]
     stats = device.memory_stats() or {}
     return {
-        "tokens": tokens, "chunk": chunk, "seconds": seconds, "platform": device.platform,
+        "tokens": tokens,
+        "chunk": chunk,
+        "seconds": seconds,
+        "platform": device.platform,
         "device_peak_bytes": stats.get("peak_bytes_in_use"),
         "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "mean_loss": float(losses.mean()),

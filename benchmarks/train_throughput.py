@@ -39,8 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0,
-               "TPU v4": 275.0, "TPU v6": 918.0}
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v4": 275.0, "TPU v6": 918.0}
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -79,13 +78,16 @@ def bench_one(model_cfg, seq_len: int, batch: int, *, steps: int, warmup: int, l
     init = lambda k: train_lib.init_train_state(model_cfg, opt, k)  # noqa: E731
     state = jax.jit(init)(jax.random.PRNGKey(0))
     graphdef, _ = train_lib.abstract_model(model_cfg)
-    step = jax.jit(train_lib.make_train_step(graphdef, opt, schedule=schedule, use_segment_ids=False,
-                                             loss_chunk_size=loss_chunk), donate_argnums=(0,))
+    step = jax.jit(
+        train_lib.make_train_step(graphdef, opt, schedule=schedule, use_segment_ids=False, loss_chunk_size=loss_chunk), donate_argnums=(0,)
+    )
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model_cfg.vocab_size, (batch, seq_len + 1)).astype(np.int32)
     b = {
-        "inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
-        "segment_ids": jnp.zeros((batch, seq_len), jnp.int32), "loss_mask": jnp.ones((batch, seq_len), jnp.float32),
+        "inputs": jnp.asarray(tokens[:, :-1]),
+        "targets": jnp.asarray(tokens[:, 1:]),
+        "segment_ids": jnp.zeros((batch, seq_len), jnp.int32),
+        "loss_mask": jnp.ones((batch, seq_len), jnp.float32),
         "is_continuation": jnp.zeros((batch,), jnp.int32),
     }
     t0 = time.perf_counter()
@@ -108,8 +110,11 @@ def bench_one(model_cfg, seq_len: int, batch: int, *, steps: int, warmup: int, l
     loss = float(metrics["loss"])
     del state, compiled, step
     return {
-        "step_ms": 1e3 * elapsed / steps, "tokens_per_s": batch * seq_len * steps / elapsed, "compile_s": compile_s,
-        "peak_memory_gb": None if peak_bytes is None else peak_bytes / 2**30, "final_loss": loss,
+        "step_ms": 1e3 * elapsed / steps,
+        "tokens_per_s": batch * seq_len * steps / elapsed,
+        "compile_s": compile_s,
+        "peak_memory_gb": None if peak_bytes is None else peak_bytes / 2**30,
+        "final_loss": loss,
     }
 
 
@@ -119,8 +124,7 @@ def run(args) -> dict:
 
     device = jax.devices()[0]
     if args.tiny:
-        base = Mamba2Config(d_model=64, n_layer=2, vocab_size=50277, d_state=16, headdim=16, chunk_size=64,
-                            dtype="bfloat16", param_dtype="float32")
+        base = Mamba2Config(d_model=64, n_layer=2, vocab_size=50277, d_state=16, headdim=16, chunk_size=64, dtype="bfloat16", param_dtype="float32")
     else:  # the public 130m architecture
         base = Mamba2Config(dtype="bfloat16", param_dtype="float32")
     peak = _peak_tflops(device, args.peak_tflops)
@@ -141,8 +145,7 @@ def run(args) -> dict:
                 for remat in (False, True):
                     cfg = base.replace(ssd_impl=impl, remat=remat)
                     try:
-                        res = bench_one(cfg, seq_len, batch, steps=args.steps, warmup=args.warmup,
-                                        loss_chunk=min(args.loss_chunk, seq_len))
+                        res = bench_one(cfg, seq_len, batch, steps=args.steps, warmup=args.warmup, loss_chunk=min(args.loss_chunk, seq_len))
                     except Exception as e:  # noqa: BLE001
                         jax.clear_caches()
                         gc.collect()
@@ -155,9 +158,14 @@ def run(args) -> dict:
                         break
                     flops = train_lib.model_flops_per_token(cfg, seq_len)
                     achieved = flops * res["tokens_per_s"] / 1e12
-                    row.update(batch=batch, remat=remat, **res, model_tflops_per_s=achieved,
-                               mfu=None if peak is None else achieved / peak,
-                               frac_of_matmul=None if matmul is None else achieved / matmul)
+                    row.update(
+                        batch=batch,
+                        remat=remat,
+                        **res,
+                        model_tflops_per_s=achieved,
+                        mfu=None if peak is None else achieved / peak,
+                        frac_of_matmul=None if matmul is None else achieved / matmul,
+                    )
                     done = True
                     break
                 tokens //= 2
@@ -168,11 +176,19 @@ def run(args) -> dict:
             jax.clear_caches()
             gc.collect()
     return {
-        "benchmark": "train_throughput", "model": "tiny" if args.tiny else "mamba2-130m",
-        "device": getattr(device, "device_kind", str(device)), "num_devices_used": 1, "backend": device.platform,
-        "jax": jax.__version__, "python": platform.python_version(), "peak_tflops": peak,
-        "measured_matmul_tflops": matmul, "steps": args.steps, "tokens_per_batch_target": args.tokens_per_batch,
-        "loss_chunk_size": args.loss_chunk, "rows": rows,
+        "benchmark": "train_throughput",
+        "model": "tiny" if args.tiny else "mamba2-130m",
+        "device": getattr(device, "device_kind", str(device)),
+        "num_devices_used": 1,
+        "backend": device.platform,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "peak_tflops": peak,
+        "measured_matmul_tflops": matmul,
+        "steps": args.steps,
+        "tokens_per_batch_target": args.tokens_per_batch,
+        "loss_chunk_size": args.loss_chunk,
+        "rows": rows,
         "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
     }
 

@@ -32,14 +32,24 @@ def get_config(size: str = "m"):
     if size not in SIZES:
         raise ValueError(f"configs/collapse_study.py: size {size!r} is not one of {', '.join(SIZES)}")
     config = base_config()
-    config.model.update(**SIZES[size], vocab_size=257, pad_vocab_size_multiple=1, headdim=64, d_state=128,
-                        expand=2, ngroups=1, d_conv=4, chunk_size=64, dtype="bfloat16", param_dtype="float32")
+    config.model.update(
+        **SIZES[size],
+        vocab_size=257,
+        pad_vocab_size_multiple=1,
+        headdim=64,
+        d_state=128,
+        expand=2,
+        ngroups=1,
+        d_conv=4,
+        chunk_size=64,
+        dtype="bfloat16",
+        param_dtype="float32",
+    )
     config.data.update(corpus="shakespeare", tokenizer="byte", mode="packed", seq_len=128, num_threads=4)
     # batch_size = TOKENS_PER_STEP // seq_len is set by the study driver (experiments/collapse_study.py);
     # the default matches seq_len 128.
     config.train.update(batch_size=TOKENS_PER_STEP // 128, num_steps=NUM_STEPS, log_every=50, progress_bar=False)
-    config.optim.update(lr=1.5e-3, schedule="wsd", warmup_steps=60, decay_fraction=0.2, decay_shape="sqrt",
-                        weight_decay=0.1, clip_norm=1.0)
+    config.optim.update(lr=1.5e-3, schedule="wsd", warmup_steps=60, decay_fraction=0.2, decay_shape="sqrt", weight_decay=0.1, clip_norm=1.0)
     config.eval.update(every_steps=0, num_batches=8, batch_size=64)
     config.checkpoint.update(every_steps=NUM_STEPS, max_to_keep=1)
     return config

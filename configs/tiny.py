@@ -1,6 +1,6 @@
 """A tiny model on the tiny corpus: smoke runs and tests (seconds on a CPU).
 
-    python train.py --config=configs/tiny.py --workdir=/tmp/run_tiny
+python train.py --config=configs/tiny.py --workdir=/tmp/run_tiny
 """
 
 from ssm_jax.train_config import base_config

@@ -77,68 +77,97 @@ def ssd() -> str:
         fwd = f"{bold(format(r['fwd_ms'], '.3f'))} ({r['fwd_device_ms']:.3f})"
         fwdbwd = f"{bold(format(r['fwdbwd_ms'], '.3f'))} ({r['fwdbwd_device_ms']:.3f})" if "fwdbwd_ms" in r else "-"
         mem = f"{r['fwd_mem_gb']:.2f} / " + (f"{r['fwdbwd_mem_gb']:.2f}" if "fwdbwd_mem_gb" in r else "-")
-        rows.append([r["case"], r["impl"], fwd, f"{r['fwd_tflops']:.0f}", f"{r['fwd_gbs']:.0f}", fwdbwd,
-                     _wall_device(r, "vjp"), f"{r['fwdbwd_tflops']:.0f}" if "fwdbwd_tflops" in r else "-", mem])
-    return table(["case", "impl", "fwd ms wall (device)", "fwd TFLOP/s", "fwd GB/s", "fwd+bwd ms wall (device)",
-                  "vjp ms wall (device)", "fwd+bwd TFLOP/s", "peak mem fwd / fwd+bwd (GB)"], rows)
+        rows.append(
+            [
+                r["case"],
+                r["impl"],
+                fwd,
+                f"{r['fwd_tflops']:.0f}",
+                f"{r['fwd_gbs']:.0f}",
+                fwdbwd,
+                _wall_device(r, "vjp"),
+                f"{r['fwdbwd_tflops']:.0f}" if "fwdbwd_tflops" in r else "-",
+                mem,
+            ]
+        )
+    return table(
+        [
+            "case",
+            "impl",
+            "fwd ms wall (device)",
+            "fwd TFLOP/s",
+            "fwd GB/s",
+            "fwd+bwd ms wall (device)",
+            "vjp ms wall (device)",
+            "fwd+bwd TFLOP/s",
+            "peak mem fwd / fwd+bwd (GB)",
+        ],
+        rows,
+    )
 
 
 def ssd_source() -> str:
     row = ssd_rows()[("b8xL4096", "pallas")]
     gflop = row["fwd_tflops"] * row["fwd_ms"]  # TFLOP/s x ms = GFLOP
-    return (f"Measured side by side in one run: {source('ssd_h200.json')}\n\n"
-            f"TFLOP/s and GB/s are the model's FLOPs ({gflop:.1f} GFLOP forward at b8xL4096, 3x for fwd+bwd) and "
-            f"bytes (inputs read once, outputs written once) over the wall time. At the anchor machine's measured "
-            f"bf16 matmul rate ({ANCHORS['matmul_tflops']:.0f} TFLOP/s) these FLOPs take "
-            f"{gflop / ANCHORS['matmul_tflops']:.2f} ms forward and {3 * gflop / ANCHORS['matmul_tflops']:.2f} ms "
-            f"fwd+bwd at b8xL4096.")
+    return (
+        f"Measured side by side in one run: {source('ssd_h200.json')}\n\n"
+        f"TFLOP/s and GB/s are the model's FLOPs ({gflop:.1f} GFLOP forward at b8xL4096, 3x for fwd+bwd) and "
+        f"bytes (inputs read once, outputs written once) over the wall time. At the anchor machine's measured "
+        f"bf16 matmul rate ({ANCHORS['matmul_tflops']:.0f} TFLOP/s) these FLOPs take "
+        f"{gflop / ANCHORS['matmul_tflops']:.2f} ms forward and {3 * gflop / ANCHORS['matmul_tflops']:.2f} ms "
+        f"fwd+bwd at b8xL4096."
+    )
 
 
 def ssd_accuracy() -> str:
     data = load("ssd_h200.json")
     acc, heads = data["accuracy"]["pallas"], {h["heads"]: h for h in data["check_heads"]}
     names = ["y", "dx", "ddt", "dA", "dB", "dC", "dD", "dh0"]
-    rows = [[n, f"{acc[n]:.2e}" if n in acc else "-"] + [f"{heads[h][n]:.2e}" if n in heads[h] else "-"
-                                                        for h in sorted(heads)] for n in names]
+    rows = [[n, f"{acc[n]:.2e}" if n in acc else "-"] + [f"{heads[h][n]:.2e}" if n in heads[h] else "-" for h in sorted(heads)] for n in names]
     one_m = data["check_1m"]
-    return (table(["relative error", "b2 x L4096, 32 heads, vs impl=xla"]
-                  + [f"{h} heads, b2 x 1000, through ssd()" for h in sorted(heads)], rows)
-            + f"\n\n1M tokens: the last outputs and the final state agree with impl=\"xla\" restarted from the "
-              f"kernel's state to {one_m['y_tail']:.1e} / {one_m['final']:.1e}; "
-              + ("all outputs finite." if one_m["finite"] else "NOT all outputs finite."))
+    return (
+        table(["relative error", "b2 x L4096, 32 heads, vs impl=xla"] + [f"{h} heads, b2 x 1000, through ssd()" for h in sorted(heads)], rows)
+        + f'\n\n1M tokens: the last outputs and the final state agree with impl="xla" restarted from the '
+        f"kernel's state to {one_m['y_tail']:.1e} / {one_m['final']:.1e}; "
+        + ("all outputs finite." if one_m["finite"] else "NOT all outputs finite.")
+    )
 
 
 def ssd_targets() -> str:
     rows, acc = ssd_rows(), load("ssd_h200.json")["accuracy"]["pallas"]
     lines = []
-    for label, key, anchor in (("forward", "fwd_ms", "fwd_ms"), ("forward+backward (CUDA graph anchor)", "fwdbwd_ms",
-                                                                   "fwdbwd_graph_ms")):
+    for label, key, anchor in (("forward", "fwd_ms", "fwd_ms"), ("forward+backward (CUDA graph anchor)", "fwdbwd_ms", "fwdbwd_graph_ms")):
         cells = []
         for case in CASES:
             ours, official = rows[(case, "pallas")][key], ANCHORS[anchor][case]
             limit = official / TARGET_SPEEDUP
             verdict = "**met**" if ours <= limit else "**not met**"
             digits = 3 if anchor == "fwd_ms" else 2  # as the anchors were quoted
-            cells.append(f"{verdict}: {ours:.3f} vs <= {limit:.3f} ms ({official / ours:.2f}x the official "
-                         f"{official:.{digits}f} ms)")
+            cells.append(f"{verdict}: {ours:.3f} vs <= {limit:.3f} ms ({official / ours:.2f}x the official {official:.{digits}f} ms)")
         lines.append([f"{label} <= official / {TARGET_SPEEDUP}"] + cells)
     worst = max(v for k, v in acc.items())
-    lines.append(["relative error <= 3e-3, y and every gradient", f"{'met' if worst <= 3e-3 else 'not met'}: "
-                  f"max {worst:.2e}", "", ""])
+    lines.append(["relative error <= 3e-3, y and every gradient", f"{'met' if worst <= 3e-3 else 'not met'}: max {worst:.2e}", "", ""])
     ratio = rows[("b1xL1M", "pallas")]["fwd_ms"] / rows[("b1xL65536", "pallas")]["fwd_ms"]
-    lines.append(["1M tokens forward within 20x of b1 x L65536", "", "",
-                  f"{'met' if ratio <= 20 else 'not met'}: {rows[('b1xL1M', 'pallas')]['fwd_ms']:.2f} ms = "
-                  f"{ratio:.1f}x"])
-    return (f"Against the kernels' targets ({TARGET_SPEEDUP}x the official anchors in every case; wall clock):\n\n"
-            + table(["target"] + list(CASES), lines))
+    lines.append(
+        [
+            "1M tokens forward within 20x of b1 x L65536",
+            "",
+            "",
+            f"{'met' if ratio <= 20 else 'not met'}: {rows[('b1xL1M', 'pallas')]['fwd_ms']:.2f} ms = {ratio:.1f}x",
+        ]
+    )
+    return f"Against the kernels' targets ({TARGET_SPEEDUP}x the official anchors in every case; wall clock):\n\n" + table(
+        ["target"] + list(CASES), lines
+    )
 
 
 def ssd_variants() -> str:
     rows, variants = ssd_rows(), {(v["case"], v["impl"]): v for v in load("ssd_h200.json")["variants"]}
-    out = [["default: Mosaic output kernel, the runs' join by XLA before it"]
-           + [_wall_device(rows[(c, "pallas")], "fwd") for c in CASES]]
-    for impl, what in (("fused:triton-out", "Triton output kernel, the join inside it"),
-                       ("fused:mosaic-join", "Mosaic output kernel, the join inside it")):
+    out = [["default: Mosaic output kernel, the runs' join by XLA before it"] + [_wall_device(rows[(c, "pallas")], "fwd") for c in CASES]]
+    for impl, what in (
+        ("fused:triton-out", "Triton output kernel, the join inside it"),
+        ("fused:mosaic-join", "Mosaic output kernel, the join inside it"),
+    ):
         out.append([f"`{impl.split(':')[1]}`: {what}"] + [_wall_device(variants[(c, impl)], "fwd") for c in CASES])
     return table(["forward, ms wall (device)"] + list(CASES), out)
 
@@ -151,10 +180,17 @@ def mosaic() -> str:
         for impl in ("mosaic:r64_s2", "mosaic:r64_s2_smem_a"):
             r = by[(case, impl)]
             ratio = triton["device_us"] / r["device_us"]
-            out.append([case, impl.split(":")[1], f"{r['device_us']:.1f}", f"{triton['device_us']:.1f}",
-                        f"{ratio:.2f}x ({'faster' if ratio > 1 else 'slower'})", f"{r['maxrel_vs_triton']:.1e}"])
-    return table(["case", "Mosaic variant", "Mosaic us (device)", "Triton us (device)", "Triton / Mosaic",
-                  "max rel. difference"], out)
+            out.append(
+                [
+                    case,
+                    impl.split(":")[1],
+                    f"{r['device_us']:.1f}",
+                    f"{triton['device_us']:.1f}",
+                    f"{ratio:.2f}x ({'faster' if ratio > 1 else 'slower'})",
+                    f"{r['maxrel_vs_triton']:.1e}",
+                ]
+            )
+    return table(["case", "Mosaic variant", "Mosaic us (device)", "Triton us (device)", "Triton / Mosaic", "max rel. difference"], out)
 
 
 def profile() -> str:
@@ -173,14 +209,27 @@ def profile() -> str:
 
 def train_8k() -> str:
     data = load("train_throughput_h200_8k_side_by_side.json")
-    rows = [[r["impl"], str(r["seq_len"]), str(r["batch"]), f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}",
-             f"{r['model_tflops_per_s']:.1f}", f"{r['mfu']:.1%}", f"{r['peak_memory_gb']:.1f}"] for r in data["rows"]]
+    rows = [
+        [
+            r["impl"],
+            str(r["seq_len"]),
+            str(r["batch"]),
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['step_ms']:.1f}",
+            f"{r['model_tflops_per_s']:.1f}",
+            f"{r['mfu']:.1%}",
+            f"{r['peak_memory_gb']:.1f}",
+        ]
+        for r in data["rows"]
+    ]
     by = {r["impl"]: r for r in data["rows"]}
     speedup = by["pallas"]["tokens_per_s"] / by["xla"]["tokens_per_s"]
     memory = 1 - by["pallas"]["peak_memory_gb"] / by["xla"]["peak_memory_gb"]
-    return (table(["impl", "seq len", "batch", "tokens/s", "step ms", "model TFLOP/s", "MFU", "peak mem GB"], rows)
-            + f"\n\nWith the kernels the step is {speedup:.2f}x faster and uses {memory:.0%} less memory. "
-              f"{source('train_throughput_h200_8k_side_by_side.json')}")
+    return (
+        table(["impl", "seq len", "batch", "tokens/s", "step ms", "model TFLOP/s", "MFU", "peak mem GB"], rows)
+        + f"\n\nWith the kernels the step is {speedup:.2f}x faster and uses {memory:.0%} less memory. "
+        f"{source('train_throughput_h200_8k_side_by_side.json')}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ streaming
@@ -199,14 +248,15 @@ def _stream_rows(data: dict) -> List[List[str]]:
 
 def stream_1m() -> str:
     data = load("stream_1m_h200.json")
-    return table(["mitigation", f"seconds for {data['tokens']:,} tokens", "tokens/s", "compile s"],
-                 _stream_rows(data))
+    return table(["mitigation", f"seconds for {data['tokens']:,} tokens", "tokens/s", "compile s"], _stream_rows(data))
 
 
 def stream_state_norm() -> str:
     data = load("stream_1m_state_norm_h200_stepwise.json")
-    return table(["mitigation", f"seconds for {data['tokens']:,} tokens", "tokens/s", "compile s"],
-                 [[f"{row[0]} (stepwise kernel)"] + row[1:] for row in _stream_rows(data)])
+    return table(
+        ["mitigation", f"seconds for {data['tokens']:,} tokens", "tokens/s", "compile s"],
+        [[f"{row[0]} (stepwise kernel)"] + row[1:] for row in _stream_rows(data)],
+    )
 
 
 def stream_goal() -> str:
@@ -215,11 +265,12 @@ def stream_goal() -> str:
     best = {**scan, "state_norm": kernel}
     met = [name for name, r in best.items() if r["seconds"] < STREAM_GOAL_S]
     missed = [name for name in best if name not in met]
-    label = {n: f"{n} ({best[n]['seconds']:.1f} s{', stepwise kernel, extrapolated' if n == 'state_norm' else ''})"
-             for n in best}
-    return (f"Goal: 1M tokens in under {STREAM_GOAL_S:.0f} s per mitigation. Met by "
-            + ", ".join(label[n] for n in met)
-            + (f"; not met by {', '.join(missed)}." if missed else "."))
+    label = {n: f"{n} ({best[n]['seconds']:.1f} s{', stepwise kernel, extrapolated' if n == 'state_norm' else ''})" for n in best}
+    return (
+        f"Goal: 1M tokens in under {STREAM_GOAL_S:.0f} s per mitigation. Met by "
+        + ", ".join(label[n] for n in met)
+        + (f"; not met by {', '.join(missed)}." if missed else ".")
+    )
 
 
 def stepwise() -> str:
@@ -228,26 +279,42 @@ def stepwise() -> str:
     rows = []
     for r in data["results"]:
         if r["impl"] == "recurrent":
-            rows.append(["`lax.scan` (impl=\"recurrent\")", f"{r['seconds'] * 1e3:.1f}", "", ""])
+            rows.append(['`lax.scan` (impl="recurrent")', f"{r['seconds'] * 1e3:.1f}", "", ""])
         else:
-            rows.append([f"stepwise kernel, {r['time_block']}-step blocks, {r['num_warps']} warps",
-                         f"{r['seconds'] * 1e3:.1f}", f"{r['us_per_step']:.2f}", f"{r['projected_1m_s']:.0f}"])
+            rows.append(
+                [
+                    f"stepwise kernel, {r['time_block']}-step blocks, {r['num_warps']} warps",
+                    f"{r['seconds'] * 1e3:.1f}",
+                    f"{r['us_per_step']:.2f}",
+                    f"{r['projected_1m_s']:.0f}",
+                ]
+            )
     layers, calls = 24, (1 << 20) // sizes["l"]
     run = load("stream_1m_state_norm_h200_stepwise.json")["results"][0]
     stream = run["seconds"]
-    return (table([f"one layer call: {sizes['l']} tokens, {sizes['h']} heads of {sizes['p']} x {sizes['n']}",
-                   "ms", "us per step", f"x {layers} layers x {calls} calls = s per 1M tokens"], rows)
-            + f"\n\nStreaming 1M tokens with state_norm makes {layers * calls} such layer calls; its measured rate "
-              f"({stream:.1f} s per 1M tokens{', extrapolated' if run['extrapolated'] else ''}) leaves at most {stream / (layers * calls) * 1e3:.1f} ms "
-              f"per call, the rest of the model included.")
+    return (
+        table(
+            [
+                f"one layer call: {sizes['l']} tokens, {sizes['h']} heads of {sizes['p']} x {sizes['n']}",
+                "ms",
+                "us per step",
+                f"x {layers} layers x {calls} calls = s per 1M tokens",
+            ],
+            rows,
+        )
+        + f"\n\nStreaming 1M tokens with state_norm makes {layers * calls} such layer calls; its measured rate "
+        f"({stream:.1f} s per 1M tokens{', extrapolated' if run['extrapolated'] else ''}) leaves at most {stream / (layers * calls) * 1e3:.1f} ms "
+        f"per call, the rest of the model included."
+    )
 
 
 def streaming_memory() -> str:
     data = load("streaming_memory_h200.json")
-    rows = [[f"{r['tokens']:,}", f"{r['seconds']:.2f}", f"{r['device_peak_bytes'] / 2**20:.1f}"]
-            for r in data["results"]]
-    return (table(["tokens", "seconds (incl. compile)", "peak device memory (MiB)"], rows)
-            + f"\n\nPeak memory ratio for 4x the tokens: {data['peak_ratio_4x_tokens']:.3f}.")
+    rows = [[f"{r['tokens']:,}", f"{r['seconds']:.2f}", f"{r['device_peak_bytes'] / 2**20:.1f}"] for r in data["results"]]
+    return (
+        table(["tokens", "seconds (incl. compile)", "peak device memory (MiB)"], rows)
+        + f"\n\nPeak memory ratio for 4x the tokens: {data['peak_ratio_4x_tokens']:.3f}."
+    )
 
 
 # ------------------------------------------------------------------------------------------------ README
@@ -266,36 +333,60 @@ def readme() -> str:
     kernel = load("stream_1m_state_norm_h200_stepwise.json")["results"][0]
     memory = load("streaming_memory_h200.json")["results"]
     out = [
-        ["SSD forward, b8 x L4096, 32x64 heads, N 128, bf16",
-         f"`ssd(impl=\"pallas\")` {b8['fwd_ms']:.3f} ms, pure JAX {xla8['fwd_ms']:.2f} ms "
-         f"(official Triton anchor {anchors['b8xL4096']:.3f} ms)"],
-        ["SSD forward+backward, same", f"Pallas {b8['fwdbwd_ms']:.2f} ms, pure JAX {xla8['fwdbwd_ms']:.1f} ms "
-                                       f"(official anchor, CUDA graph, {ANCHORS['fwdbwd_graph_ms']['b8xL4096']:.2f} ms)"],
-        ["SSD forward, b2 x L16384 / b1 x L65536", f"Pallas {b2['fwd_ms']:.3f} / {b1['fwd_ms']:.3f} ms (official "
-                                                   f"anchor {anchors['b2xL16384']:.3f} / {anchors['b1xL65536']:.3f} ms)"],
+        [
+            "SSD forward, b8 x L4096, 32x64 heads, N 128, bf16",
+            f'`ssd(impl="pallas")` {b8["fwd_ms"]:.3f} ms, pure JAX {xla8["fwd_ms"]:.2f} ms (official Triton anchor {anchors["b8xL4096"]:.3f} ms)',
+        ],
+        [
+            "SSD forward+backward, same",
+            f"Pallas {b8['fwdbwd_ms']:.2f} ms, pure JAX {xla8['fwdbwd_ms']:.1f} ms "
+            f"(official anchor, CUDA graph, {ANCHORS['fwdbwd_graph_ms']['b8xL4096']:.2f} ms)",
+        ],
+        [
+            "SSD forward, b2 x L16384 / b1 x L65536",
+            f"Pallas {b2['fwd_ms']:.3f} / {b1['fwd_ms']:.3f} ms (official anchor {anchors['b2xL16384']:.3f} / {anchors['b1xL65536']:.3f} ms)",
+        ],
         ["SSD forward, 1M tokens, batch 1", f"Pallas {rows[('b1xL1M', 'pallas')]['fwd_ms']:.1f} ms"],
-        ["forward output kernel alone, Triton / Mosaic device time, " + " / ".join(CASES),
-         " / ".join(f"{ratios[c]:.2f}x" for c in CASES)
-         + (f" (Mosaic, the Hopper default, is slower alone at {' and '.join(slower)})" if slower else "")],
-        ["130m training step, 8K x 4 tokens",
-         f"Pallas {train['pallas']['tokens_per_s'] / 1e3:.0f}K tokens/s, XLA path "
-         f"{train['xla']['tokens_per_s'] / 1e3:.0f}K tokens/s (an early kernel revision; the current kernels await "
-         f"a re-run)"],
-        ["streaming 1M tokens through 130m (float32)",
-         f"{stream['none']['seconds']:.1f} s (forget_more {stream['forget_more']['seconds']:.1f} s, sliding window "
-         f"({load('stream_1m_h200.json')['window']}) {stream['sliding_window']['seconds']:.1f} s, state_norm "
-         f"{kernel['seconds']:.1f} s extrapolated; older code, awaits a re-run)"],
-        [f"streaming memory, {memory[0]['tokens'] // 1024}K vs {memory[1]['tokens'] // 1024}K tokens",
-         f"{memory[0]['device_peak_bytes'] / 2**20:.0f} MiB vs {memory[1]['device_peak_bytes'] / 2**20:.0f} MiB peak"],
+        [
+            "forward output kernel alone, Triton / Mosaic device time, " + " / ".join(CASES),
+            " / ".join(f"{ratios[c]:.2f}x" for c in CASES)
+            + (f" (Mosaic, the Hopper default, is slower alone at {' and '.join(slower)})" if slower else ""),
+        ],
+        [
+            "130m training step, 8K x 4 tokens",
+            f"Pallas {train['pallas']['tokens_per_s'] / 1e3:.0f}K tokens/s, XLA path "
+            f"{train['xla']['tokens_per_s'] / 1e3:.0f}K tokens/s (an early kernel revision; the current kernels await "
+            f"a re-run)",
+        ],
+        [
+            "streaming 1M tokens through 130m (float32)",
+            f"{stream['none']['seconds']:.1f} s (forget_more {stream['forget_more']['seconds']:.1f} s, sliding window "
+            f"({load('stream_1m_h200.json')['window']}) {stream['sliding_window']['seconds']:.1f} s, state_norm "
+            f"{kernel['seconds']:.1f} s extrapolated; older code, awaits a re-run)",
+        ],
+        [
+            f"streaming memory, {memory[0]['tokens'] // 1024}K vs {memory[1]['tokens'] // 1024}K tokens",
+            f"{memory[0]['device_peak_bytes'] / 2**20:.0f} MiB vs {memory[1]['device_peak_bytes'] / 2**20:.0f} MiB peak",
+        ],
     ]
     return table(["what", "result"], out)
 
 
 TABLES: Dict[str, Callable[[], str]] = {
-    "readme_benchmarks": readme, "ssd": ssd, "ssd_source": ssd_source, "ssd_accuracy": ssd_accuracy,
-    "ssd_targets": ssd_targets, "ssd_variants": ssd_variants, "mosaic": mosaic, "profile": profile,
-    "train_8k": train_8k, "stream_1m": stream_1m, "stream_state_norm": stream_state_norm, "stream_goal": stream_goal,
-    "stepwise": stepwise, "streaming_memory": streaming_memory,
+    "readme_benchmarks": readme,
+    "ssd": ssd,
+    "ssd_source": ssd_source,
+    "ssd_accuracy": ssd_accuracy,
+    "ssd_targets": ssd_targets,
+    "ssd_variants": ssd_variants,
+    "mosaic": mosaic,
+    "profile": profile,
+    "train_8k": train_8k,
+    "stream_1m": stream_1m,
+    "stream_state_norm": stream_state_norm,
+    "stream_goal": stream_goal,
+    "stepwise": stepwise,
+    "streaming_memory": streaming_memory,
 }
 BLOCK = re.compile(r"<!-- table:(\w+) -->\n(.*?)<!-- /table:\1 -->", re.S)
 
@@ -307,8 +398,7 @@ def blocks(text: str) -> Dict[str, str]:
 
 def regenerate(text: str) -> str:
     """``text`` with every marked block replaced by its generated content (unknown names raise KeyError)."""
-    return BLOCK.sub(lambda m: f"<!-- table:{m.group(1)} -->\n{TABLES[m.group(1)]()}\n<!-- /table:{m.group(1)} -->",
-                     text)
+    return BLOCK.sub(lambda m: f"<!-- table:{m.group(1)} -->\n{TABLES[m.group(1)]()}\n<!-- /table:{m.group(1)} -->", text)
 
 
 def main(argv: Sequence[str] = ()) -> int:

@@ -56,18 +56,26 @@ def job_command(size: str, train_len: int, root: str, *, steps: int, extra_train
     workdir = os.path.join(root, run_name(size, train_len))
     batch = max(1, TOKENS_PER_STEP // train_len)
     chunk = min(256, train_len)
-    train = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/collapse_study.py:{size}",
-             f"--workdir={workdir}", f"--config.data.seq_len={train_len}", f"--config.train.batch_size={batch}",
-             f"--config.model.chunk_size={chunk}", f"--config.train.num_steps={steps}",
-             f"--config.checkpoint.every_steps={steps}", f"--config.optim.warmup_steps={max(1, steps // 10)}",
-             *extra_train]
-    evaluate = [sys.executable, os.path.join(ROOT, "eval.py"), f"--config={ROOT}/configs/eval/collapse_study.py",
-                f"--config.checkpoint={workdir}"]
+    train = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        f"--config={ROOT}/configs/collapse_study.py:{size}",
+        f"--workdir={workdir}",
+        f"--config.data.seq_len={train_len}",
+        f"--config.train.batch_size={batch}",
+        f"--config.model.chunk_size={chunk}",
+        f"--config.train.num_steps={steps}",
+        f"--config.checkpoint.every_steps={steps}",
+        f"--config.optim.warmup_steps={max(1, steps // 10)}",
+        *extra_train,
+    ]
+    evaluate = [sys.executable, os.path.join(ROOT, "eval.py"), f"--config={ROOT}/configs/eval/collapse_study.py", f"--config.checkpoint={workdir}"]
     return f"{shlex.join(train)} && {shlex.join(evaluate)}"
 
 
-def run_jobs(sizes: Sequence[str], train_lens: Sequence[int], root: str, *, parallel: int, deadline_s: float,
-             steps: int, extra_train: Sequence[str] = ()) -> Dict[str, Any]:
+def run_jobs(
+    sizes: Sequence[str], train_lens: Sequence[int], root: str, *, parallel: int, deadline_s: float, steps: int, extra_train: Sequence[str] = ()
+) -> Dict[str, Any]:
     """Runs the jobs, ``parallel`` at a time; returns ``{name: {"rc", "seconds"}}`` (rc None: not started or
     killed at the deadline)."""
     os.makedirs(root, exist_ok=True)
@@ -90,8 +98,7 @@ def run_jobs(sizes: Sequence[str], train_lens: Sequence[int], root: str, *, para
                 status[name] = {"rc": proc.returncode, "seconds": time.time() - t0}
                 log.close()
                 del running[name]
-                print(f"[{time.time() - start:6.0f}s] {name}: rc={proc.returncode} in {status[name]['seconds']:.0f}s",
-                      flush=True)
+                print(f"[{time.time() - start:6.0f}s] {name}: rc={proc.returncode} in {status[name]['seconds']:.0f}s", flush=True)
         while todo and len(running) < parallel and time.time() - start < deadline_s:
             size, train_len = todo.pop(0)
             name = run_name(size, train_len)
@@ -127,7 +134,7 @@ def _train_summary(workdir: str) -> Dict[str, Any]:
         with open(log, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("done: "):
-                    summary = json.loads(line[len("done: "):])
+                    summary = json.loads(line[len("done: ") :])
     return summary
 
 
@@ -151,7 +158,7 @@ def absolute_window_loss(fine: np.ndarray, width: int, lo: int, hi: int) -> floa
     """Mean loss over positions ``lo+1 .. hi`` from fixed-width buckets (``lo`` and ``hi`` multiples of width)."""
     if lo % width or hi % width or hi // width > fine.shape[1]:
         raise ValueError(f"window ({lo}, {hi}] does not align with buckets of {width} ({fine.shape[1]} buckets)")
-    return float(fine.mean(axis=0)[lo // width: hi // width].mean())
+    return float(fine.mean(axis=0)[lo // width : hi // width].mean())
 
 
 def summarize_curve(curve: Mapping[str, Any], fine: np.ndarray, width: int, train_len: int) -> Dict[str, Any]:
@@ -160,8 +167,9 @@ def summarize_curve(curve: Mapping[str, Any], fine: np.ndarray, width: int, trai
     col = curve.get("collapse") or {}
     return {
         "window_loss": at,
-        "same_positions_loss": (absolute_window_loss(fine, width, *SAME_POSITIONS)
-                                if SAME_POSITIONS[1] <= fine.shape[1] * width else None),  # None: too short
+        "same_positions_loss": (
+            absolute_window_loss(fine, width, *SAME_POSITIONS) if SAME_POSITIONS[1] <= fine.shape[1] * width else None
+        ),  # None: too short
         "ratio_to_train_len": {k: v / at["1x"] for k, v in at.items()},
         "collapsed_paper_rule": col.get("collapsed"),
         "paper_rule_max_ratio": col.get("max_ratio"),
@@ -217,14 +225,23 @@ def gather(root: str) -> Dict[str, Any]:
         model = lv["model"]
         train_len = int(lv["train_len"])
         run: Dict[str, Any] = {
-            "name": os.path.basename(workdir), "size": os.path.basename(workdir).split("_T")[0],
-            "train_len": train_len, "state_size": int(model["state_size"]), "params": int(model["params"]),
-            "n_layer": model["n_layer"], "nheads": model["nheads"], "headdim": model["headdim"],
-            "d_state": model["d_state"], "eval_length": int(lv["length"]), "num_prompts": int(lv["num_prompts"]),
-            "train": _train_summary(workdir), "mitigations": lv.get("mitigations"),
-            "curves": {source: {name: summarize_curve(c, fine[f"{source}__{name}"], width, train_len)
-                                for name, c in s["curves"].items()}
-                       for source, s in lv["sources"].items()},
+            "name": os.path.basename(workdir),
+            "size": os.path.basename(workdir).split("_T")[0],
+            "train_len": train_len,
+            "state_size": int(model["state_size"]),
+            "params": int(model["params"]),
+            "n_layer": model["n_layer"],
+            "nheads": model["nheads"],
+            "headdim": model["headdim"],
+            "d_state": model["d_state"],
+            "eval_length": int(lv["length"]),
+            "num_prompts": int(lv["num_prompts"]),
+            "train": _train_summary(workdir),
+            "mitigations": lv.get("mitigations"),
+            "curves": {
+                source: {name: summarize_curve(c, fine[f"{source}__{name}"], width, train_len) for name, c in s["curves"].items()}
+                for source, s in lv["sources"].items()
+            },
         }
         states_file = os.path.join(eval_dir, "states.json")
         if os.path.isfile(states_file):
@@ -232,12 +249,25 @@ def gather(root: str) -> Dict[str, Any]:
         runs.append(run)
     if not runs:
         raise FileNotFoundError(f"no evaluated runs (<root>/*_T*/eval/loss_vs_position.json) under {root!r}")
-    study = capacity_lib.capacity_study([
-        {"name": r["name"], "state_size": r["state_size"], "train_len": r["train_len"],
-         "collapsed": r["curves"]["documents"]["none"]["collapsed_paper_rule"]} for r in runs])
-    return {"runs": runs, "capacity": study, "tokens_per_step": TOKENS_PER_STEP,
-            "length_multiples": list(LENGTH_MULTIPLES), "same_positions": list(SAME_POSITIONS),
-            "excess_at_same_positions": excess_at_same_positions(runs)}
+    study = capacity_lib.capacity_study(
+        [
+            {
+                "name": r["name"],
+                "state_size": r["state_size"],
+                "train_len": r["train_len"],
+                "collapsed": r["curves"]["documents"]["none"]["collapsed_paper_rule"],
+            }
+            for r in runs
+        ]
+    )
+    return {
+        "runs": runs,
+        "capacity": study,
+        "tokens_per_step": TOKENS_PER_STEP,
+        "length_multiples": list(LENGTH_MULTIPLES),
+        "same_positions": list(SAME_POSITIONS),
+        "excess_at_same_positions": excess_at_same_positions(runs),
+    }
 
 
 def excess_at_same_positions(runs: Sequence[Mapping[str, Any]]) -> Dict[str, Dict[str, float]]:
@@ -249,9 +279,13 @@ def excess_at_same_positions(runs: Sequence[Mapping[str, Any]]) -> Dict[str, Dic
         peers = [p for p in runs if p["size"] == r["size"]]
         ref = max(peers, key=lambda p: p["train_len"])
         base = ref["curves"]["documents"]["none"]["same_positions_loss"]
-        out[r["name"]] = {"reference_run": ref["name"], **{
-            name: (None if base is None or c["same_positions_loss"] is None else c["same_positions_loss"] - base)
-            for name, c in r["curves"]["documents"].items()}}
+        out[r["name"]] = {
+            "reference_run": ref["name"],
+            **{
+                name: (None if base is None or c["same_positions_loss"] is None else c["same_positions_loss"] - base)
+                for name, c in r["curves"]["documents"].items()
+            },
+        }
     return out
 
 
@@ -279,7 +313,7 @@ def plot(results: Mapping[str, Any], out_dir: str) -> List[str]:
             group = sorted((r for r in runs if r["size"] == size and source in r["curves"]), key=lambda r: r["train_len"])
             for r in group:
                 c = r["curves"][source]["none"]
-                line, = ax.plot(c["positions"], c["loss"], label=f"T_train={r['train_len']}")
+                (line,) = ax.plot(c["positions"], c["loss"], label=f"T_train={r['train_len']}")
                 ax.axvline(r["train_len"], color=line.get_color(), ls=":", lw=1)
             if group:
                 ax.set_title(f"{size}: N_S={group[0]['state_size'] / 1e6:.2f}M, no mitigation")
@@ -293,18 +327,26 @@ def plot(results: Mapping[str, Any], out_dir: str) -> List[str]:
         curves = r["curves"]["documents"]
         if len(curves) < 2:
             continue
-        paths.append(plots.plot_loss_vs_position(
-            {name: {"positions": c["positions"], "loss": c["loss"]} for name, c in curves.items()},
-            os.path.join(out_dir, f"mitigations_{r['name']}.png"), train_len=r["train_len"],
-            title=f"{r['name']} (N_S={r['state_size'] / 1e6:.2f}M): documents, every mitigation"))
+        paths.append(
+            plots.plot_loss_vs_position(
+                {name: {"positions": c["positions"], "loss": c["loss"]} for name, c in curves.items()},
+                os.path.join(out_dir, f"mitigations_{r['name']}.png"),
+                train_len=r["train_len"],
+                title=f"{r['name']} (N_S={r['state_size'] / 1e6:.2f}M): documents, every mitigation",
+            )
+        )
     with_states = [r for r in runs if "states" in r]
     if with_states:
         fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
         for ax, size in zip(axes[0], sizes):
             for r in sorted((r for r in with_states if r["size"] == size), key=lambda r: r["train_len"]):
                 st = r["states"]
-                line, = ax.plot(st["positions"], st["most_grown_head_norm"], lw=1,
-                                label=f"T_train={r['train_len']} (L{st['most_grown_head'][0]}H{st['most_grown_head'][1]})")
+                (line,) = ax.plot(
+                    st["positions"],
+                    st["most_grown_head_norm"],
+                    lw=1,
+                    label=f"T_train={r['train_len']} (L{st['most_grown_head'][0]}H{st['most_grown_head'][1]})",
+                )
                 ax.axvline(r["train_len"], color=line.get_color(), ls=":", lw=1)
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -320,8 +362,9 @@ def plot(results: Mapping[str, Any], out_dir: str) -> List[str]:
         width = 0.8 / len(MITIGATION_ORDER)
         for i, name in enumerate(MITIGATION_ORDER):
             values = [excess[n].get(name) for n in names]
-            ax.bar(np.arange(len(names)) + (i - (len(MITIGATION_ORDER) - 1) / 2) * width,
-                   [np.nan if v is None else v for v in values], width, label=name)
+            ax.bar(
+                np.arange(len(names)) + (i - (len(MITIGATION_ORDER) - 1) / 2) * width, [np.nan if v is None else v for v in values], width, label=name
+            )
         ax.axhline(0.0, color="k", lw=0.8)
         ax.set_xticks(np.arange(len(names)), names)
         lo, hi = results["same_positions"]
@@ -350,10 +393,12 @@ def _ordered_runs(results: Mapping[str, Any]) -> List[Mapping[str, Any]]:
 def report_tables(results: Mapping[str, Any]) -> Dict[str, str]:
     """``{"runs": ..., "mitigations": ..., "same_positions": ...}`` markdown tables."""
     ln2 = np.log(2.0)
-    rows = ["| run | N_S | params | T_train | train loss | validation (bits/byte) | loss (T/2, T] | (4T, 8T] | "
-            "(16T, 32T] | (32T, 64T] | paper rule: max ratio | collapsed | sustained norm growth | peak norm growth | "
-            "train time (s) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| run | N_S | params | T_train | train loss | validation (bits/byte) | loss (T/2, T] | (4T, 8T] | "
+        "(16T, 32T] | (32T, 64T] | paper rule: max ratio | collapsed | sustained norm growth | peak norm growth | "
+        "train time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in _ordered_runs(results):
         c = r["curves"]["documents"]["none"]
         w = c["window_loss"]
@@ -365,9 +410,9 @@ def report_tables(results: Mapping[str, Any]) -> Dict[str, str]:
             f"{'yes' if c['collapsed_paper_rule'] else 'no'} | "
             f"{'-' if st is None else format(st['max_sustained_growth'], '.2f') + 'x'} | "
             f"{'-' if st is None else format(st['max_peak_growth'], '.1f') + 'x'} | "
-            f"{r['train']['wall_time_s']:.0f} |")
-    mit = ["| run | mitigation | loss (T/2, T] | (4T, 8T] | (16T, 32T] | (32T, 64T] | 64x / 1x | collapsed |",
-           "|---|---|---|---|---|---|---|---|"]
+            f"{r['train']['wall_time_s']:.0f} |"
+        )
+    mit = ["| run | mitigation | loss (T/2, T] | (4T, 8T] | (16T, 32T] | (32T, 64T] | 64x / 1x | collapsed |", "|---|---|---|---|---|---|---|---|"]
     for r in _ordered_runs(results):
         if r["train_len"] != min(p["train_len"] for p in results["runs"]):
             continue
@@ -376,16 +421,25 @@ def report_tables(results: Mapping[str, Any]) -> Dict[str, str]:
             if c is None:
                 continue
             w = c["window_loss"]
-            mit.append(f"| {r['name']} | {name} | {w['1x']:.3f} | {w['8x']:.3f} | {w['32x']:.3f} | {w['64x']:.3f} | "
-                       f"{c['ratio_to_train_len']['64x']:.3f} | {'yes' if c['collapsed_paper_rule'] else 'no'} |")
+            mit.append(
+                f"| {r['name']} | {name} | {w['1x']:.3f} | {w['8x']:.3f} | {w['32x']:.3f} | {w['64x']:.3f} | "
+                f"{c['ratio_to_train_len']['64x']:.3f} | {'yes' if c['collapsed_paper_rule'] else 'no'} |"
+            )
     lo, hi = results["same_positions"]
     same = ["| run | reference | " + " | ".join(MITIGATION_ORDER) + " |", "|---|---|" + "---|" * len(MITIGATION_ORDER)]
     for r in _ordered_runs(results):
         e = results["excess_at_same_positions"][r["name"]]
-        same.append(f"| {r['name']} | {e['reference_run']} | " + " | ".join(
-            "-" if e.get(name) is None else f"{e[name]:+.3f}" for name in MITIGATION_ORDER) + " |")
-    return {"runs": "\n".join(rows), "mitigations": "\n".join(mit), "same_positions": "\n".join(same),
-            "same_positions_window": f"positions {lo + 1}-{hi}"}
+        same.append(
+            f"| {r['name']} | {e['reference_run']} | "
+            + " | ".join("-" if e.get(name) is None else f"{e[name]:+.3f}" for name in MITIGATION_ORDER)
+            + " |"
+        )
+    return {
+        "runs": "\n".join(rows),
+        "mitigations": "\n".join(mit),
+        "same_positions": "\n".join(same),
+        "same_positions_window": f"positions {lo + 1}-{hi}",
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -396,8 +450,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     r.add_argument("--train_lens", default="128,512,2048")
     r.add_argument("--root", default="runs/collapse")
     r.add_argument("--parallel", type=int, default=9)
-    r.add_argument("--deadline_s", type=float, default=480.0, help="launch no job after this many seconds; "
-                   "kill what still runs then")
+    r.add_argument("--deadline_s", type=float, default=480.0, help="launch no job after this many seconds; kill what still runs then")
     r.add_argument("--steps", type=int, default=600)
     r.add_argument("--train_arg", action="append", default=[], help="extra train.py flag (repeatable)")
     g = sub.add_parser("gather", help="collect the evaluated runs into one JSON")
@@ -410,9 +463,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     f.add_argument("--out", default="docs/results")
     args = p.parse_args(argv)
     if args.command == "run":
-        status = run_jobs(args.sizes.split(","), [int(t) for t in args.train_lens.split(",")], args.root,
-                          parallel=args.parallel, deadline_s=args.deadline_s, steps=args.steps,
-                          extra_train=args.train_arg)
+        status = run_jobs(
+            args.sizes.split(","),
+            [int(t) for t in args.train_lens.split(",")],
+            args.root,
+            parallel=args.parallel,
+            deadline_s=args.deadline_s,
+            steps=args.steps,
+            extra_train=args.train_arg,
+        )
         with open(os.path.join(args.root, "jobs.json"), "w") as fh:
             json.dump(status, fh, indent=1)
         print(json.dumps(status, indent=1))

@@ -40,7 +40,6 @@ TRAIN_CONFIG = os.path.join(ROOT, "configs", "proj", "state_collapse", "train.py
 EVAL_CONFIG = os.path.join(ROOT, "configs", "proj", "state_collapse", "eval.py")
 
 
-
 class Run(NamedTuple):
     """One training run of a plan: the model size, T_train, optimizer steps, and a tag that tells it apart
     from an earlier session's run of the same size and length (its directory is ``47m_T256_long``)."""
@@ -82,11 +81,22 @@ class Plan:
 # 407K tokens/s), every checkpoint evaluated as it appears.
 STUDY = Plan(runs=(Run("85m", 256, 4608, "long"),), lr=4e-3, memory_fraction=(("train", "0.62"), ("eval", "0.3")))
 # The same driver end to end on a CPU in a few minutes (tests/test_state_collapse.py).
-SMOKE = Plan(runs=(Run("tiny", 128, 16),), lr_candidates=(1e-3, 3e-3), lr_check_steps=8, lr_check_warmup=2,
-             train_overrides=("--config.train.batch_size=4", "--config.checkpoint.every_steps=8",
-                              "--config.eval.every_steps=8", "--config.eval.batch_size=2",
-                              "--config.eval.num_batches=2", "--config.optim.warmup_steps=2"),
-             eval_variant="smoke", mitigate_all=True)
+SMOKE = Plan(
+    runs=(Run("tiny", 128, 16),),
+    lr_candidates=(1e-3, 3e-3),
+    lr_check_steps=8,
+    lr_check_warmup=2,
+    train_overrides=(
+        "--config.train.batch_size=4",
+        "--config.checkpoint.every_steps=8",
+        "--config.eval.every_steps=8",
+        "--config.eval.batch_size=2",
+        "--config.eval.num_batches=2",
+        "--config.optim.warmup_steps=2",
+    ),
+    eval_variant="smoke",
+    mitigate_all=True,
+)
 # Data the study needs: training tokens (a little more than NUM_STEPS x TOKENS_PER_STEP, so one epoch
 # covers every step), held-out prompts (32 held-out directories streamed to 512K tokens: 64 x the longest
 # planned T_train) and a small corpus for the learning-rate check.
@@ -120,10 +130,8 @@ def prepare(corpus: str, out: str, train_tokens: int = STUDY_TRAIN_TOKENS) -> Li
         if os.path.exists(path):
             raise FileExistsError(f"{path} exists; remove {out} to prepare again")
     # Uncompressed records: xz over whole shards packs tokens about twice as tightly as zstd per record.
-    write_subset(corpus, study, train_tokens=train_tokens, group_tokens=STUDY_GROUP_TOKENS,
-                 num_groups=STUDY_GROUPS, compression="uncompressed")
-    write_subset(corpus, lr, train_tokens=LR_TRAIN_TOKENS, group_tokens=LR_GROUP_TOKENS, num_groups=LR_GROUPS,
-                 compression="uncompressed")
+    write_subset(corpus, study, train_tokens=train_tokens, group_tokens=STUDY_GROUP_TOKENS, num_groups=STUDY_GROUPS, compression="uncompressed")
+    write_subset(corpus, lr, train_tokens=LR_TRAIN_TOKENS, group_tokens=LR_GROUP_TOKENS, num_groups=LR_GROUPS, compression="uncompressed")
     files = [os.path.join("lr_corpus", f) for f in sorted(os.listdir(lr))]
     shards = sorted(f for f in os.listdir(study) if f != MANIFEST)
     shards.sort(key=lambda f: not f.startswith("validation"))  # held-out prompts first
@@ -175,10 +183,16 @@ class Job:
         return "running" if self.proc.poll() is None else "done"
 
 
-def train_argv(size: str, train_len: int, num_steps: int, workdir: str, tokens_dir: str, lr: float,
-               extra: Sequence[str] = ()) -> List[str]:
-    return [sys.executable, os.path.join(ROOT, "train.py"), f"--config={TRAIN_CONFIG}:{size},{train_len},{num_steps}",
-            f"--workdir={workdir}", f"--config.data.tokens_dir={tokens_dir}", f"--config.optim.lr={lr}", *extra]
+def train_argv(size: str, train_len: int, num_steps: int, workdir: str, tokens_dir: str, lr: float, extra: Sequence[str] = ()) -> List[str]:
+    return [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        f"--config={TRAIN_CONFIG}:{size},{train_len},{num_steps}",
+        f"--workdir={workdir}",
+        f"--config.data.tokens_dir={tokens_dir}",
+        f"--config.optim.lr={lr}",
+        *extra,
+    ]
 
 
 # Evaluation parts (configs/proj/state_collapse/eval.py) in priority order: the final checkpoint carries the
@@ -193,14 +207,18 @@ def eval_output_dir(workdir: str, part: str, step: Optional[int] = None) -> str:
     return out if step is None else os.path.join(out, f"step_{step}")
 
 
-def eval_argv(train_len: int, workdir: str, tokens_dir: str, part: str, *, step: Optional[int] = None,
-              variant: str = "") -> List[str]:
+def eval_argv(train_len: int, workdir: str, tokens_dir: str, part: str, *, step: Optional[int] = None, variant: str = "") -> List[str]:
     """The evaluation ``part`` of a run into :func:`eval_output_dir`: its latest checkpoint, or checkpoint
     ``step``."""
     arg = f"{train_len},{part}" + (f",{variant}" if variant else "")
-    argv = [sys.executable, os.path.join(ROOT, "eval.py"), f"--config={EVAL_CONFIG}:{arg}",
-            f"--config.checkpoint={workdir}", f"--config.data.tokens_dir={tokens_dir}",
-            f"--config.output_dir={eval_output_dir(workdir, part, step)}"]
+    argv = [
+        sys.executable,
+        os.path.join(ROOT, "eval.py"),
+        f"--config={EVAL_CONFIG}:{arg}",
+        f"--config.checkpoint={workdir}",
+        f"--config.data.tokens_dir={tokens_dir}",
+        f"--config.output_dir={eval_output_dir(workdir, part, step)}",
+    ]
     return argv if step is None else argv + [f"--config.steps={step}"]
 
 
@@ -237,8 +255,7 @@ def _last_metrics(workdir: str) -> Dict[str, Any]:
 
 def _job_env(memory_fraction: str, cache_dir: str) -> Dict[str, str]:
     env = dict(os.environ)
-    env.update(XLA_PYTHON_CLIENT_MEM_FRACTION=memory_fraction, PYTHONUNBUFFERED="1",
-               JAX_COMPILATION_CACHE_DIR=cache_dir, MPLBACKEND="Agg")
+    env.update(XLA_PYTHON_CLIENT_MEM_FRACTION=memory_fraction, PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=cache_dir, MPLBACKEND="Agg")
     return env
 
 
@@ -246,8 +263,16 @@ class Scheduler:
     """Starts queued jobs (at most ``parallel`` training jobs and one evaluation at a time), stops training at
     the deadline, and records everything in ``status.json``."""
 
-    def __init__(self, root: str, *, parallel: int, train_deadline: float, final_deadline: float,
-                 memory_fraction: Dict[str, str], status_file: str = "status.json") -> None:
+    def __init__(
+        self,
+        root: str,
+        *,
+        parallel: int,
+        train_deadline: float,
+        final_deadline: float,
+        memory_fraction: Dict[str, str],
+        status_file: str = "status.json",
+    ) -> None:
         self.root = root
         self.memory_fraction = memory_fraction
         self.status_file = status_file
@@ -269,8 +294,14 @@ class Scheduler:
     def _start(self, job: Job) -> None:
         os.makedirs(job.workdir, exist_ok=True)
         job.log = open(os.path.join(job.workdir, f"{job.kind}.log"), "a")
-        job.proc = subprocess.Popen(job.argv, stdout=job.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                    env=_job_env(self.memory_fraction[job.kind], self.cache_dir), start_new_session=True)
+        job.proc = subprocess.Popen(
+            job.argv,
+            stdout=job.log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=_job_env(self.memory_fraction[job.kind], self.cache_dir),
+            start_new_session=True,
+        )
         job.started = time.time()
         self.log(f"start {job.name}: {shlex.join(job.argv[1:])}")
 
@@ -309,8 +340,7 @@ class Scheduler:
         running = [j for j in self.jobs if j.proc is not None]
         for kind, limit in (("train", self.parallel), ("eval", 1)):
             for job in sorted(self.jobs, key=lambda j: j.priority):
-                if job.kind == kind and job.proc is None and job.rc is None and \
-                        sum(j.kind == kind for j in running) < limit:
+                if job.kind == kind and job.proc is None and job.rc is None and sum(j.kind == kind for j in running) < limit:
                     self._start(job)
                     running.append(job)
         self.write_status()
@@ -319,10 +349,14 @@ class Scheduler:
     def write_status(self) -> None:
         jobs = {}
         for job in self.jobs:
-            jobs[job.name] = {"kind": job.kind, "state": job.state(), "rc": job.rc,
-                              "started_s": None if job.started is None else round(job.started - self.t0, 1),
-                              "ended_s": None if job.ended is None else round(job.ended - self.t0, 1),
-                              "stopped_at_deadline": job.stopped_at_deadline}
+            jobs[job.name] = {
+                "kind": job.kind,
+                "state": job.state(),
+                "rc": job.rc,
+                "started_s": None if job.started is None else round(job.started - self.t0, 1),
+                "ended_s": None if job.ended is None else round(job.ended - self.t0, 1),
+                "stopped_at_deadline": job.stopped_at_deadline,
+            }
             if job.kind == "train":
                 jobs[job.name]["last"] = _last_metrics(job.workdir)
         status = {"elapsed_s": round(time.time() - self.t0, 1), "jobs": jobs, **self.notes}
@@ -355,31 +389,57 @@ def _check_lr(study: str, root: str, plan: Plan, sched: "Scheduler") -> float:
     size, train_len = plan.runs[0].size, plan.runs[0].train_len
     lr_dir = os.path.join(study, "lr_corpus")
     lr_runs = {lr: os.path.join(root, "lr_check", f"lr{lr:g}") for lr in plan.lr_candidates}
-    short = [*plan.train_overrides, f"--config.optim.warmup_steps={plan.lr_check_warmup}",
-             f"--config.checkpoint.every_steps={plan.lr_check_steps}", f"--config.eval.every_steps={plan.lr_check_steps}"]
+    short = [
+        *plan.train_overrides,
+        f"--config.optim.warmup_steps={plan.lr_check_warmup}",
+        f"--config.checkpoint.every_steps={plan.lr_check_steps}",
+        f"--config.eval.every_steps={plan.lr_check_steps}",
+    ]
     lr_share = f"{0.95 / len(plan.lr_candidates):.2f}"
-    lr_sched = Scheduler(root, parallel=len(plan.lr_candidates), train_deadline=sched.train_deadline,
-                         final_deadline=sched.final_deadline, memory_fraction={"train": lr_share, "eval": lr_share})
+    lr_sched = Scheduler(
+        root,
+        parallel=len(plan.lr_candidates),
+        train_deadline=sched.train_deadline,
+        final_deadline=sched.final_deadline,
+        memory_fraction={"train": lr_share, "eval": lr_share},
+    )
     for lr, workdir in lr_runs.items():
-        lr_sched.add(Job(f"lr_check_{lr:g}", "train",
-                         train_argv(size, train_len, plan.lr_check_steps, workdir, lr_dir, lr, short), workdir))
+        lr_sched.add(Job(f"lr_check_{lr:g}", "train", train_argv(size, train_len, plan.lr_check_steps, workdir, lr_dir, lr, short), workdir))
     lr_sched.run_until_idle()
     choice = choose_lr(lr_runs)
-    sched.notes["lr_check"] = {**choice, "size": size, "train_len": train_len, "steps": plan.lr_check_steps,
-                               "jobs": {j.name: {"rc": j.rc, "seconds": (j.ended or 0) - (j.started or 0)}
-                                        for j in lr_sched.jobs}}
+    sched.notes["lr_check"] = {
+        **choice,
+        "size": size,
+        "train_len": train_len,
+        "steps": plan.lr_check_steps,
+        "jobs": {j.name: {"rc": j.rc, "seconds": (j.ended or 0) - (j.started or 0)} for j in lr_sched.jobs},
+    }
     sched.log(f"learning-rate check: {choice}")
     return choice["chosen"]
 
 
-def daemon(study: str, root: str, *, budget_s: float, eval_reserve_s: float, parallel: int,
-           wait_for_corpus_s: float, plan: Plan = STUDY, evaluate_only: bool = False) -> None:
+def daemon(
+    study: str,
+    root: str,
+    *,
+    budget_s: float,
+    eval_reserve_s: float,
+    parallel: int,
+    wait_for_corpus_s: float,
+    plan: Plan = STUDY,
+    evaluate_only: bool = False,
+) -> None:
     """The whole GPU side of the study (see the module docstring). With ``evaluate_only`` nothing trains: the
     evaluations the plan's runs still lack (of the checkpoints under ``root``) run within the budget."""
     os.makedirs(root, exist_ok=True)
-    sched = Scheduler(root, parallel=parallel, train_deadline=time.time() + budget_s - eval_reserve_s,
-                      final_deadline=time.time() + budget_s, memory_fraction=dict(plan.memory_fraction),
-                      status_file="evaluate_status.json" if evaluate_only else "status.json")
+    sched = Scheduler(
+        root,
+        parallel=parallel,
+        train_deadline=time.time() + budget_s - eval_reserve_s,
+        final_deadline=time.time() + budget_s,
+        memory_fraction=dict(plan.memory_fraction),
+        status_file="evaluate_status.json" if evaluate_only else "status.json",
+    )
     if plan.lr is not None or evaluate_only:
         lr = plan.lr
         sched.notes["lr"] = {"chosen": lr, "checked": False}
@@ -395,9 +455,16 @@ def daemon(study: str, root: str, *, budget_s: float, eval_reserve_s: float, par
     trains = []
     for run in plan.runs:
         workdir = os.path.join(root, run.name)
-        job = sched.add(Job(f"train_{run.name}", "train",
-                            train_argv(run.size, run.train_len, run.num_steps, workdir, corpus_dir, lr, plan.train_overrides),
-                            workdir, train_len=run.train_len, num_steps=run.num_steps))
+        job = sched.add(
+            Job(
+                f"train_{run.name}",
+                "train",
+                train_argv(run.size, run.train_len, run.num_steps, workdir, corpus_dir, lr, plan.train_overrides),
+                workdir,
+                train_len=run.train_len,
+                num_steps=run.num_steps,
+            )
+        )
         if evaluate_only:
             job.rc = 0  # treated as finished: its checkpoints are evaluated, nothing resumes it
         trains.append(job)
@@ -412,9 +479,15 @@ def daemon(study: str, root: str, *, budget_s: float, eval_reserve_s: float, par
                 sched.log(f"{name}: already done")
                 sched.add(Job(name, "eval", [], train.workdir, rc=0))
                 return
-            sched.add(Job(name, "eval", eval_argv(train.train_len, train.workdir, corpus_dir, part, step=step,
-                                                  variant=plan.eval_variant),
-                          train.workdir, priority=EVAL_PARTS.index(part)))
+            sched.add(
+                Job(
+                    name,
+                    "eval",
+                    eval_argv(train.train_len, train.workdir, corpus_dir, part, step=step, variant=plan.eval_variant),
+                    train.workdir,
+                    priority=EVAL_PARTS.index(part),
+                )
+            )
 
     while True:
         busy = sched.step()
@@ -480,8 +553,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = sub.add_parser("prepare", help="write and pack the study's corpus subsets")
     p.add_argument("--corpus", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--train_tokens", type=int, default=STUDY_TRAIN_TOKENS,
-                   help="training tokens of the subset (whole documents from the start of the split)")
+    p.add_argument(
+        "--train_tokens", type=int, default=STUDY_TRAIN_TOKENS, help="training tokens of the subset (whole documents from the start of the split)"
+    )
     p = sub.add_parser("daemon", help="run the learning-rate check, the runs and their evaluations")
     p.add_argument("--study", required=True, help="the unpacked output of prepare")
     p.add_argument("--root", required=True)
@@ -490,8 +564,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--parallel", type=int, default=2, help="training jobs at a time")
     p.add_argument("--wait_for_corpus_s", type=float, default=600.0)
     p.add_argument("--smoke", action="store_true", help="the tiny plan (a CPU check of the whole driver)")
-    p.add_argument("--evaluate_only", action="store_true",
-                   help="train nothing: run the evaluations the plan's runs under --root still lack")
+    p.add_argument("--evaluate_only", action="store_true", help="train nothing: run the evaluations the plan's runs under --root still lack")
     p = sub.add_parser("pack", help="tarball of the results under --root")
     p.add_argument("--root", required=True)
     p.add_argument("--out", required=True)
@@ -506,9 +579,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.command == "prepare":
         prepare(args.corpus, args.out, args.train_tokens)
     elif args.command == "daemon":
-        daemon(args.study, args.root, budget_s=args.budget_s, eval_reserve_s=args.eval_reserve_s,
-               parallel=args.parallel, wait_for_corpus_s=args.wait_for_corpus_s, plan=SMOKE if args.smoke else STUDY,
-               evaluate_only=args.evaluate_only)
+        daemon(
+            args.study,
+            args.root,
+            budget_s=args.budget_s,
+            eval_reserve_s=args.eval_reserve_s,
+            parallel=args.parallel,
+            wait_for_corpus_s=args.wait_for_corpus_s,
+            plan=SMOKE if args.smoke else STUDY,
+            evaluate_only=args.evaluate_only,
+        )
     elif args.command == "pack":
         print(f"{args.out}: {pack(args.root, args.out)} files")
     elif args.command == "gather":

@@ -31,8 +31,7 @@ from ssm_jax.train_config import model_config_from
 
 WINDOW_MULTIPLES = (1, 8, 32, 64)  # loss windows (k T/2, k T] quoted per mitigation
 RUN_NAME = re.compile(r"^(?P<size>[a-z0-9]+)_T(?P<train_len>\d+)(?:_(?P<tag>[a-z]+))?$")  # 47m_T256, 47m_T256_long
-TRAIN_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "configs", "proj", "state_collapse", "train.py")
+TRAIN_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "proj", "state_collapse", "train.py")
 
 
 def model_config(size: str) -> Mamba2Config:
@@ -180,8 +179,9 @@ def curves_of(eval_dir: str) -> Dict[str, Dict[str, Any]]:
         for name in s["curves"]:
             per_prompt = np.asarray(fine[f"{source}__{name}"], np.float64)  # (prompts, buckets)
             mean = per_prompt.mean(axis=0)  # (buckets,)
-            verdict = diagnostics.collapse_verdict(mean, train_len, width=width, factor=float(lv["collapse_factor"]),
-                                                   unigram_loss=float(unigram)).to_json()
+            verdict = diagnostics.collapse_verdict(
+                mean, train_len, width=width, factor=float(lv["collapse_factor"]), unigram_loss=float(unigram)
+            ).to_json()
             ends = width * np.arange(1, mean.size + 1)  # last position of each bucket
             windows = {}
             for k in WINDOW_MULTIPLES:
@@ -190,8 +190,14 @@ def curves_of(eval_dir: str) -> Dict[str, Dict[str, Any]]:
                     continue
                 sel = (ends > max(hi // 2, width)) & (ends <= hi)
                 windows[f"{k}x"] = float(mean[sel].mean()) if sel.any() else None
-            out[f"{source}/{name}"] = {"verdict": verdict, "windows": windows, "unigram_loss": float(unigram),
-                                       "bucket_end": ends, "loss": mean, "num_prompts": int(per_prompt.shape[0])}
+            out[f"{source}/{name}"] = {
+                "verdict": verdict,
+                "windows": windows,
+                "unigram_loss": float(unigram),
+                "bucket_end": ends,
+                "loss": mean,
+                "num_prompts": int(per_prompt.shape[0]),
+            }
     return out
 
 
@@ -208,19 +214,25 @@ def final_curves(run_dir: str) -> Dict[str, Dict[str, Any]]:
 def evaluated_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
     """``[(step, evaluation directory)]`` of a run in step order: the earlier checkpoints (``eval_history``)
     and the last (``eval_final``); an evaluation stopped before it wrote anything is left out."""
-    dirs = [d for d in glob.glob(os.path.join(run_dir, "eval_history", "step_*")) + [os.path.join(run_dir, "eval_final")]
-            if _exists(os.path.join(d, "loss_vs_position.json"))]
+    dirs = [
+        d
+        for d in glob.glob(os.path.join(run_dir, "eval_history", "step_*")) + [os.path.join(run_dir, "eval_final")]
+        if _exists(os.path.join(d, "loss_vs_position.json"))
+    ]
     return sorted((int(read_json(os.path.join(d, "loss_vs_position.json"))["model"]["step"]), d) for d in dirs)
 
 
 def _retention(states: Mapping[str, Any]) -> Dict[str, Any]:
-    out = {"max_sustained_norm_growth": float(states["max_sustained_norm_growth"]),
-           "conv_norm_growth": float(states["conv_norm_growth"])}
+    out = {"max_sustained_norm_growth": float(states["max_sustained_norm_growth"]), "conv_norm_growth": float(states["conv_norm_growth"])}
     for key, r in states["retention"].items():
         if r is not None:
             ret = np.asarray(r["retention"], np.float64)  # (layers, heads)
-            out[f"retention_{key}"] = {"max": float(ret.max()), "heads_above_0.5": int((ret > 0.5).sum()),
-                                       "heads": int(ret.size), "median": float(np.median(ret))}
+            out[f"retention_{key}"] = {
+                "max": float(ret.max()),
+                "heads_above_0.5": int((ret > 0.5).sum()),
+                "heads": int(ret.size),
+                "median": float(np.median(ret)),
+            }
     return out
 
 
@@ -230,10 +242,16 @@ def _retention(states: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _lean(curve: Mapping[str, Any]) -> Dict[str, Any]:
-    return {"collapsed": curve["verdict"]["collapsed"], "reference": curve["verdict"]["reference"],
-            "max_ratio": curve["verdict"]["max_ratio"], "first_position": curve["verdict"]["first_position"],
-            "first_position_above_unigram": curve["verdict"]["first_position_above_unigram"],
-            "unigram_loss": curve["unigram_loss"], "windows": curve["windows"], "num_prompts": curve["num_prompts"]}
+    return {
+        "collapsed": curve["verdict"]["collapsed"],
+        "reference": curve["verdict"]["reference"],
+        "max_ratio": curve["verdict"]["max_ratio"],
+        "first_position": curve["verdict"]["first_position"],
+        "first_position_above_unigram": curve["verdict"]["first_position_above_unigram"],
+        "unigram_loss": curve["unigram_loss"],
+        "windows": curve["windows"],
+        "num_prompts": curve["num_prompts"],
+    }
 
 
 def summarize_run(run_dir: str, status: Mapping[str, Any]) -> Dict[str, Any]:
@@ -245,10 +263,14 @@ def summarize_run(run_dir: str, status: Mapping[str, Any]) -> Dict[str, Any]:
     last_train = metrics["train"][-1] if metrics["train"] else {}
     job = status["jobs"].get(f"train_{name}", {})
     run: Dict[str, Any] = {
-        "name": name, "size": size, "train_len": train_len, "state_size": state_size(size),
+        "name": name,
+        "size": size,
+        "train_len": train_len,
+        "state_size": state_size(size),
         "state_size_with_conv": state_size(size, with_conv=True),
         "paper_t_forget": paper_t_forget(state_size(size, with_conv=True)),
-        "steps": int(last_train.get("step", 0)), "tokens": int(last_train.get("tokens_seen", 0) or 0),
+        "steps": int(last_train.get("step", 0)),
+        "tokens": int(last_train.get("tokens_seen", 0) or 0),
         "train_seconds": None if job.get("ended_s") is None else round(job["ended_s"] - job["started_s"], 1),
         "stopped_at_deadline": bool(job.get("stopped_at_deadline")),
         "validation": [{"step": r["step"], "loss": r["loss"]} for r in metrics["validation"]],
@@ -276,22 +298,25 @@ def summarize_run(run_dir: str, status: Mapping[str, Any]) -> Dict[str, Any]:
 def summarize(results: str) -> Dict[str, Any]:
     """summary.json's content: every run, the learning-rate check and the T_forget brackets."""
     status = read_json(os.path.join(results, "status.json"))
-    runs = [summarize_run(d, status) for d in sorted(glob.glob(os.path.join(results, "*_T*")))
-            if RUN_NAME.match(os.path.basename(d))]
+    runs = [summarize_run(d, status) for d in sorted(glob.glob(os.path.join(results, "*_T*"))) if RUN_NAME.match(os.path.basename(d))]
     brackets = {}
     for size in sorted({r["size"] for r in runs}):
-        judged = sorted((r["train_len"], r["final"]["documents/none"]["collapsed"]) for r in runs
-                        if r["size"] == size and "final" in r)
+        judged = sorted((r["train_len"], r["final"]["documents/none"]["collapsed"]) for r in runs if r["size"] == size and "final" in r)
         collapsed = [t for t, c in judged if c]
         fine = [t for t, c in judged if not c]
         brackets[size] = {
-            "state_size": state_size(size), "state_size_with_conv": state_size(size, with_conv=True),
+            "state_size": state_size(size),
+            "state_size_with_conv": state_size(size, with_conv=True),
             "paper_t_forget": paper_t_forget(state_size(size, with_conv=True)),
             "longest_collapsed": max(collapsed) if collapsed else None,
             "shortest_not_collapsed": min(fine) if fine else None,
         }
-    return {"runs": runs, "lr_check": status.get("lr_check"), "t_forget": brackets,
-            "daemon_elapsed_s": [x["elapsed_s"] for x in status.get("sessions", [status])]}
+    return {
+        "runs": runs,
+        "lr_check": status.get("lr_check"),
+        "t_forget": brackets,
+        "daemon_elapsed_s": [x["elapsed_s"] for x in status.get("sessions", [status])],
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,58 +339,79 @@ def report_tables(summary: Mapping[str, Any]) -> Dict[str, str]:
     the appendix has its own, from experiments/collapse_study.py)."""
     runs = summary["runs"]
     t = {}
-    lines = ["| run | N_S (SSM) | T_train | steps | tokens | GPU wall s | final val loss | loss @ T_train | "
-             "reference | max ratio after T_train | collapsed | first position above unigram |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | N_S (SSM) | T_train | steps | tokens | GPU wall s | final val loss | loss @ T_train | "
+        "reference | max ratio after T_train | collapsed | first position above unigram |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         c = r.get("final", {}).get("documents/none")
         val = r["validation"][-1]["loss"] if r["validation"] else None
-        lines.append(f"| {r['name']} | {r['state_size'] / 1e6:.2f}M | {r['train_len']:,} | {r['steps']:,} | "
-                     f"{r['tokens'] / 1e6:.1f}M | {_f(r['train_seconds'], 0)} | {_f(val)} | "
-                     f"{_f(c and c['windows'].get('1x'))} | {_f(c and c['reference'])} | {_f(c and c['max_ratio'], 2)} | "
-                     f"{_f(c and c['collapsed'])} | {_f(c and c['first_position_above_unigram'])} |")
+        lines.append(
+            f"| {r['name']} | {r['state_size'] / 1e6:.2f}M | {r['train_len']:,} | {r['steps']:,} | "
+            f"{r['tokens'] / 1e6:.1f}M | {_f(r['train_seconds'], 0)} | {_f(val)} | "
+            f"{_f(c and c['windows'].get('1x'))} | {_f(c and c['reference'])} | {_f(c and c['max_ratio'], 2)} | "
+            f"{_f(c and c['collapsed'])} | {_f(c and c['first_position_above_unigram'])} |"
+        )
     t["sc_runs"] = "\n".join(lines)
 
-    lines = ["| run | mitigation | " + " | ".join(f"loss ({k // 2 if k > 1 else 0}T, {k}T]".replace("(0T", "(0")
-                                                  for k in WINDOW_MULTIPLES[1:]) + " | max ratio | collapsed |",
-             "|---|---|" + "---|" * (len(WINDOW_MULTIPLES) - 1) + "---|---|"]
+    lines = [
+        "| run | mitigation | "
+        + " | ".join(f"loss ({k // 2 if k > 1 else 0}T, {k}T]".replace("(0T", "(0") for k in WINDOW_MULTIPLES[1:])
+        + " | max ratio | collapsed |",
+        "|---|---|" + "---|" * (len(WINDOW_MULTIPLES) - 1) + "---|---|",
+    ]
     for r in runs:
         for key, c in r.get("final", {}).items():
-            lines.append(f"| {r['name']} | {key.split('/')[1]} | " +
-                         " | ".join(_f(c["windows"].get(f"{k}x")) for k in WINDOW_MULTIPLES[1:]) +
-                         f" | {_f(c['max_ratio'], 2)} | {_f(c['collapsed'])} |")
+            lines.append(
+                f"| {r['name']} | {key.split('/')[1]} | "
+                + " | ".join(_f(c["windows"].get(f"{k}x")) for k in WINDOW_MULTIPLES[1:])
+                + f" | {_f(c['max_ratio'], 2)} | {_f(c['collapsed'])} |"
+            )
     t["sc_mitigations"] = "\n".join(lines)
 
-    lines = ["| run | step | max ratio | collapsed | loss (T/2, T] | loss (32T, 64T] | max retention @ T | "
-             "max retention @ 16T | heads > 0.5 @ T | sustained norm growth |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | step | max ratio | collapsed | loss (T/2, T] | loss (32T, 64T] | max retention @ T | "
+        "max retention @ 16T | heads > 0.5 @ T | sustained norm growth |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         for h in r["history"]:
             c, s = h["documents/none"], h.get("states", {})
             r1, r16 = s.get("retention_1x", {}), s.get("retention_16x", {})
-            lines.append(f"| {r['name']} | {h['step']:,} | {_f(c['max_ratio'], 2)} | {_f(c['collapsed'])} | "
-                         f"{_f(c['windows'].get('1x'))} | {_f(c['windows'].get('64x'))} | {_f(r1.get('max'), 4)} | "
-                         f"{_f(r16.get('max'), 4)} | {_f(r1.get('heads_above_0.5'))} | "
-                         f"{_f(s.get('max_sustained_norm_growth'), 2)} |")
+            lines.append(
+                f"| {r['name']} | {h['step']:,} | {_f(c['max_ratio'], 2)} | {_f(c['collapsed'])} | "
+                f"{_f(c['windows'].get('1x'))} | {_f(c['windows'].get('64x'))} | {_f(r1.get('max'), 4)} | "
+                f"{_f(r16.get('max'), 4)} | {_f(r1.get('heads_above_0.5'))} | "
+                f"{_f(s.get('max_sustained_norm_growth'), 2)} |"
+            )
     t["sc_history"] = "\n".join(lines)
 
-    lines = ["| run | source | unigram loss | loss (T/2, T] | loss (32T, 64T] | max ratio | collapsed | "
-             "first position above unigram |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | source | unigram loss | loss (T/2, T] | loss (32T, 64T] | max ratio | collapsed | first position above unigram |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         for key, c in r.get("extra", {}).items():
-            lines.append(f"| {r['name']} | {key.split('/')[0]} | {_f(c['unigram_loss'])} | {_f(c['windows'].get('1x'))} | "
-                         f"{_f(c['windows'].get('64x'))} | {_f(c['max_ratio'], 2)} | {_f(c['collapsed'])} | "
-                         f"{_f(c['first_position_above_unigram'])} |")
+            lines.append(
+                f"| {r['name']} | {key.split('/')[0]} | {_f(c['unigram_loss'])} | {_f(c['windows'].get('1x'))} | "
+                f"{_f(c['windows'].get('64x'))} | {_f(c['max_ratio'], 2)} | {_f(c['collapsed'])} | "
+                f"{_f(c['first_position_above_unigram'])} |"
+            )
     t["sc_sources"] = "\n".join(lines)
 
-    lines = ["| size | N_S (SSM) | N_S (with conv) | paper's fit: T_forget | per state element | "
-             "longest T_train that collapsed | shortest T_train that did not | per state element |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| size | N_S (SSM) | N_S (with conv) | paper's fit: T_forget | per state element | "
+        "longest T_train that collapsed | shortest T_train that did not | per state element |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for size, b in summary["t_forget"].items():
         n_s, ours = b["state_size_with_conv"], b["shortest_not_collapsed"]
-        lines.append(f"| {size} | {b['state_size'] / 1e6:.2f}M | {n_s / 1e6:.2f}M | {b['paper_t_forget']:,.0f} | "
-                     f"{b['paper_t_forget'] / n_s:.5f} | {_f(b['longest_collapsed'])} | {_f(ours)} | "
-                     f"{'-' if ours is None else f'{ours / n_s:.5f}'} |")
+        lines.append(
+            f"| {size} | {b['state_size'] / 1e6:.2f}M | {n_s / 1e6:.2f}M | {b['paper_t_forget']:,.0f} | "
+            f"{b['paper_t_forget'] / n_s:.5f} | {_f(b['longest_collapsed'])} | {_f(ours)} | "
+            f"{'-' if ours is None else f'{ours / n_s:.5f}'} |"
+        )
     t["sc_t_forget"] = "\n".join(lines)
     return t
 
@@ -434,11 +480,11 @@ def plot(results: str, out: str) -> List[str]:
         steps = [h["step"] for h in r["history"]]
         if steps:
             axes[0].plot(steps, [h["documents/none"]["max_ratio"] for h in r["history"]], "o-", label=r["name"])
-            axes[1].plot(steps, [h.get("states", {}).get("retention_1x", {}).get("max", np.nan) for h in r["history"]],
-                         "o-", label=r["name"])
+            axes[1].plot(steps, [h.get("states", {}).get("retention_1x", {}).get("max", np.nan) for h in r["history"]], "o-", label=r["name"])
     axes[0].axhline(2.0, color="k", linestyle=":", linewidth=1)
-    for ax, title in zip(axes, ("max loss ratio after T_train (collapse above 2)", "max first-token retention at T_train",
-                                "validation loss (nats/token)")):
+    for ax, title in zip(
+        axes, ("max loss ratio after T_train (collapse above 2)", "max first-token retention at T_train", "validation loss (nats/token)")
+    ):
         ax.set_xlabel("optimizer step")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
@@ -447,8 +493,11 @@ def plot(results: str, out: str) -> List[str]:
     # Every head's first-token retention at T_train, checkpoint by checkpoint (the raw per-head values).
     tracked = []
     for d in run_dirs:
-        rows = [(step, np.asarray(read_json(os.path.join(e, "states.json"))["retention"]["1x"]["retention"]))
-                for step, e in evaluated_checkpoints(d) if _exists(os.path.join(e, "states.json"))]  # (layers, heads)
+        rows = [
+            (step, np.asarray(read_json(os.path.join(e, "states.json"))["retention"]["1x"]["retention"]))
+            for step, e in evaluated_checkpoints(d)
+            if _exists(os.path.join(e, "states.json"))
+        ]  # (layers, heads)
         if len(rows) > 1:
             tracked.append((os.path.basename(d), rows))
     if tracked:

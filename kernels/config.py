@@ -76,15 +76,15 @@ class KernelConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KernelConfig.{name} must be a positive int, got {value!r}")
         if chunk % self.block_t or (compiled and not is_power_of_two(self.block_t, MIN_BLOCK)):
-            raise ValueError(f"KernelConfig.block_t must divide the chunk ({chunk}) and, compiled, be a power of two "
-                             f">= {MIN_BLOCK}; got {self.block_t}")
+            raise ValueError(
+                f"KernelConfig.block_t must divide the chunk ({chunk}) and, compiled, be a power of two >= {MIN_BLOCK}; got {self.block_t}"
+            )
         if self.output_kernel not in OUTPUT_KERNELS:
             raise ValueError(f"KernelConfig.output_kernel must be one of {OUTPUT_KERNELS}, got {self.output_kernel!r}")
         for name in ("prologue", "scan", "output", "bwd_cols", "bwd_pairs", "bwd_group_rows"):
             launch = getattr(self, name)
             if not isinstance(launch, Launch) or launch.num_warps < 1 or launch.num_stages < 1:
-                raise ValueError(f"KernelConfig.{name} must be a Launch(num_warps >= 1, num_stages >= 1), got "
-                                 f"{launch!r}")
+                raise ValueError(f"KernelConfig.{name} must be a Launch(num_warps >= 1, num_stages >= 1), got {launch!r}")
 
 
 class Dots(NamedTuple):
@@ -145,9 +145,20 @@ def make_plan(x_dtype, bc_dtype, chunk: int, launcher: str, interpret: bool, con
     data = jnp.dtype(x_dtype) if low and jnp.dtype(x_dtype) == jnp.dtype(bc_dtype) else acc
     precision = lax.Precision.HIGHEST if launcher == "tpu" and op == jnp.float32 else None
     plain = DotSpec(op, acc, precision)
-    dots = Dots(cb=DotSpec(data, acc, precision), out_intra=plain, out_off=plain, state=plain, bstate=plain,
-                dx_intra=plain, dx_state=plain, dxx=plain, dc_off=plain, db_state=plain,
-                dcb=DotSpec(BF16X2 if low else op, acc, precision))
+    dots = Dots(
+        cb=DotSpec(data, acc, precision),
+        out_intra=plain,
+        out_off=plain,
+        state=plain,
+        bstate=plain,
+        dx_intra=plain,
+        dx_state=plain,
+        dxx=plain,
+        dc_off=plain,
+        db_state=plain,
+        dcb=DotSpec(BF16X2 if low else op, acc, precision),
+    )
     stored = jnp.dtype(jnp.bfloat16) if low else acc
-    return Plan(launcher=launcher, interpret=bool(interpret), chunk=int(chunk), acc=acc, dots=dots,
-                state_dtype=stored, cb_dtype=stored, config=config)
+    return Plan(
+        launcher=launcher, interpret=bool(interpret), chunk=int(chunk), acc=acc, dots=dots, state_dtype=stored, cb_dtype=stored, config=config
+    )

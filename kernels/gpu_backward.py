@@ -110,10 +110,17 @@ def bwd_cols(plan: Plan, x, dy, B, cs, w, Gs, doc, D, cb):
     if D is not None:
         out_shape.append(jax.ShapeDtypeStruct((b, h, nc * nb), plan.acc))
         out_specs.append(pl.BlockSpec((None, HB, None), lambda hb, j, c, bb: (bb, hb, c * nb + j)))
-    kernel = functools.partial(_bwd_cols_kernel, Q=Q, BT=BT, HB=HB, nb=nb, has_doc=doc is not None,
-                               has_D=D is not None, dots=plan.dots, acc=plan.acc)
-    return gpu_launch.call(kernel, plan, plan.config.bwd_cols, grid=(h // HB, nb, nc, b), in_specs=in_specs,
-                           out_specs=out_specs, out_shape=out_shape, name="ssd_bwd_cols")(*ins)
+    kernel = functools.partial(_bwd_cols_kernel, Q=Q, BT=BT, HB=HB, nb=nb, has_doc=doc is not None, has_D=D is not None, dots=plan.dots, acc=plan.acc)
+    return gpu_launch.call(
+        kernel,
+        plan,
+        plan.config.bwd_cols,
+        grid=(h // HB, nb, nc, b),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        name="ssd_bwd_cols",
+    )(*ins)
 
 
 def _bwd_pairs_kernel(*refs, BT, k, has_doc, dots, acc):
@@ -138,8 +145,9 @@ def _bwd_pairs_kernel(*refs, BT, k, has_doc, dots, acc):
             else:  # below the diagonal: an outer product of factors around cs at the end of the source block
                 a_t, b_s = cm.split_decay(cs_t, cs_s, cs_ref[hh, s0 + BT - 1])
                 L = cm.same_document(a_t * b_s, doc_t, doc_s)
-            dcb, rowZ, colZ = cm.intra_pair_terms(CB, L, row(w_ref[hh, pl.ds(s0, BT)]), dy_ref[pl.ds(t0, BT), hh, :],
-                                                  x_ref[pl.ds(s0, BT), hh, :], dots.dxx)
+            dcb, rowZ, colZ = cm.intra_pair_terms(
+                CB, L, row(w_ref[hh, pl.ds(s0, BT)]), dy_ref[pl.ds(t0, BT), hh, :], x_ref[pl.ds(s0, BT), hh, :], dots.dxx
+            )
             rowZ_ref[hh, :] = flat(rowZ)
             colZ_ref[hh, :] = colZ[0]
             return dCB + dcb
@@ -187,8 +195,16 @@ def bwd_pairs(plan: Plan, x, dy, B, C, cs, w, doc):
         pl.BlockSpec((None, None, k, BT), lambda gg, i, j, c, bb: (bb, i, gg, c * nb + j)),
     ]
     kernel = functools.partial(_bwd_pairs_kernel, BT=BT, k=k, has_doc=doc is not None, dots=plan.dots, acc=acc)
-    return gpu_launch.call(kernel, plan, plan.config.bwd_pairs, grid=(g, nb, nb, nc, b), in_specs=in_specs,
-                           out_specs=out_specs, out_shape=out_shape, name="ssd_bwd_pairs")(*ins)
+    return gpu_launch.call(
+        kernel,
+        plan,
+        plan.config.bwd_pairs,
+        grid=(g, nb, nb, nc, b),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        name="ssd_bwd_pairs",
+    )(*ins)
 
 
 def _bwd_group_rows_kernel(*refs, Q, BT, k, nb, has_doc, dots, acc):
@@ -214,8 +230,7 @@ def _bwd_group_rows_kernel(*refs, Q, BT, k, nb, has_doc, dots, acc):
         d = cm.decay_to_end(cs_t, cs_ref[hh, Q - 1], doc_t, doc_last)
         dC_off, off = cm.off_row_terms(dy_ref[pl.ds(t0, BT), hh, :], H, Cr, e, dots.dc_off)
         off_ref[hh, :] = flat(off)
-        dB = dB + cm.state_input_grad_B(x_ref[pl.ds(t0, BT), hh, :], col(w_ref[hh, pl.ds(t0, BT)]) * d, G,
-                                        dots.db_state)
+        dB = dB + cm.state_input_grad_B(x_ref[pl.ds(t0, BT), hh, :], col(w_ref[hh, pl.ds(t0, BT)]) * d, G, dots.db_state)
         dg_ref[hh] = jnp.sum(G * H)
         return dC + dC_off, dB
 
@@ -226,10 +241,8 @@ def _bwd_group_rows_kernel(*refs, Q, BT, k, nb, has_doc, dots, acc):
         return dcb_ref[pl.ds(ti * BT, BT), pl.ds(si * BT, BT)]
 
     # dC_t += sum_s dCB[t, s] B_s (this block's row of blocks); dB_s += sum_t dCB[t, s] C_t (its column).
-    dC = lax.fori_loop(0, r + 1, lambda j, dC: dC + cm.mm(dcb_block(r, j), B_ref[pl.ds(j * BT, BT), :], cm.NN,
-                                                          dots.dcb), dC)
-    dB = lax.fori_loop(r, nb, lambda i, dB: dB + cm.mm(dcb_block(i, r), C_ref[pl.ds(i * BT, BT), :], cm.TN,
-                                                       dots.dcb), dB)
+    dC = lax.fori_loop(0, r + 1, lambda j, dC: dC + cm.mm(dcb_block(r, j), B_ref[pl.ds(j * BT, BT), :], cm.NN, dots.dcb), dC)
+    dB = lax.fori_loop(r, nb, lambda i, dB: dB + cm.mm(dcb_block(i, r), C_ref[pl.ds(i * BT, BT), :], cm.TN, dots.dcb), dB)
     dC_ref[...] = dC.astype(dC_ref.dtype)
     dB_ref[...] = dB.astype(dB_ref.dtype)
 
@@ -256,8 +269,7 @@ def bwd_group_rows(plan: Plan, x, dy, B, C, cs, w, Hs, Gs, doc, dcb):
     scal = pl.BlockSpec((None, k, Q), lambda gs, r, c, bb: (bb, grp(gs), c))
     st = pl.BlockSpec((None, k, None, p, nn), lambda gs, r, c, bb: (bb, grp(gs), c, 0, blk(gs)))
     ins = [x, dy, C, B, cs, w, Hs, Gs, dcb]
-    in_specs = [heads, heads, bc, bc, scal, scal, st, st,
-                pl.BlockSpec((None, None, None, Q, Q), lambda gs, r, c, bb: (bb, c, grp(gs), 0, 0))]
+    in_specs = [heads, heads, bc, bc, scal, scal, st, st, pl.BlockSpec((None, None, None, Q, Q), lambda gs, r, c, bb: (bb, c, grp(gs), 0, 0))]
     if doc is not None:
         ins.append(doc)
         in_specs.append(pl.BlockSpec((None, Q), lambda gs, r, c, bb: (bb, c)))
@@ -273,7 +285,14 @@ def bwd_group_rows(plan: Plan, x, dy, B, C, cs, w, Hs, Gs, doc, dcb):
         pl.BlockSpec((None, None, k, BT), lambda gs, r, c, bb: (bb, blk(gs), grp(gs), c * nb + r)),
         pl.BlockSpec((None, None, k, None), lambda gs, r, c, bb: (bb, blk(gs), grp(gs), c * nb + r)),
     ]
-    kernel = functools.partial(_bwd_group_rows_kernel, Q=Q, BT=BT, k=k, nb=nb, has_doc=doc is not None,
-                               dots=plan.dots, acc=acc)
-    return gpu_launch.call(kernel, plan, plan.config.bwd_group_rows, grid=(g * ns, nb, nc, b), in_specs=in_specs,
-                           out_specs=out_specs, out_shape=out_shape, name="ssd_bwd_group_rows")(*ins)
+    kernel = functools.partial(_bwd_group_rows_kernel, Q=Q, BT=BT, k=k, nb=nb, has_doc=doc is not None, dots=plan.dots, acc=acc)
+    return gpu_launch.call(
+        kernel,
+        plan,
+        plan.config.bwd_group_rows,
+        grid=(g * ns, nb, nc, b),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        name="ssd_bwd_group_rows",
+    )(*ins)

@@ -37,8 +37,7 @@ def triton_params(launch: Launch, interpret: bool) -> Optional[Any]:
 
 def call(kernel: Callable, plan: Plan, launch: Launch, **kwargs) -> Callable:
     """``pl.pallas_call`` of ``kernel`` with ``launch``'s Triton parameters (interpret mode per ``plan``)."""
-    return pl.pallas_call(kernel, interpret=plan.interpret, compiler_params=triton_params(launch, plan.interpret),
-                          **kwargs)
+    return pl.pallas_call(kernel, interpret=plan.interpret, compiler_params=triton_params(launch, plan.interpret), **kwargs)
 
 
 def head_block(k: int, wanted: int) -> int:

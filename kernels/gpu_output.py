@@ -56,8 +56,7 @@ def _output_kernel(*refs, BT, has_doc, has_D, has_join, dots, acc):
 
     def below(j, total):
         s0 = j * BT
-        CB = cm.same_document(cb_ref[pl.ds(t0, BT), pl.ds(s0, BT)], doc_t,
-                              row(doc_ref[pl.ds(s0, BT)]) if has_doc else None)
+        CB = cm.same_document(cb_ref[pl.ds(t0, BT), pl.ds(s0, BT)], doc_t, row(doc_ref[pl.ds(s0, BT)]) if has_doc else None)
         _, b_s = cm.split_decay(None, col(cs_ref[0, pl.ds(s0, BT)]), c_ref)
         bw = b_s * col(w_ref[0, pl.ds(s0, BT)])
         return total + cm.intra_output_below(CB, bw, x_ref[pl.ds(s0, BT), 0, :], dots.out_intra)
@@ -89,15 +88,23 @@ def output(plan: Plan, x, B, C, cs, w, states, doc, D, out_dtype, cb, join: Opti
     if join is not None:
         entering, decay, run = join
         ins += [entering, decay]
-        in_specs += [pl.BlockSpec((None, 1, None, p, n), lambda hh, i, c, bb: (bb, hh, cm.idiv(c, run), 0, 0)),
-                     pl.BlockSpec((None, 1, nc), lambda hh, i, c, bb: (bb, hh, 0))]
+        in_specs += [
+            pl.BlockSpec((None, 1, None, p, n), lambda hh, i, c, bb: (bb, hh, cm.idiv(c, run), 0, 0)),
+            pl.BlockSpec((None, 1, nc), lambda hh, i, c, bb: (bb, hh, 0)),
+        ]
     extra, extra_specs = spec.doc_and_skip(doc, D)
     ins += extra
     in_specs += extra_specs
-    kernel = functools.partial(_output_kernel, BT=BT, has_doc=doc is not None, has_D=D is not None,
-                               has_join=join is not None, dots=plan.dots, acc=plan.acc)
+    kernel = functools.partial(
+        _output_kernel, BT=BT, has_doc=doc is not None, has_D=D is not None, has_join=join is not None, dots=plan.dots, acc=plan.acc
+    )
     return gpu_launch.call(
-        kernel, plan, plan.config.output, grid=(h, nb, nc, b), in_specs=in_specs,
+        kernel,
+        plan,
+        plan.config.output,
+        grid=(h, nb, nc, b),
+        in_specs=in_specs,
         out_specs=pl.BlockSpec((None, BT, 1, p), lambda hh, i, c, bb: (bb, c * nb + i, hh, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, L, h, p), out_dtype), name="ssd_output",
+        out_shape=jax.ShapeDtypeStruct((b, L, h, p), out_dtype),
+        name="ssd_output",
     )(*ins)

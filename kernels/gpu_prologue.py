@@ -34,9 +34,16 @@ def _chunk_scalars_call(plan: Plan, dt_in, log_a):
     spec_in = pl.BlockSpec((None, Q, HB), lambda hb, c, bb: (bb, c, hb))
     spec_out = pl.BlockSpec((None, HB, Q), lambda hb, c, bb: (bb, hb, c))
     out = jax.ShapeDtypeStruct((b, h, L), dt_in.dtype)
-    return gpu_launch.call(_chunk_scalars_kernel, plan, plan.config.prologue, grid=(h // HB, L // Q, b),
-                           in_specs=[spec_in, spec_in], out_specs=[spec_out, spec_out], out_shape=[out, out],
-                           name="ssd_chunk_scalars")(dt_in, log_a)
+    return gpu_launch.call(
+        _chunk_scalars_kernel,
+        plan,
+        plan.config.prologue,
+        grid=(h // HB, L // Q, b),
+        in_specs=[spec_in, spec_in],
+        out_specs=[spec_out, spec_out],
+        out_shape=[out, out],
+        name="ssd_chunk_scalars",
+    )(dt_in, log_a)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -77,9 +84,15 @@ def chunk_cb(plan: Plan, B, C, dtype):
     nb, nc = Q // BT, L // Q
     kernel = functools.partial(_chunk_cb_kernel, dots=plan.dots)
     return gpu_launch.call(
-        kernel, plan, plan.config.prologue, grid=(g, nb, nc, b),
-        in_specs=[pl.BlockSpec((None, BT, None, n), lambda gg, i, c, bb: (bb, c * nb + i, gg, 0)),
-                  pl.BlockSpec((None, Q, None, n), lambda gg, i, c, bb: (bb, c, gg, 0))],
+        kernel,
+        plan,
+        plan.config.prologue,
+        grid=(g, nb, nc, b),
+        in_specs=[
+            pl.BlockSpec((None, BT, None, n), lambda gg, i, c, bb: (bb, c * nb + i, gg, 0)),
+            pl.BlockSpec((None, Q, None, n), lambda gg, i, c, bb: (bb, c, gg, 0)),
+        ],
         out_specs=pl.BlockSpec((None, None, None, BT, Q), lambda gg, i, c, bb: (bb, c, gg, i, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, nc, g, Q, Q), dtype), name="ssd_chunk_cb",
+        out_shape=jax.ShapeDtypeStruct((b, nc, g, Q, Q), dtype),
+        name="ssd_chunk_cb",
     )(C, B)

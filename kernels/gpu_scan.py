@@ -42,8 +42,7 @@ def rows_state(X_ref, M_ref, cs_ref, w_ref, doc_ref, r0, rows, cs_last, doc_last
         coef = cm.decay_from_start(cs, doc)
     else:
         coef = col(w_ref[pl.ds(r0, rows)]) * cm.decay_to_end(cs, cs_last, doc, doc_last)
-    return cm.chunk_state(X_ref[pl.ds(r0, rows), :], coef, M_ref[pl.ds(r0, rows), :],
-                          dots.bstate if backward else dots.state)
+    return cm.chunk_state(X_ref[pl.ds(r0, rows), :], coef, M_ref[pl.ds(r0, rows), :], dots.bstate if backward else dots.state)
 
 
 def _scan_kernel(*refs, Q, nc, backward, has_doc, has_init, dots, acc, sub, run):
@@ -118,8 +117,9 @@ def state_scan(plan: Plan, X, M, cs, w, doc, init, *, backward: bool) -> Tuple[j
     ]
     out_specs = [
         pl.BlockSpec((None, None, nc, bp, n), lambda hh, pb, bb, *s: (bb, hh, 0, pb, 0)),
-        pl.BlockSpec((None, None, None, bp, n), lambda hh, pb, bb, s: (bb, hh, s, pb, 0)) if run else
-        pl.BlockSpec((None, None, bp, n), lambda hh, pb, bb: (bb, hh, pb, 0)),
+        pl.BlockSpec((None, None, None, bp, n), lambda hh, pb, bb, s: (bb, hh, s, pb, 0))
+        if run
+        else pl.BlockSpec((None, None, bp, n), lambda hh, pb, bb: (bb, hh, pb, 0)),
     ]
     ins = [X, M, cs]
     in_specs = [
@@ -137,11 +137,28 @@ def state_scan(plan: Plan, X, M, cs, w, doc, init, *, backward: bool) -> Tuple[j
         ins.append(init)
         in_specs.append(pl.BlockSpec((None, None, bp, n), lambda hh, pb, bb, *s: (bb, hh, pb, 0)))
 
-    kernel = functools.partial(_scan_kernel, Q=Q, nc=nc, backward=backward, has_doc=has_doc, has_init=has_init,
-                               dots=plan.dots, acc=acc, sub=min(plan.config.scan_block, Q), run=run)
-    states, final = gpu_launch.call(kernel, plan, plan.config.scan, grid=grid, in_specs=in_specs,
-                                    out_specs=out_specs, out_shape=out_shape,
-                                    name="ssd_state_scan_bwd" if backward else "ssd_state_scan")(*ins)
+    kernel = functools.partial(
+        _scan_kernel,
+        Q=Q,
+        nc=nc,
+        backward=backward,
+        has_doc=has_doc,
+        has_init=has_init,
+        dots=plan.dots,
+        acc=acc,
+        sub=min(plan.config.scan_block, Q),
+        run=run,
+    )
+    states, final = gpu_launch.call(
+        kernel,
+        plan,
+        plan.config.scan,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        name="ssd_state_scan_bwd" if backward else "ssd_state_scan",
+    )(*ins)
     if not run:
         return states, final, None
     entering, decay, final = run_entering(final, chunk_decays(cs, doc, Q), run, backward=backward)

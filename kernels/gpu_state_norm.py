@@ -61,12 +61,18 @@ def chunk_states(plan: Plan, X, M, cs, w, doc, *, backward: bool):
     if doc is not None:
         ins.append(doc)
         in_specs.append(pl.BlockSpec((None, Q), lambda hh, c, bb: (bb, c)))
-    kernel = functools.partial(_chunk_states_kernel, Q=Q, sub=min(plan.config.scan_block, Q), backward=backward,
-                               has_doc=doc is not None, dots=plan.dots, acc=plan.acc)
+    kernel = functools.partial(
+        _chunk_states_kernel, Q=Q, sub=min(plan.config.scan_block, Q), backward=backward, has_doc=doc is not None, dots=plan.dots, acc=plan.acc
+    )
     return gpu_launch.call(
-        kernel, plan, plan.config.scan, grid=(h, nc, b), in_specs=in_specs,
+        kernel,
+        plan,
+        plan.config.scan,
+        grid=(h, nc, b),
+        in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, None, p, n), lambda hh, c, bb: (bb, hh, c, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, h, nc, p, n), plan.acc), name="ssd_chunk_states",
+        out_shape=jax.ShapeDtypeStruct((b, h, nc, p, n), plan.acc),
+        name="ssd_chunk_states",
     )(*ins)
 
 
@@ -123,9 +129,15 @@ def state_pass(plan: Plan, X, M, cs, w, doc, init, max_norm, *, backward: bool, 
     if backward:
         ins += [scales, hout]
         in_specs += [per_chunk, chunks]
-    out_shape = [jax.ShapeDtypeStruct((b, h, nc, p, n), acc), jax.ShapeDtypeStruct((b, h, p, n), acc),
-                 jax.ShapeDtypeStruct((b, h, nc), acc)]
+    out_shape = [jax.ShapeDtypeStruct((b, h, nc, p, n), acc), jax.ShapeDtypeStruct((b, h, p, n), acc), jax.ShapeDtypeStruct((b, h, nc), acc)]
     kernel = functools.partial(_norm_pass_kernel, nc=nc, backward=backward, has_init=has_init, acc=acc)
-    return gpu_launch.call(kernel, plan, plan.config.scan, grid=(h, b), in_specs=in_specs,
-                           out_specs=[chunks, state, per_chunk], out_shape=out_shape,
-                           name="ssd_state_norm_pass_bwd" if backward else "ssd_state_norm_pass")(*ins)
+    return gpu_launch.call(
+        kernel,
+        plan,
+        plan.config.scan,
+        grid=(h, b),
+        in_specs=in_specs,
+        out_specs=[chunks, state, per_chunk],
+        out_shape=out_shape,
+        name="ssd_state_norm_pass_bwd" if backward else "ssd_state_norm_pass",
+    )(*ins)

@@ -130,8 +130,9 @@ def _smem_transforms(cols: int, dtype: Any) -> tuple:
 # -------------------------------------------------------------------------------------------------
 
 
-def _decayed_block(cb: jax.Array, cs_t: jax.Array, cs_s: jax.Array, w_s: jax.Array, a_t: Optional[jax.Array],
-                   c_ref: Optional[jax.Array], static: _Static) -> jax.Array:
+def _decayed_block(
+    cb: jax.Array, cs_t: jax.Array, cs_s: jax.Array, w_s: jax.Array, a_t: Optional[jax.Array], c_ref: Optional[jax.Array], static: _Static
+) -> jax.Array:
     """``A = CB o L o w`` of one block pair in float32: ``cb (T, S)``, ``cs_t (T,)``, ``cs_s, w_s (S,)``.
 
     Diagonal block (``a_t`` None): exact ``exp(cs_t - cs_s)`` masked to ``s <= t`` before the ``exp``. A block below
@@ -166,8 +167,7 @@ def _output_body(*refs, static: _Static) -> None:
     def load_source(step, slot):
         s0 = source_block(step) * BT
         plgpu.copy_gmem_to_smem(x_ref.at[bb, pl.ds(q0 + s0, BT), hh], x_smem.at[slot], src_bars.at[slot])
-        plgpu.copy_gmem_to_smem(cb_ref.at[bb, c, gg, pl.ds(t0, BT), pl.ds(s0, BT)], cb_smem.at[slot],
-                                src_bars.at[slot])
+        plgpu.copy_gmem_to_smem(cb_ref.at[bb, c, gg, pl.ds(t0, BT), pl.ds(s0, BT)], cb_smem.at[slot], src_bars.at[slot])
 
     plgpu.copy_gmem_to_smem(cs_ref.at[bb, hh, pl.ds(q0, Q)], cs_smem, bars.at[0])
     plgpu.copy_gmem_to_smem(w_ref.at[bb, hh, pl.ds(q0, Q)], w_smem, bars.at[1])
@@ -280,8 +280,7 @@ def output(plan: Plan, x, B, C, cs, w, states, doc, D, out_dtype, cb):
     cb = cb.astype(jnp.bfloat16)
     BT = min(ROWS, Q)
     nb, nc = Q // BT, L // Q
-    static = _Static(Q=Q, BT=BT, nb=nb, k=h // g, p=p, n=n, stages=min(STAGES, nb), has_D=D is not None,
-                     interpret=bool(plan.interpret))
+    static = _Static(Q=Q, BT=BT, nb=nb, k=h // g, p=p, n=n, stages=min(STAGES, nb), has_D=D is not None, interpret=bool(plan.interpret))
     bf16 = jnp.bfloat16
     if static.states_transposed:
         states = jnp.swapaxes(states, 3, 4)  # (b, h, nc, n, p)

@@ -58,8 +58,7 @@ def _gpu_forward(plan: Plan, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype, *,
         # A forward pass alone: the Triton kernel completes the run-local states as it loads them (one pass over
         # the states less); the runs' entering states are read in the states' storage dtype.
         entering, decay, run = join
-        y = gpu_output.output(plan, x, B, C, cs, w, states, doc, D, out_dtype, cb,
-                              (entering.astype(states.dtype), decay, run))
+        y = gpu_output.output(plan, x, B, C, cs, w, states, doc, D, out_dtype, cb, (entering.astype(states.dtype), decay, run))
     else:
         # For the backward pass the states are completed anyway: the output kernel reads those.
         states = gpu_scan.complete(states, join)
@@ -78,8 +77,7 @@ def _gpu_backward(plan: Plan, x, w, cs, B, C, h0, doc, D, max_norm, residuals, d
         Gs = gpu_scan.complete(Gs, join)
     else:
         hout = jnp.concatenate([states[:, :, 1:], final[:, :, None]], axis=2)  # the clipped states leaving chunks
-        Gs, dh0, dm_parts = gpu_state_norm.state_pass(plan, dy, C, cs, w, doc, dfinal, max_norm, backward=True,
-                                                      scales=scales, hout=hout)
+        Gs, dh0, dm_parts = gpu_state_norm.state_pass(plan, dy, C, cs, w, doc, dfinal, max_norm, backward=True, scales=scales, hout=hout)
     col_outs = gpu_backward.bwd_cols(plan, x, dy, B, cs, w, Gs, doc, D, cb)
     dx, dw, V = col_outs[:3]
     dD = None if D is None else jnp.sum(col_outs[3], axis=(0, 2))
@@ -215,8 +213,7 @@ def ssd_pallas(
     n = B.shape[3]
     target = support.default_target("pallas")
     target = support.Target(launcher or target.launcher, target.interpret if interpret is None else bool(interpret))
-    support.check("pallas", target, where="ssd_pallas", chunk_size=chunk_size, headdim=p, state=n,
-                  dtype=jnp.result_type(x.dtype, B.dtype, C.dtype))
+    support.check("pallas", target, where="ssd_pallas", chunk_size=chunk_size, headdim=p, state=n, dtype=jnp.result_type(x.dtype, B.dtype, C.dtype))
     config = KernelConfig() if config is None else config
     config.check(chunk_size, compiled=not target.interpret)
     plan = make_plan(x.dtype, B.dtype, chunk_size, target.launcher, target.interpret, config)

@@ -73,9 +73,7 @@ def ssd_recurrent(
     Bh = expand_groups(B, h).astype(acc)  # (b, l, h, n)
     Ch = expand_groups(C, h).astype(acc)  # (b, l, h, n)
     u = x.astype(acc) * dt_in[..., None]  # (b, l, h, p)
-    reset = jnp.zeros((b, l), bool) if doc is None else jnp.concatenate(
-        [jnp.zeros((b, 1), bool), doc[:, 1:] != doc[:, :-1]], axis=1
-    )
+    reset = jnp.zeros((b, l), bool) if doc is None else jnp.concatenate([jnp.zeros((b, 1), bool), doc[:, 1:] != doc[:, :-1]], axis=1)
     h0 = jnp.zeros((b, h, p, n), acc) if initial_state is None else initial_state.astype(acc)
 
     def advance(state, u_t, B_t, log_a_t, reset_t):
@@ -109,14 +107,10 @@ def ssd_recurrent(
         t, u_t, B_t, C_t, log_a_t, reset_t, u_l, B_l, log_a_l, reset_l = inputs
         state = advance(state, u_t, B_t, log_a_t, reset_t)
         # The lagged state h_{t-r}: zero before position -1, the initial state at t - r = -1.
-        lagged = jnp.where(
-            t >= r, advance(lagged, u_l, B_l, log_a_l, reset_l), jnp.where(t == r - 1, h0, jnp.zeros_like(h0))
-        )
+        lagged = jnp.where(t >= r, advance(lagged, u_l, B_l, log_a_l, reset_l), jnp.where(t == r - 1, h0, jnp.zeros_like(h0)))
         leaving = t >= r
         log_decay_sum = log_decay_sum + log_a_t - jnp.where(leaving, log_a_l, 0.0)
-        resets_in_window = resets_in_window + reset_t.astype(jnp.int32) - jnp.where(leaving, reset_l, False).astype(
-            jnp.int32
-        )
+        resets_in_window = resets_in_window + reset_t.astype(jnp.int32) - jnp.where(leaving, reset_l, False).astype(jnp.int32)
         decay = jnp.where(resets_in_window[:, None] > 0, 0.0, jnp.exp(log_decay_sum))  # (b, h)
         windowed = state - decay[..., None, None] * lagged
         y_t = jnp.einsum("bhpn,bhn->bhp", windowed, C_t, precision=matmul_precision(acc))

@@ -210,8 +210,13 @@ def _forward(cfg: StepwiseConfig, x, dt_in, log_a, B, C, initial_state, doc, bou
 
     T = cfg.time_block
     kernel = functools.partial(
-        _stepwise_kernel, T=T, nblocks=l // T, tail=l % T, has_init=initial_state is not None,
-        clip=bound is not None, acc=acc,
+        _stepwise_kernel,
+        T=T,
+        nblocks=l // T,
+        tail=l % T,
+        has_init=initial_state is not None,
+        clip=bound is not None,
+        acc=acc,
     )
     params = triton_params(Launch(cfg.num_warps, cfg.num_stages), cfg.interpret)
     return pl.pallas_call(
@@ -249,18 +254,15 @@ def _validate(x, dt_in, log_a, B, C, initial_state, doc, max_norm, time_block, i
         if arr.shape != (b, l, h):
             fail(f"`{name}` has shape {tuple(arr.shape)}, expected (batch, seqlen, heads) = {(b, l, h)}")
     if B.ndim != 4 or B.shape[:2] != (b, l) or C.shape != B.shape:
-        fail(f"`B` and `C` must both be (batch, seqlen, groups, state) with batch, seqlen = {(b, l)}; "
-             f"got {tuple(B.shape)} and {tuple(C.shape)}")
+        fail(f"`B` and `C` must both be (batch, seqlen, groups, state) with batch, seqlen = {(b, l)}; got {tuple(B.shape)} and {tuple(C.shape)}")
     g, n = B.shape[2], B.shape[3]
     if h % g:
         fail(f"heads ({h}) must be a multiple of groups ({g})")
-    reason = support.unsupported("stepwise", support.Target("gpu", interpret), headdim=p, state=n,
-                                 dtype=jnp.result_type(x.dtype, B.dtype, C.dtype))
+    reason = support.unsupported("stepwise", support.Target("gpu", interpret), headdim=p, state=n, dtype=jnp.result_type(x.dtype, B.dtype, C.dtype))
     if reason is not None:
         fail(reason)
     if initial_state is not None and initial_state.shape != (b, h, p, n):
-        fail(f"`initial_state` has shape {tuple(initial_state.shape)}, expected (batch, heads, headdim, state) = "
-             f"{(b, h, p, n)}")
+        fail(f"`initial_state` has shape {tuple(initial_state.shape)}, expected (batch, heads, headdim, state) = {(b, h, p, n)}")
     if doc is not None and (doc.shape != (b, l) or not jnp.issubdtype(doc.dtype, jnp.integer)):
         fail(f"`doc` must be integer (batch, seqlen) = {(b, l)}, got {doc.dtype} {tuple(doc.shape)}")
     if max_norm is not None and jnp.shape(max_norm) not in ((), (h,)):

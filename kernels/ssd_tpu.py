@@ -168,12 +168,26 @@ def _forward_call(plan: Plan, x, w, cs, B, C, h0, doc, D, max_norm, out_dtype, e
         out_shape.append(jax.ShapeDtypeStruct((b, h, nc, 1, 1), acc))
         out_specs.append(pl.BlockSpec((None, None, None, 1, 1), lambda bb, hh, c: (bb, hh, c, 0, 0)))
     kernel = functools.partial(
-        _fwd_kernel, Q=Q, nc=nc, has_doc=has_doc, has_init=has_init, has_D=has_D, clip=clip, emit_y=emit_y,
-        dots=plan.dots, acc=acc,
+        _fwd_kernel,
+        Q=Q,
+        nc=nc,
+        has_doc=has_doc,
+        has_init=has_init,
+        has_D=has_D,
+        clip=clip,
+        emit_y=emit_y,
+        dots=plan.dots,
+        acc=acc,
     )
     return pl.pallas_call(
-        kernel, grid=(b, h, nc), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((p, n), acc)], compiler_params=_compiler_params(), interpret=_interpret(plan),
+        kernel,
+        grid=(b, h, nc),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((p, n), acc)],
+        compiler_params=_compiler_params(),
+        interpret=_interpret(plan),
         name="ssd_tpu_fwd" if emit_y else "ssd_tpu_states",
     )(*ins)
 
@@ -275,15 +289,19 @@ def backward(plan: Plan, x, w, cs, B, C, h0, doc, D, max_norm, dy, dfinal):
     dyt = jnp.swapaxes(dy, 1, 2)
     rev = lambda c: nc - 1 - c
     ins = [xt, dyt, Bt, Ct] + vecs + [states_, dfinal]
-    in_specs = [
-        pl.BlockSpec((None, None, Q, p), lambda bb, hh, c: (bb, hh, rev(c), 0)),
-        pl.BlockSpec((None, None, Q, p), lambda bb, hh, c: (bb, hh, rev(c), 0)),
-        pl.BlockSpec((None, None, Q, n), lambda bb, hh, c: (bb, cm.idiv(hh, k), rev(c), 0)),
-        pl.BlockSpec((None, None, Q, n), lambda bb, hh, c: (bb, cm.idiv(hh, k), rev(c), 0)),
-    ] + _vec_specs(Q, has_doc, rev) + [
-        pl.BlockSpec((None, None, None, p, n), lambda bb, hh, c: (bb, hh, rev(c), 0, 0)),
-        pl.BlockSpec((None, None, p, n), lambda bb, hh, c: (bb, hh, 0, 0)),
-    ]
+    in_specs = (
+        [
+            pl.BlockSpec((None, None, Q, p), lambda bb, hh, c: (bb, hh, rev(c), 0)),
+            pl.BlockSpec((None, None, Q, p), lambda bb, hh, c: (bb, hh, rev(c), 0)),
+            pl.BlockSpec((None, None, Q, n), lambda bb, hh, c: (bb, cm.idiv(hh, k), rev(c), 0)),
+            pl.BlockSpec((None, None, Q, n), lambda bb, hh, c: (bb, cm.idiv(hh, k), rev(c), 0)),
+        ]
+        + _vec_specs(Q, has_doc, rev)
+        + [
+            pl.BlockSpec((None, None, None, p, n), lambda bb, hh, c: (bb, hh, rev(c), 0, 0)),
+            pl.BlockSpec((None, None, p, n), lambda bb, hh, c: (bb, hh, 0, 0)),
+        ]
+    )
     if has_D:
         ins.append(D.reshape(h, 1, 1))
         in_specs.append(pl.BlockSpec((None, 1, 1), lambda bb, hh, c: (hh, 0, 0)))
@@ -315,11 +333,16 @@ def backward(plan: Plan, x, w, cs, B, C, h0, doc, D, max_norm, dy, dfinal):
         if flag:
             out_shape.append(jax.ShapeDtypeStruct((b, h, nc, 1, 1), acc))
             out_specs.append(pl.BlockSpec((None, None, None, 1, 1), lambda bb, hh, c: (bb, hh, rev(c), 0, 0)))
-    kernel = functools.partial(_bwd_kernel, Q=Q, nc=nc, has_doc=has_doc, has_init=has_init, has_D=has_D, clip=clip,
-                               dots=plan.dots, acc=acc)
+    kernel = functools.partial(_bwd_kernel, Q=Q, nc=nc, has_doc=has_doc, has_init=has_init, has_D=has_D, clip=clip, dots=plan.dots, acc=acc)
     outs = pl.pallas_call(
-        kernel, grid=(b, h, nc), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((p, n), acc)], compiler_params=_compiler_params(), interpret=_interpret(plan),
+        kernel,
+        grid=(b, h, nc),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((p, n), acc)],
+        compiler_params=_compiler_params(),
+        interpret=_interpret(plan),
         name="ssd_tpu_bwd",
     )(*ins)
     it = iter(outs)

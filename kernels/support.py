@@ -65,8 +65,9 @@ def is_power_of_two(value: int, minimum: int = 1) -> bool:
     return value >= minimum and value & (value - 1) == 0
 
 
-def unsupported(impl: str, target: Target, *, chunk_size: Optional[int] = None, headdim: Optional[int] = None,
-                state: Optional[int] = None, dtype=None) -> Optional[str]:
+def unsupported(
+    impl: str, target: Target, *, chunk_size: Optional[int] = None, headdim: Optional[int] = None, state: Optional[int] = None, dtype=None
+) -> Optional[str]:
     """Why the ``impl`` kernels cannot take a call on ``target`` (naming the argument and the accepted values), or
     None when they can. Arguments left None are not checked (``resolve_impl`` may know only some of them)."""
     if impl not in KERNEL_IMPLS:
@@ -89,8 +90,7 @@ def unsupported(impl: str, target: Target, *, chunk_size: Optional[int] = None, 
         dtypes = INTERPRET_DTYPES if target.interpret else COMPILED_DTYPES
         if jnp.dtype(dtype) not in dtypes:
             where = "in interpret mode" if target.interpret else "when compiled (float64: interpret mode only)"
-            return (f"x, B and C must be one of {tuple(d.name for d in dtypes)} {where}, got {jnp.dtype(dtype)}; "
-                    f"use impl='{fallback}'")
+            return f"x, B and C must be one of {tuple(d.name for d in dtypes)} {where}, got {jnp.dtype(dtype)}; use impl='{fallback}'"
     return None
 
 

@@ -45,7 +45,15 @@ from ssm_jax.ssd import ssd  # noqa: E402
 _compilation_cache.enable_by_default()  # off with SSM_JAX_COMPILATION_CACHE=off
 
 __all__ = [
-    "ssd", "from_pretrained", "save_hf", "save_state_spaces", "CheckpointError", "Mamba2Config", "Mamba2LM",
-    "Mamba2Mixer", "Mamba2Block", "mitigations",
+    "ssd",
+    "from_pretrained",
+    "save_hf",
+    "save_state_spaces",
+    "CheckpointError",
+    "Mamba2Config",
+    "Mamba2LM",
+    "Mamba2Mixer",
+    "Mamba2Block",
+    "mitigations",
 ]
 __version__ = "0.1.0"

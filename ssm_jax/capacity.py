@@ -142,8 +142,7 @@ def fit_exponential(x, y, *, num_grid: int = 400, max_log_b: Optional[float] = N
     candidates = [(sses[i], grid[i]), (f1, c1), (f2, c2)]
     _, log_b = min(candidates)
     (a, c), sse = _solve_ac(x, y, log_b)
-    return {"a": float(a), "b": float(math.exp(log_b)), "c": float(c), "rmse": float(math.sqrt(sse / x.size)),
-            "n": int(x.size)}
+    return {"a": float(a), "b": float(math.exp(log_b)), "c": float(c), "rmse": float(math.sqrt(sse / x.size)), "n": int(x.size)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,8 +168,12 @@ def capacity_study(runs: Sequence[Mapping]) -> Dict:
     points, notes = [], []
     for size in sorted(by_size):
         group = by_size[size]
-        point = {"state_size": size, "n_s_millions": size / 1e6, "runs": [r.get("name", "") for r in group],
-                 "train_lens": sorted(int(r["train_len"]) for r in group)}
+        point = {
+            "state_size": size,
+            "n_s_millions": size / 1e6,
+            "runs": [r.get("name", "") for r in group],
+            "train_lens": sorted(int(r["train_len"]) for r in group),
+        }
         forget_runs = [r for r in group if r.get("collapsed") is not None]
         if forget_runs:
             tf = t_forget(forget_runs)
@@ -179,8 +182,7 @@ def capacity_study(runs: Sequence[Mapping]) -> Dict:
             if tf["bound"] == "lower":
                 notes.append(f"N_S={size}: every run collapsed (T_forget > {tf['max_train_len']}); not fitted")
             elif tf["bound"] == "upper":
-                notes.append(f"N_S={size}: the smallest T_train tried ({tf['t_forget']}) did not collapse; "
-                             "T_forget is an upper bound")
+                notes.append(f"N_S={size}: the smallest T_train tried ({tf['t_forget']}) did not collapse; T_forget is an upper bound")
             if not tf["monotone"]:
                 notes.append(f"N_S={size}: a longer T_train collapsed again (non-monotone)")
         recall = [t_recall(r["passkey_accuracy"]) for r in group if r.get("passkey_accuracy")]
@@ -201,8 +203,10 @@ def capacity_study(runs: Sequence[Mapping]) -> Dict:
     if len(set(fx)) >= 2:
         fits["forget"] = fit_linear(fx, fy)
     else:
-        notes.append(f"linear T_forget fit needs >= 2 state sizes with an exact T_forget (a collapse at a shorter "
-                     f"T_train and none at a longer one), have {len(set(fx))}")
+        notes.append(
+            f"linear T_forget fit needs >= 2 state sizes with an exact T_forget (a collapse at a shorter "
+            f"T_train and none at a longer one), have {len(set(fx))}"
+        )
     rx = [p["n_s_millions"] for p in points if p.get("t_recall_k") is not None]
     ry = [p["t_recall_k"] for p in points if p.get("t_recall_k") is not None]
     if len(set(rx)) >= 3:

@@ -44,8 +44,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 __all__ = [
-    "Checkpointer", "CheckpointSaveError", "NoCompleteCheckpointError", "restore_params", "read_meta",
-    "latest_step", "checkpoint_dir", "DAMAGED_DIR",
+    "Checkpointer",
+    "CheckpointSaveError",
+    "NoCompleteCheckpointError",
+    "restore_params",
+    "read_meta",
+    "latest_step",
+    "checkpoint_dir",
+    "DAMAGED_DIR",
 ]
 
 DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/: steps that failed to restore, kept for inspection
@@ -89,7 +95,12 @@ class Checkpointer:
     """An orbax ``CheckpointManager`` over ``<workdir>/checkpoints`` with the items of the module docstring."""
 
     def __init__(
-        self, directory: str, *, save_every: int = 1000, max_to_keep: Optional[int] = 3, async_save: bool = True,
+        self,
+        directory: str,
+        *,
+        save_every: int = 1000,
+        max_to_keep: Optional[int] = 3,
+        async_save: bool = True,
         read_only: bool = False,
     ) -> None:
         self.directory = os.path.abspath(directory)
@@ -104,8 +115,11 @@ class Checkpointer:
         except ImportError:  # grain absent (evaluation-only installs): params/meta still readable
             pass
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-            create=not read_only, read_only=read_only,
+            save_interval_steps=save_every,
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
             cleanup_tmp_directories=not read_only,  # a save cut by a kill leaves a tmp directory behind
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -122,8 +136,14 @@ class Checkpointer:
         return self.manager.should_save(step)
 
     def save(
-        self, step: int, *, params: Any, train_state: Any, data_iterator: Any = None,
-        meta: Optional[Dict[str, Any]] = None, force: bool = False,
+        self,
+        step: int,
+        *,
+        params: Any,
+        train_state: Any,
+        data_iterator: Any = None,
+        meta: Optional[Dict[str, Any]] = None,
+        force: bool = False,
     ) -> bool:
         """Saves (asynchronously if configured) when ``step`` is due or ``force``; returns whether it saved.
 
@@ -156,8 +176,7 @@ class Checkpointer:
         if error.errno == errno.ENOSPC:
             what += f" ({shutil.disk_usage(self.directory).free / 2**20:.0f} MiB free)"
         if previous:
-            what += (f". The previous checkpoint (step {max(previous)}) is intact: free space, then re-run the same "
-                     "command to resume from it.")
+            what += f". The previous checkpoint (step {max(previous)}) is intact: free space, then re-run the same command to resume from it."
         else:
             what += ". No earlier checkpoint exists: re-running the same command starts from step 0."
         return CheckpointSaveError(error.errno, what)
@@ -186,7 +205,8 @@ class Checkpointer:
             listing = "\n  ".join(f"step {s}: {e}" for s, e in failures)
             raise NoCompleteCheckpointError(
                 f"no checkpoint in {self.directory} restores:\n  {listing}\nNothing was moved or deleted. To start "
-                "this run from scratch instead, move that directory away.")
+                "this run from scratch instead, move that directory away."
+            )
         return None
 
     def _move_damaged(self, failures: List[Tuple[int, str]], good: int) -> None:
@@ -199,8 +219,14 @@ class Checkpointer:
                     target, suffix = os.path.join(root, f"{step}.{suffix}"), suffix + 1
                 os.makedirs(root, exist_ok=True)
                 shutil.move(os.path.join(self.directory, str(step)), target)
-                logging.warning("checkpoint step %d in %s is damaged (%s): moved it to %s; resuming from step %d, the "
-                                "newest step that restores", step, self.directory, error, target, good)
+                logging.warning(
+                    "checkpoint step %d in %s is damaged (%s): moved it to %s; resuming from step %d, the newest step that restores",
+                    step,
+                    self.directory,
+                    error,
+                    target,
+                    good,
+                )
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -212,7 +238,12 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(
-        self, step: int, *, abstract_params: Any, abstract_train_state: Any, data_iterator: Any = None,
+        self,
+        step: int,
+        *,
+        abstract_params: Any,
+        abstract_train_state: Any,
+        data_iterator: Any = None,
     ) -> Tuple[Any, Any, Dict[str, Any]]:
         """Restores ``(params, train_state, meta)`` of ``step`` into the given abstract trees (with shardings).
 

@@ -49,8 +49,10 @@ def enable_by_default() -> Optional[str]:
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as err:
-        warnings.warn(f"ssm_jax: the compilation cache stays off: cannot create {directory} ({err}); set {ENV} "
-                      f"to a writable directory, or to 'off'", stacklevel=2)
+        warnings.warn(
+            f"ssm_jax: the compilation cache stays off: cannot create {directory} ({err}); set {ENV} to a writable directory, or to 'off'",
+            stacklevel=2,
+        )
         return None
     jax.config.update("jax_compilation_cache_dir", directory)
     return directory

@@ -36,13 +36,35 @@ from ssm_jax.dtypes import dtype_name
 from ssm_jax.hub import CheckpointError
 from ssm_jax.model import Mamba2Config, Mamba2LM
 
-__all__ = ["CheckpointError", "from_pretrained", "save_hf", "save_state_spaces", "config_from_state_spaces",
-           "config_from_hf", "hf_config_dict", "state_spaces_config_dict"]
+__all__ = [
+    "CheckpointError",
+    "from_pretrained",
+    "save_hf",
+    "save_state_spaces",
+    "config_from_state_spaces",
+    "config_from_hf",
+    "hf_config_dict",
+    "state_spaces_config_dict",
+]
 
 _MAMBA2_SSM_DEFAULTS = dict(
-    d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256, dt_min=0.001, dt_max=0.1,
-    dt_init_floor=1e-4, dt_limit=(0.0, float("inf")), A_init_range=(1, 16), bias=False, conv_bias=True,
-    D_has_hdim=False, rmsnorm=True, norm_before_gate=False, d_ssm=None,
+    d_state=128,
+    d_conv=4,
+    expand=2,
+    headdim=64,
+    ngroups=1,
+    chunk_size=256,
+    dt_min=0.001,
+    dt_max=0.1,
+    dt_init_floor=1e-4,
+    dt_limit=(0.0, float("inf")),
+    A_init_range=(1, 16),
+    bias=False,
+    conv_bias=True,
+    D_has_hdim=False,
+    rmsnorm=True,
+    norm_before_gate=False,
+    d_ssm=None,
 )
 # Options of mamba_ssm's Mamba2 layer that transformers' Mamba2 does not have, with their neutral values.
 _STATE_SPACES_ONLY = dict(d_ssm=None, D_has_hdim=False, norm_before_gate=False)
@@ -66,14 +88,9 @@ def config_from_state_spaces(raw: Mapping) -> Mamba2Config:
             "use a different layer, and mamba_ssm treats a missing `layer` as Mamba1)"
         )
     if raw.get("attn_layer_idx"):
-        raise CheckpointError(
-            f"attn_layer_idx = {raw['attn_layer_idx']}; hybrid checkpoints with attention layers "
-            "are not supported"
-        )
+        raise CheckpointError(f"attn_layer_idx = {raw['attn_layer_idx']}; hybrid checkpoints with attention layers are not supported")
     if raw.get("d_intermediate", 0):
-        raise CheckpointError(
-            f"d_intermediate = {raw['d_intermediate']}; checkpoints with MLP layers are not supported"
-        )
+        raise CheckpointError(f"d_intermediate = {raw['d_intermediate']}; checkpoints with MLP layers are not supported")
     if not raw.get("rms_norm", True):
         raise CheckpointError("rms_norm = false (LayerNorm blocks) is not supported")
     runtime_only = {"use_mem_eff_path", "process_group", "sequence_parallel", "activation"}
@@ -84,18 +101,31 @@ def config_from_state_spaces(raw: Mapping) -> Mamba2Config:
     if ssm.get("activation", "silu") not in ("silu", "swish"):
         raise CheckpointError(f"ssm_cfg.activation = {ssm['activation']!r}; only silu is supported")
     if not ssm["rmsnorm"]:
-        raise CheckpointError("ssm_cfg.rmsnorm = false (an SSM output without its gated norm) is not "
-                              "supported")
+        raise CheckpointError("ssm_cfg.rmsnorm = false (an SSM output without its gated norm) is not supported")
     fields = dict(
-        d_model=raw["d_model"], n_layer=raw["n_layer"], vocab_size=raw["vocab_size"],
-        d_state=ssm["d_state"], d_conv=ssm["d_conv"], expand=ssm["expand"], headdim=ssm["headdim"],
-        ngroups=ssm["ngroups"], chunk_size=ssm["chunk_size"], dt_min=ssm["dt_min"], dt_max=ssm["dt_max"],
-        dt_init_floor=ssm["dt_init_floor"], dt_limit=tuple(float(v) for v in ssm["dt_limit"]),
+        d_model=raw["d_model"],
+        n_layer=raw["n_layer"],
+        vocab_size=raw["vocab_size"],
+        d_state=ssm["d_state"],
+        d_conv=ssm["d_conv"],
+        expand=ssm["expand"],
+        headdim=ssm["headdim"],
+        ngroups=ssm["ngroups"],
+        chunk_size=ssm["chunk_size"],
+        dt_min=ssm["dt_min"],
+        dt_max=ssm["dt_max"],
+        dt_init_floor=ssm["dt_init_floor"],
+        dt_limit=tuple(float(v) for v in ssm["dt_limit"]),
         A_init_range=tuple(float(v) for v in ssm["A_init_range"]),
         pad_vocab_size_multiple=raw.get("pad_vocab_size_multiple", 8),
-        norm_eps=raw.get("norm_epsilon", 1e-5), tie_embeddings=raw.get("tie_embeddings", True),
-        residual_in_fp32=raw.get("residual_in_fp32", True), conv_bias=ssm["conv_bias"], proj_bias=ssm["bias"],
-        d_ssm=ssm["d_ssm"], D_has_hdim=ssm["D_has_hdim"], norm_before_gate=ssm["norm_before_gate"],
+        norm_eps=raw.get("norm_epsilon", 1e-5),
+        tie_embeddings=raw.get("tie_embeddings", True),
+        residual_in_fp32=raw.get("residual_in_fp32", True),
+        conv_bias=ssm["conv_bias"],
+        proj_bias=ssm["bias"],
+        d_ssm=ssm["d_ssm"],
+        D_has_hdim=ssm["D_has_hdim"],
+        norm_before_gate=ssm["norm_before_gate"],
     )
     return Mamba2Config(**fields)
 
@@ -112,21 +142,30 @@ def config_from_hf(raw: Mapping) -> Mamba2Config:
     head_dim = raw.get("head_dim", 64)
     d_inner = expand * raw["hidden_size"]
     if "num_heads" in raw and raw["num_heads"] * head_dim != d_inner:
-        raise CheckpointError(
-            f"num_heads * head_dim = {raw['num_heads'] * head_dim} != expand * hidden_size = {d_inner}"
-        )
+        raise CheckpointError(f"num_heads * head_dim = {raw['num_heads'] * head_dim} != expand * hidden_size = {d_inner}")
     if raw.get("hidden_act", "silu") not in ("silu", "swish"):
         raise CheckpointError(f"hidden_act = {raw['hidden_act']!r}; only silu is supported")
     limit = [_json_float(v) for v in raw.get("time_step_limit", (0.0, float("inf")))]
     fields = dict(
-        d_model=raw["hidden_size"], n_layer=raw["num_hidden_layers"], vocab_size=raw["vocab_size"],
-        d_state=raw.get("state_size", 128), d_conv=raw.get("conv_kernel", 4), expand=expand, headdim=head_dim,
-        ngroups=raw.get("n_groups", 8), chunk_size=raw.get("chunk_size", 256),
-        dt_min=raw.get("time_step_min", 0.001), dt_max=raw.get("time_step_max", 0.1),
-        dt_init_floor=raw.get("time_step_floor", 1e-4), dt_limit=(float(limit[0]), float(limit[1])),
-        pad_vocab_size_multiple=1, norm_eps=raw.get("layer_norm_epsilon", 1e-5),
-        tie_embeddings=raw.get("tie_word_embeddings", False), residual_in_fp32=raw.get("residual_in_fp32", True),
-        conv_bias=raw.get("use_conv_bias", True), proj_bias=raw.get("use_bias", False),
+        d_model=raw["hidden_size"],
+        n_layer=raw["num_hidden_layers"],
+        vocab_size=raw["vocab_size"],
+        d_state=raw.get("state_size", 128),
+        d_conv=raw.get("conv_kernel", 4),
+        expand=expand,
+        headdim=head_dim,
+        ngroups=raw.get("n_groups", 8),
+        chunk_size=raw.get("chunk_size", 256),
+        dt_min=raw.get("time_step_min", 0.001),
+        dt_max=raw.get("time_step_max", 0.1),
+        dt_init_floor=raw.get("time_step_floor", 1e-4),
+        dt_limit=(float(limit[0]), float(limit[1])),
+        pad_vocab_size_multiple=1,
+        norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+        tie_embeddings=raw.get("tie_word_embeddings", False),
+        residual_in_fp32=raw.get("residual_in_fp32", True),
+        conv_bias=raw.get("use_conv_bias", True),
+        proj_bias=raw.get("use_bias", False),
     )
     return Mamba2Config(**fields)
 
@@ -151,33 +190,72 @@ def hf_config_dict(cfg: Mamba2Config) -> Dict:
             "ssm_jax.convert.save_state_spaces, which ssm_jax.from_pretrained and mamba_ssm read"
         )
     return {
-        "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
-        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "vocab_size": cfg.padded_vocab_size,
-        "state_size": cfg.d_state, "head_dim": cfg.headdim, "num_heads": cfg.nheads, "n_groups": cfg.ngroups,
-        "expand": cfg.expand, "conv_kernel": cfg.d_conv, "chunk_size": cfg.chunk_size,
-        "time_step_min": cfg.dt_min, "time_step_max": cfg.dt_max, "time_step_floor": cfg.dt_init_floor,
+        "architectures": ["Mamba2ForCausalLM"],
+        "model_type": "mamba2",
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layer,
+        "vocab_size": cfg.padded_vocab_size,
+        "state_size": cfg.d_state,
+        "head_dim": cfg.headdim,
+        "num_heads": cfg.nheads,
+        "n_groups": cfg.ngroups,
+        "expand": cfg.expand,
+        "conv_kernel": cfg.d_conv,
+        "chunk_size": cfg.chunk_size,
+        "time_step_min": cfg.dt_min,
+        "time_step_max": cfg.dt_max,
+        "time_step_floor": cfg.dt_init_floor,
         "time_step_limit": [cfg.dt_limit[0], cfg.dt_limit[1]],
-        "layer_norm_epsilon": cfg.norm_eps, "use_bias": cfg.proj_bias, "use_conv_bias": cfg.conv_bias,
-        "residual_in_fp32": cfg.residual_in_fp32, "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu", "rescale_prenorm_residual": False, "time_step_rank": math.ceil(cfg.d_model / 16),
-        "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "use_bias": cfg.proj_bias,
+        "use_conv_bias": cfg.conv_bias,
+        "residual_in_fp32": cfg.residual_in_fp32,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "rescale_prenorm_residual": False,
+        "time_step_rank": math.ceil(cfg.d_model / 16),
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 0,
     }
 
 
 def state_spaces_config_dict(cfg: Mamba2Config) -> Dict:
     """The mamba_ssm (state-spaces) ``config.json`` content for ``cfg``, every layer option in ``ssm_cfg``."""
     ssm_cfg = dict(
-        layer="Mamba2", d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
-        ngroups=cfg.ngroups, chunk_size=cfg.chunk_size, dt_min=cfg.dt_min, dt_max=cfg.dt_max,
-        dt_init_floor=cfg.dt_init_floor, dt_limit=list(cfg.dt_limit), A_init_range=list(cfg.A_init_range),
-        bias=cfg.proj_bias, conv_bias=cfg.conv_bias, d_ssm=cfg.d_ssm, D_has_hdim=cfg.D_has_hdim,
-        norm_before_gate=cfg.norm_before_gate, rmsnorm=True,
+        layer="Mamba2",
+        d_state=cfg.d_state,
+        d_conv=cfg.d_conv,
+        expand=cfg.expand,
+        headdim=cfg.headdim,
+        ngroups=cfg.ngroups,
+        chunk_size=cfg.chunk_size,
+        dt_min=cfg.dt_min,
+        dt_max=cfg.dt_max,
+        dt_init_floor=cfg.dt_init_floor,
+        dt_limit=list(cfg.dt_limit),
+        A_init_range=list(cfg.A_init_range),
+        bias=cfg.proj_bias,
+        conv_bias=cfg.conv_bias,
+        d_ssm=cfg.d_ssm,
+        D_has_hdim=cfg.D_has_hdim,
+        norm_before_gate=cfg.norm_before_gate,
+        rmsnorm=True,
     )
     return {
-        "d_model": cfg.d_model, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size, "d_intermediate": 0,
-        "ssm_cfg": ssm_cfg, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "norm_epsilon": cfg.norm_eps,
-        "residual_in_fp32": cfg.residual_in_fp32, "fused_add_norm": True,
-        "pad_vocab_size_multiple": cfg.pad_vocab_size_multiple, "tie_embeddings": cfg.tie_embeddings,
+        "d_model": cfg.d_model,
+        "n_layer": cfg.n_layer,
+        "vocab_size": cfg.vocab_size,
+        "d_intermediate": 0,
+        "ssm_cfg": ssm_cfg,
+        "attn_layer_idx": [],
+        "attn_cfg": {},
+        "rms_norm": True,
+        "norm_epsilon": cfg.norm_eps,
+        "residual_in_fp32": cfg.residual_in_fp32,
+        "fused_add_norm": True,
+        "pad_vocab_size_multiple": cfg.pad_vocab_size_multiple,
+        "tie_embeddings": cfg.tie_embeddings,
     }
 
 
@@ -351,8 +429,7 @@ def from_pretrained(
     cfg, embedding_key = _config_from_file(raw, os.path.join(directory, hub.CONFIG_NAME))
     cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, **config_overrides)
     tensors, source = hub.read_weights(directory)
-    other = {"backbone.embedding.weight": "backbone.embeddings.weight",
-             "backbone.embeddings.weight": "backbone.embedding.weight"}[embedding_key]
+    other = {"backbone.embedding.weight": "backbone.embeddings.weight", "backbone.embeddings.weight": "backbone.embedding.weight"}[embedding_key]
     if embedding_key not in tensors and other in tensors:  # some conversions use the other format's name
         embedding_key = other
     return model_from_tensors(cfg, tensors, embedding_key, source)
@@ -382,5 +459,4 @@ def _save(model: Mamba2LM, directory: str, config: Dict, embedding_key: str) -> 
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, hub.CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
-    save_file(tensors_from_model(model, embedding_key), os.path.join(directory, hub.SAFETENSORS_NAME),
-              metadata={"format": "pt"})
+    save_file(tensors_from_model(model, embedding_key), os.path.join(directory, hub.SAFETENSORS_NAME), metadata={"format": "pt"})

@@ -117,8 +117,7 @@ def _chunk_function(graphdef, trace_heads: Tuple[Tuple[int, int], ...], trace_st
             max_abs=jnp.max(jnp.abs(states), axis=(-2, -1)),
             retention=jnp.exp(log_retention),
             log_retention=log_retention,
-            conv_norm=jnp.stack([jnp.sqrt(jnp.sum(jnp.square(c.conv_state.astype(jnp.float32)), axis=(1, 2)))
-                                 for c in cache], axis=1),
+            conv_norm=jnp.stack([jnp.sqrt(jnp.sum(jnp.square(c.conv_state.astype(jnp.float32)), axis=(1, 2))) for c in cache], axis=1),
         )
         heads_per_group = cfg.nheads // cfg.ngroups
         traces = {}
@@ -167,9 +166,7 @@ def record_states(
         raise ValueError(f"`trace_stride` must be a positive divisor of `every` ({every}), got {trace_stride!r}")
     for layer, head in list(trace_heads) + [tuple(snapshot_head)]:
         if not (0 <= layer < cfg.n_layer and 0 <= head < cfg.nheads):
-            raise ValueError(
-                f"(layer, head) = ({layer}, {head}) is outside the model ({cfg.n_layer} layers, {cfg.nheads} heads)"
-            )
+            raise ValueError(f"(layer, head) = ({layer}, {head}) is outside the model ({cfg.n_layer} layers, {cfg.nheads} heads)")
     total = tokens.shape[1] - 1
     ends = list(range(every, total, every)) + [total]
     bad = [p for p in snapshot_positions if p not in ends]
@@ -184,9 +181,7 @@ def record_states(
     log_retention = jnp.zeros((batch, cfg.n_layer, cfg.nheads), jnp.float32)
     inputs, targets = jnp.asarray(tokens[:, :-1], jnp.int32), jnp.asarray(tokens[:, 1:], jnp.int32)
 
-    records: Dict[str, List[np.ndarray]] = {
-        k: [] for k in ("norm", "mean", "var", "max_abs", "retention", "log_retention", "conv_norm")
-    }
+    records: Dict[str, List[np.ndarray]] = {k: [] for k in ("norm", "mean", "var", "max_abs", "retention", "log_retention", "conv_norm")}
     traces: Dict[str, List[np.ndarray]] = {}
     snapshots, losses = {}, []
     starts = range(0, total, every)
@@ -220,9 +215,7 @@ def record_states(
     )
 
 
-def calibrate_state_norm(
-    model: Mamba2LM, tokens, *, every: int = 256, reduce: str = "max", margin: float = 1.0
-) -> np.ndarray:
+def calibrate_state_norm(model: Mamba2LM, tokens, *, every: int = 256, reduce: str = "max", margin: float = 1.0) -> np.ndarray:
     """Per-layer, per-head state-norm thresholds ``(layers, heads)`` for :func:`ssm_jax.mitigations.state_norm`.
 
     Streams the calibration prompt ``tokens (batch, T)`` -- usually ``T`` = the training length -- and
@@ -325,11 +318,15 @@ def collapse_verdict(
     n_within = train_len // width  # buckets 0 .. n_within - 1 end at or before T_train
     first_after = -(-train_len // width)  # buckets from here on start after T_train
     if n_within < 2:
-        raise ValueError(f"train_len={train_len} spans {n_within} bucket(s) of width={width}; the reference "
-                         "excludes the first bucket, so it needs at least 2 (use a smaller width)")
+        raise ValueError(
+            f"train_len={train_len} spans {n_within} bucket(s) of width={width}; the reference "
+            "excludes the first bucket, so it needs at least 2 (use a smaller width)"
+        )
     if loss.ndim != 1 or loss.size <= first_after:
-        raise ValueError(f"bucket_loss has shape {loss.shape}: the rule needs a 1-D curve reaching bucket "
-                         f"{first_after} (positions from {first_after * width + 1}, beyond train_len={train_len})")
+        raise ValueError(
+            f"bucket_loss has shape {loss.shape}: the rule needs a 1-D curve reaching bucket "
+            f"{first_after} (positions from {first_after * width + 1}, beyond train_len={train_len})"
+        )
     within, after = loss[1:n_within], loss[first_after:]
     if not np.isfinite(within).any():
         raise ValueError(f"bucket_loss has no finite bucket within train_len={train_len} besides the first")
@@ -369,18 +366,20 @@ def detect_state_outliers(diag: StateDiagnostics, train_len: int, *, ratio: floa
     norms = diag.norm.mean(axis=1)  # (records, layers, heads)
     inside = diag.positions <= train_len
     if not inside.any() or inside.all():
-        raise ValueError(
-            f"train_len={train_len} must lie inside the recorded positions {diag.positions[0]}..{diag.positions[-1]}"
-        )
+        raise ValueError(f"train_len={train_len} must lie inside the recorded positions {diag.positions[0]}..{diag.positions[-1]}")
     reference = norms[inside].max(axis=0)  # (layers, heads)
     after = norms[~inside]
     outliers = []
     for layer, head in zip(*np.nonzero(after.max(axis=0) > ratio * reference)):
         first = int(np.argmax(after[:, layer, head] > ratio * reference[layer, head]))
-        outliers.append(StateOutlier(
-            layer=int(layer), head=int(head), first_position=int(diag.positions[~inside][first]),
-            ratio=float(after[:, layer, head].max() / max(reference[layer, head], 1e-30)),
-        ))
+        outliers.append(
+            StateOutlier(
+                layer=int(layer),
+                head=int(head),
+                first_position=int(diag.positions[~inside][first]),
+                ratio=float(after[:, layer, head].max() / max(reference[layer, head], 1e-30)),
+            )
+        )
     return outliers
 
 
@@ -399,8 +398,7 @@ def state_norm_growth(norm: np.ndarray, positions: np.ndarray, train_len: int) -
     inside = positions <= train_len
     late = positions > positions[-1] / 2
     if not inside.any() or inside.all() or not (late & ~inside).any():
-        raise ValueError(f"train_len={train_len} must lie inside the recorded positions "
-                         f"{positions[0]}..{positions[-1]}, well before their end")
+        raise ValueError(f"train_len={train_len} must lie inside the recorded positions {positions[0]}..{positions[-1]}, well before their end")
     tiny = np.finfo(np.float64).tiny
     return {
         "peak": norm[~inside].max(axis=0) / np.maximum(norm[inside].max(axis=0), tiny),
@@ -414,22 +412,20 @@ def plot_all(diag: StateDiagnostics, directory: str, *, train_len: Optional[int]
 
     layer, head = diag.snapshot_head
     paths = [
-        plots.plot_state_norm_heatmap(diag.positions, diag.norm.mean(axis=1), f"{directory}/{prefix}state_norm_heatmap.png",
-                                      train_len=train_len),
-        plots.plot_state_norm_curves(diag.positions, diag.norm.mean(axis=1), f"{directory}/{prefix}state_norm.png",
-                                     train_len=train_len),
-        plots.plot_retention(diag.positions, diag.retention.mean(axis=1), f"{directory}/{prefix}retention.png",
-                             layer=layer, train_len=train_len),
+        plots.plot_state_norm_heatmap(diag.positions, diag.norm.mean(axis=1), f"{directory}/{prefix}state_norm_heatmap.png", train_len=train_len),
+        plots.plot_state_norm_curves(diag.positions, diag.norm.mean(axis=1), f"{directory}/{prefix}state_norm.png", train_len=train_len),
+        plots.plot_retention(diag.positions, diag.retention.mean(axis=1), f"{directory}/{prefix}retention.png", layer=layer, train_len=train_len),
     ]
     if diag.snapshots:
-        paths.append(plots.plot_state_histograms(
-            {p: s[0] for p, s in diag.snapshots.items()}, f"{directory}/{prefix}state_histograms.png",
-            layer=layer, head=head))
+        paths.append(
+            plots.plot_state_histograms(
+                {p: s[0] for p, s in diag.snapshots.items()}, f"{directory}/{prefix}state_histograms.png", layer=layer, head=head
+            )
+        )
     if diag.traces:
         summary = {}
         for name, values in diag.traces.items():
             values = values[:, 0]  # first batch row
             summary[name if values.ndim == 1 else f"|{name}|"] = values if values.ndim == 1 else np.abs(values)
-        paths.append(plots.plot_traces(np.maximum(diag.trace_positions, 1), summary, f"{directory}/{prefix}traces.png",
-                                       train_len=train_len))
+        paths.append(plots.plot_traces(np.maximum(diag.trace_positions, 1), summary, f"{directory}/{prefix}traces.png", train_len=train_len))
     return paths

@@ -16,10 +16,7 @@ import numpy as np
 # Canonical name -> jnp scalar type, for the floating dtypes the model computes or stores parameters in.
 FLOAT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 
-_ACCEPTED = (
-    f"one of {sorted(FLOAT_DTYPES)} as a string, a jnp scalar type (e.g. jnp.bfloat16) or a np.dtype "
-    "(e.g. np.dtype('float32'))"
-)
+_ACCEPTED = f"one of {sorted(FLOAT_DTYPES)} as a string, a jnp scalar type (e.g. jnp.bfloat16) or a np.dtype (e.g. np.dtype('float32'))"
 
 
 def dtype_name(value: Any, argument: str) -> str:

@@ -36,7 +36,10 @@ _HUB_PATTERNS = (
 
 # safetensors dtype codes that a Mamba-2 weight may have, as NumPy dtypes (little-endian; bfloat16 via ml_dtypes).
 _SAFETENSORS_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
 }
 
 
@@ -60,9 +63,7 @@ def checkpoint_directory(name_or_path: str, *, revision: Optional[str] = None, c
             raise ValueError(f"`revision` selects a version of a Hub repo; {name!r} is a local directory")
         return name
     if os.path.exists(name):
-        raise CheckpointError(
-            f"{name!r} is a file; a checkpoint is a directory (config.json and weights) or a Hub repo id"
-        )
+        raise CheckpointError(f"{name!r} is a file; a checkpoint is a directory (config.json and weights) or a Hub repo id")
     if os.path.isabs(name) or name.startswith((".", "~")):
         raise CheckpointError(f"checkpoint directory {name!r} does not exist")
     directory = ""
@@ -77,12 +78,14 @@ def _snapshot(repo_id: str, revision: Optional[str], cache_dir: Optional[str], p
     try:
         from huggingface_hub import constants, snapshot_download
         from huggingface_hub.errors import (
-            HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
         )
     except ImportError as e:
         raise CheckpointError(
-            f"{repo_id!r} is not a local directory, and reading Hub repos needs huggingface_hub "
-            "(pip install huggingface_hub)"
+            f"{repo_id!r} is not a local directory, and reading Hub repos needs huggingface_hub (pip install huggingface_hub)"
         ) from e
     cache = cache_dir or constants.HF_HUB_CACHE
     try:
@@ -93,8 +96,7 @@ def _snapshot(repo_id: str, revision: Optional[str], cache_dir: Optional[str], p
         raise CheckpointError(f"the Hub repo {repo_id!r} has no revision {revision!r}") from e
     except RepositoryNotFoundError as e:
         raise CheckpointError(
-            f"{repo_id!r} is neither a local directory nor a Hub repo you can read (private or gated repos need "
-            "`hf auth login`)"
+            f"{repo_id!r} is neither a local directory nor a Hub repo you can read (private or gated repos need `hf auth login`)"
         ) from e
     except LocalEntryNotFoundError as e:
         offline = " (offline: HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
@@ -130,10 +132,7 @@ def read_weights(directory: str) -> Tuple[Dict[str, np.ndarray], str]:
     """All tensors of ``directory``'s weights (in their stored dtype) and the path of the file read (or index)."""
     name = weight_files(directory)
     if name is None:
-        raise CheckpointError(
-            f"missing weights in {directory}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX}, {TORCH_NAME} or "
-            f"{TORCH_INDEX}"
-        )
+        raise CheckpointError(f"missing weights in {directory}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX}, {TORCH_NAME} or {TORCH_INDEX}")
     path = os.path.join(directory, name)
     if name.endswith(".index.json"):
         return _read_shards(directory, path), path
@@ -155,7 +154,7 @@ def _read_shards(directory: str, index_path: str) -> Dict[str, np.ndarray]:
     index = _read_json(index_path, f"missing file {index_path}")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index_path}: expected a non-empty \"weight_map\" of tensor name -> shard file")
+        raise CheckpointError(f'{index_path}: expected a non-empty "weight_map" of tensor name -> shard file')
     for shard in weight_map.values():
         if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
             raise CheckpointError(f"{index_path}: shard {shard!r} is not a file name in the checkpoint directory")
@@ -167,8 +166,7 @@ def _read_shards(directory: str, index_path: str) -> Dict[str, np.ndarray]:
         shard_tensors = _read_weight_file(path)
         absent = sorted(k for k, v in weight_map.items() if v == shard and k not in shard_tensors)
         if absent:
-            raise CheckpointError(f"{path}: lacks {len(absent)} tensors that {os.path.basename(index_path)} "
-                                  f"places there, e.g. {absent[:3]}")
+            raise CheckpointError(f"{path}: lacks {len(absent)} tensors that {os.path.basename(index_path)} places there, e.g. {absent[:3]}")
         tensors.update(shard_tensors)
     return tensors
 
@@ -188,8 +186,7 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
-        raise CheckpointError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {e}); "
-                              "a truncated or corrupt download?") from e
+        raise CheckpointError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {e}); a truncated or corrupt download?") from e
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise CheckpointError(f"{path}: expected a dict of tensor name -> tensor")
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().numpy() for k, v in raw.items()}
@@ -209,9 +206,7 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
             raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors file (truncated?)")
         header_len = int.from_bytes(head, "little")
         if 8 + header_len > size:
-            raise CheckpointError(
-                f"{path}: the header claims {header_len} bytes but the file has {size}; truncated, or not safetensors"
-            )
+            raise CheckpointError(f"{path}: the header claims {header_len} bytes but the file has {size}; truncated, or not safetensors")
         try:
             header = json.loads(f.read(header_len).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -231,9 +226,7 @@ def _tensor(path: str, name: str, info, data: Optional[np.memmap], data_size: in
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: malformed header entry for tensor `{name}`: {info!r}") from e
     if code not in _SAFETENSORS_DTYPES:
-        raise CheckpointError(
-            f"{path}: tensor `{name}` has dtype {code}; Mamba-2 weights must be one of {sorted(_SAFETENSORS_DTYPES)}"
-        )
+        raise CheckpointError(f"{path}: tensor `{name}` has dtype {code}; Mamba-2 weights must be one of {sorted(_SAFETENSORS_DTYPES)}")
     dtype = _SAFETENSORS_DTYPES[code]
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if end > data_size:
@@ -242,8 +235,9 @@ def _tensor(path: str, name: str, info, data: Optional[np.memmap], data_size: in
             f"{data_size} (an interrupted download or copy?)"
         )
     if not (0 <= begin <= end and end - begin == nbytes):
-        raise CheckpointError(f"{path}: tensor `{name}` of shape {shape} and dtype {code} needs {nbytes} bytes, "
-                              f"its offsets [{begin}, {end}) give {end - begin}")
+        raise CheckpointError(
+            f"{path}: tensor `{name}` of shape {shape} and dtype {code} needs {nbytes} bytes, its offsets [{begin}, {end}) give {end - begin}"
+        )
     if nbytes == 0:
         return np.zeros(shape, dtype)
     return data[begin:end].view(dtype).reshape(shape)

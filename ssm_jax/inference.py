@@ -77,8 +77,15 @@ def _compiled(graphdef) -> dict:
         """One token per row from ``logits (b, V)``; finished rows (``done``) get the pad token. Returns the
         tokens, the logits after them, the cache and the updated ``done``."""
         model = nnx.merge(graphdef, state)
-        token = sample(logits, key, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                       min_p=options.min_p, vocab_size=model.config.vocab_size)  # (b,)
+        token = sample(
+            logits,
+            key,
+            temperature=options.temperature,
+            top_k=options.top_k,
+            top_p=options.top_p,
+            min_p=options.min_p,
+            vocab_size=model.config.vocab_size,
+        )  # (b,)
         token = jnp.where(done, options.pad_token_id, token)
         if options.eos_token_id is not None:
             done = done | (token == options.eos_token_id)
@@ -144,9 +151,7 @@ def _check_chunk_len(chunk_len: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def step(
-    model: Mamba2LM, tokens, cache: Cache, *, mitigation: Optional[mitigations_lib.Mitigation] = None
-) -> Tuple[Array, Cache]:
+def step(model: Mamba2LM, tokens, cache: Cache, *, mitigation: Optional[mitigations_lib.Mitigation] = None) -> Tuple[Array, Cache]:
     """One token per row: ``tokens (batch,) -> (logits (batch, vocab), new cache)``."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 1:
@@ -156,9 +161,7 @@ def step(
     return logits[:, 0], cache
 
 
-def pad_prompts(
-    prompts: Prompts, pad_token_id: int = 0, argument: str = "prompts"
-) -> Tuple[Array, Optional[Array]]:
+def pad_prompts(prompts: Prompts, pad_token_id: int = 0, argument: str = "prompts") -> Tuple[Array, Optional[Array]]:
     """A batch of prompts as ``(input_ids (batch, length) int32, valid (batch, length) bool or None)``.
 
     A ``(batch, length)`` array is used as it is (``valid`` None). A list of 1-D int sequences is left-padded
@@ -202,8 +205,10 @@ def prefill(
     """
     input_ids, valid = pad_prompts(input_ids, argument="input_ids")
     if valid is not None and cache is not None:
-        raise ValueError("prompts of different lengths need a fresh cache (`cache=None`): left padding after "
-                         "earlier tokens would not leave their conv and SSM state untouched")
+        raise ValueError(
+            "prompts of different lengths need a fresh cache (`cache=None`): left padding after "
+            "earlier tokens would not leave their conv and SSM state untouched"
+        )
     return _stream(model, input_ids, valid, cache, chunk_len, mitigations_lib.resolve(mitigation), on_chunk)
 
 
@@ -319,9 +324,14 @@ def generate(
     _check_token_range(input_ids, valid, vocab)
     mitigation = mitigations_lib.resolve(mitigation)
     last_logits, cache = _stream(model, input_ids, valid, None, chunk_len, mitigation)
-    options = _DecodeOptions(float(temperature), None if top_k is None else int(top_k),
-                             None if top_p is None else float(top_p), None if min_p is None else float(min_p),
-                             None if eos_token_id is None else int(eos_token_id), int(pad))
+    options = _DecodeOptions(
+        float(temperature),
+        None if top_k is None else int(top_k),
+        None if top_p is None else float(top_p),
+        None if min_p is None else float(min_p),
+        None if eos_token_id is None else int(eos_token_id),
+        int(pad),
+    )
     keys = jax.random.split(jax.random.PRNGKey(0) if rng is None else rng, int(max_new_tokens))  # one per step
     fns, state = _split(model)
     if on_token is None:
@@ -329,8 +339,7 @@ def generate(
     out = np.full((input_ids.shape[0], int(max_new_tokens)), options.pad_token_id, np.int32)
     logits, done = last_logits, jnp.zeros((input_ids.shape[0],), bool)
     for i in range(int(max_new_tokens)):
-        token, logits, cache, done = fns["decode_step"](state, logits, cache, keys[i], done, mitigation,
-                                                        options=options)
+        token, logits, cache, done = fns["decode_step"](state, logits, cache, keys[i], done, mitigation, options=options)
         out[:, i] = np.asarray(token)
         on_token(out[:, i].copy())
         if eos_token_id is not None and bool(jnp.all(done)):
@@ -343,5 +352,4 @@ def _check_token_range(input_ids: Array, valid: Optional[Array], vocab_size: int
     ids = np.asarray(input_ids)
     real = ids if valid is None else ids[np.asarray(valid)]
     if real.size and (real.min() < 0 or real.max() >= vocab_size):
-        raise ValueError(f"`prompts` hold token ids outside [0, vocab_size={vocab_size}): min {real.min()}, "
-                         f"max {real.max()}")
+        raise ValueError(f"`prompts` hold token ids outside [0, vocab_size={vocab_size}): min {real.min()}, max {real.max()}")

@@ -31,8 +31,14 @@ from flax import nnx
 from ssm_jax.model import Mamba2Config, Mamba2LM
 
 __all__ = [
-    "CHECKPOINT_KINDS", "PUBLIC_TRAIN_LEN", "LoadedModel", "checkpoint_kind", "resolve_step",
-    "load_model_from_workdir", "tokenizer_name_for_vocab", "load_model",
+    "CHECKPOINT_KINDS",
+    "PUBLIC_TRAIN_LEN",
+    "LoadedModel",
+    "checkpoint_kind",
+    "resolve_step",
+    "load_model_from_workdir",
+    "tokenizer_name_for_vocab",
+    "load_model",
 ]
 
 CHECKPOINT_KINDS = ("workdir", "pretrained", "random")
@@ -49,16 +55,18 @@ def checkpoint_kind(path: str) -> str:
     if path == "random":
         return "random"
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path!r} is not a directory; accepted: a train.py work directory, "
-                                "a from_pretrained directory (config.json + weights) or 'random'")
-    if os.path.isfile(os.path.join(path, "config.json")) and any(
-        os.path.isfile(os.path.join(path, w)) for w in _WEIGHT_FILES
-    ):
+        raise FileNotFoundError(
+            f"checkpoint {path!r} is not a directory; accepted: a train.py work directory, "
+            "a from_pretrained directory (config.json + weights) or 'random'"
+        )
+    if os.path.isfile(os.path.join(path, "config.json")) and any(os.path.isfile(os.path.join(path, w)) for w in _WEIGHT_FILES):
         return "pretrained"
     if os.path.isdir(os.path.join(path, "checkpoints")):  # ssm_jax.checkpoint.checkpoint_dir
         return "workdir"
-    raise FileNotFoundError(f"checkpoint {path!r} holds neither checkpoints/ (a train.py work directory) nor "
-                            f"config.json with one of {', '.join(_WEIGHT_FILES)} (a from_pretrained directory)")
+    raise FileNotFoundError(
+        f"checkpoint {path!r} holds neither checkpoints/ (a train.py work directory) nor "
+        f"config.json with one of {', '.join(_WEIGHT_FILES)} (a from_pretrained directory)"
+    )
 
 
 def resolve_step(workdir: str, step: int) -> int:
@@ -137,10 +145,21 @@ class LoadedModel:
         cfg = self.config
         params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
         return {
-            "kind": self.kind, "path": self.path, "step": self.step, "tokenizer": self.tokenizer_name,
-            "train_len": self.train_len, "state_size": cfg.state_size, "n_s_millions": cfg.state_size / 1e6,
-            "params": params, "d_model": cfg.d_model, "n_layer": cfg.n_layer, "nheads": cfg.nheads,
-            "headdim": cfg.headdim, "d_state": cfg.d_state, "vocab_size": cfg.vocab_size, "data": self.data,
+            "kind": self.kind,
+            "path": self.path,
+            "step": self.step,
+            "tokenizer": self.tokenizer_name,
+            "train_len": self.train_len,
+            "state_size": cfg.state_size,
+            "n_s_millions": cfg.state_size / 1e6,
+            "params": params,
+            "d_model": cfg.d_model,
+            "n_layer": cfg.n_layer,
+            "nheads": cfg.nheads,
+            "headdim": cfg.headdim,
+            "d_state": cfg.d_state,
+            "vocab_size": cfg.vocab_size,
+            "data": self.data,
         }
 
 
@@ -162,9 +181,14 @@ def _find(tree: Any, names: Sequence[str]) -> Any:
     return None
 
 
-_DATA_FIELDS = (("corpus", ("corpus", "corpus_name")), ("validation_fraction", ("validation_fraction", "val_fraction")),
-                ("split_seed", ("split_seed",)), ("local_data_dir", ("local_data_dir",)),
-                ("local_name", ("local_name",)), ("tokens_dir", ("tokens_dir",)))
+_DATA_FIELDS = (
+    ("corpus", ("corpus", "corpus_name")),
+    ("validation_fraction", ("validation_fraction", "val_fraction")),
+    ("split_seed", ("split_seed",)),
+    ("local_data_dir", ("local_data_dir",)),
+    ("local_name", ("local_name",)),
+    ("tokens_dir", ("tokens_dir",)),
+)
 
 
 def load_model(
@@ -223,15 +247,22 @@ def load_model(
         if found:
             train_len = int(found)
             if lookup(("tbptt",)):
-                logging.warning("%s was trained with truncated BPTT (state carried across windows): T_train = %d is "
-                                "the window length, not the longest context seen", path, train_len)
+                logging.warning(
+                    "%s was trained with truncated BPTT (state carried across windows): T_train = %d is "
+                    "the window length, not the longest context seen",
+                    path,
+                    train_len,
+                )
         else:
             train_len = PUBLIC_TRAIN_LEN
             logging.warning("training length unknown for %s: using %d (set config.train_len)", path, train_len)
     data = {key: value for key, names in _DATA_FIELDS if (value := lookup(names)) is not None}
     tok = get_tokenizer(tok_name)
     if tok.vocab_size > model.config.padded_vocab_size:
-        raise ValueError(f"config.tokenizer={tok_name!r}: the tokenizer has {tok.vocab_size} ids but the model's "
-                         f"vocabulary is {model.config.padded_vocab_size}; accepted: byte, neox (one that fits)")
-    return LoadedModel(model=model, tokenizer=tok, tokenizer_name=tok_name, train_len=int(train_len), kind=kind,
-                       path=path, step=resolved_step, data=data)
+        raise ValueError(
+            f"config.tokenizer={tok_name!r}: the tokenizer has {tok.vocab_size} ids but the model's "
+            f"vocabulary is {model.config.padded_vocab_size}; accepted: byte, neox (one that fits)"
+        )
+    return LoadedModel(
+        model=model, tokenizer=tok, tokenizer_name=tok_name, train_len=int(train_len), kind=kind, path=path, step=resolved_step, data=data
+    )

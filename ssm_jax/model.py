@@ -90,20 +90,16 @@ class Mamba2Config:
     remat: str = "none"
 
     def __post_init__(self):
-        positive = ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups",
-                    "chunk_size", "pad_vocab_size_multiple")
+        positive = ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "pad_vocab_size_multiple")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Mamba2Config.{name} must be a positive int, got {value!r}")
         if self.d_ssm is not None and not (isinstance(self.d_ssm, int) and 1 <= self.d_ssm <= self.d_inner):
-            raise ValueError(
-                f"Mamba2Config.d_ssm must be None or an int in [1, expand * d_model = {self.d_inner}], got {self.d_ssm!r}"
-            )
+            raise ValueError(f"Mamba2Config.d_ssm must be None or an int in [1, expand * d_model = {self.d_inner}], got {self.d_ssm!r}")
         if self.ssm_dim % self.headdim:
             raise ValueError(
-                f"Mamba2Config: the SSM channels (d_ssm, or expand * d_model) = {self.ssm_dim} must be a multiple "
-                f"of headdim = {self.headdim}"
+                f"Mamba2Config: the SSM channels (d_ssm, or expand * d_model) = {self.ssm_dim} must be a multiple of headdim = {self.headdim}"
             )
         if self.nheads % self.ngroups:
             raise ValueError(f"Mamba2Config: heads ({self.nheads}) must be a multiple of ngroups ({self.ngroups})")
@@ -203,9 +199,7 @@ def rms_norm(x: Array, weight: Array, eps: float, out_dtype) -> Array:
     return (xf * weight.astype(jnp.float32)).astype(out_dtype)
 
 
-def gated_rms_norm(
-    y: Array, z: Array, weight: Array, group_size: int, eps: float, out_dtype, *, norm_before_gate: bool = False
-) -> Array:
+def gated_rms_norm(y: Array, z: Array, weight: Array, group_size: int, eps: float, out_dtype, *, norm_before_gate: bool = False) -> Array:
     """Grouped RMSNorm with a SiLU gate in float32, one norm per group of ``group_size`` channels.
 
     ``norm_before_gate=False`` (the public checkpoints): ``RMSNorm_grouped(y * silu(z)) * weight``;
@@ -224,7 +218,10 @@ def gated_rms_norm(
 
 
 def causal_conv1d(
-    xBC: Array, weight: Array, bias: Optional[Array], prefix: Optional[Array] = None,
+    xBC: Array,
+    weight: Array,
+    bias: Optional[Array],
+    prefix: Optional[Array] = None,
     padded_doc: Optional[Array] = None,
 ) -> Array:
     """Depthwise causal convolution.
@@ -300,14 +297,18 @@ class Mamba2Mixer(nnx.Module):
         cfg = config
         pdt = cfg.jnp_param_dtype
         self.in_proj = nnx.Linear(
-            cfg.d_model, cfg.d_in_proj, use_bias=cfg.proj_bias, kernel_init=_uniform_fan_in(cfg.d_model),
-            bias_init=nnx.initializers.zeros, param_dtype=pdt, dtype=cfg.jnp_dtype, rngs=rngs,
+            cfg.d_model,
+            cfg.d_in_proj,
+            use_bias=cfg.proj_bias,
+            kernel_init=_uniform_fan_in(cfg.d_model),
+            bias_init=nnx.initializers.zeros,
+            param_dtype=pdt,
+            dtype=cfg.jnp_dtype,
+            rngs=rngs,
         )
         conv_init = _uniform_fan_in(cfg.d_conv)
         self.conv_weight = nnx.Param(conv_init(rngs.params(), (cfg.d_conv, cfg.conv_dim), jnp.float32).astype(pdt))
-        self.conv_bias = (
-            nnx.Param(conv_init(rngs.params(), (cfg.conv_dim,), jnp.float32).astype(pdt)) if cfg.conv_bias else None
-        )
+        self.conv_bias = nnx.Param(conv_init(rngs.params(), (cfg.conv_dim,), jnp.float32).astype(pdt)) if cfg.conv_bias else None
         # dt ~ log-uniform in [dt_min, dt_max] (floored); dt_bias = softplus^{-1}(dt).
         u = jax.random.uniform(rngs.params(), (cfg.nheads,), jnp.float32)
         dt = jnp.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
@@ -319,9 +320,14 @@ class Mamba2Mixer(nnx.Module):
         self.D = nnx.Param(jnp.ones((cfg.ssm_dim if cfg.D_has_hdim else cfg.nheads,), pdt))
         self.norm_weight = nnx.Param(jnp.ones((cfg.ssm_dim,), pdt))
         self.out_proj = nnx.Linear(
-            cfg.d_inner, cfg.d_model, use_bias=cfg.proj_bias, bias_init=nnx.initializers.zeros,
+            cfg.d_inner,
+            cfg.d_model,
+            use_bias=cfg.proj_bias,
+            bias_init=nnx.initializers.zeros,
             kernel_init=_scaled(_uniform_fan_in(cfg.d_inner), 1.0 / math.sqrt(cfg.n_layer)),
-            param_dtype=pdt, dtype=cfg.jnp_dtype, rngs=rngs,
+            param_dtype=pdt,
+            dtype=cfg.jnp_dtype,
+            rngs=rngs,
         )
 
     def init_cache(self, batch_size: int) -> MixerCache:
@@ -344,7 +350,12 @@ class Mamba2Mixer(nnx.Module):
         return z, xBC_raw, dt_raw
 
     def ssm_inputs_from_projection(
-        self, z: Array, xBC_raw: Array, dt_raw: Array, *, conv_prefix: Optional[Array] = None,
+        self,
+        z: Array,
+        xBC_raw: Array,
+        dt_raw: Array,
+        *,
+        conv_prefix: Optional[Array] = None,
         padded_doc: Optional[Array] = None,
     ) -> SSMInputs:
         """Causal conv + SiLU, the split into ``x, B, C``, and ``dt = softplus(dt + dt_bias)`` (clamped)."""
@@ -367,9 +378,7 @@ class Mamba2Mixer(nnx.Module):
             z=z,
         )
 
-    def ssm_inputs(
-        self, u: Array, *, conv_prefix: Optional[Array] = None, segment_ids: Optional[Array] = None
-    ) -> SSMInputs:
+    def ssm_inputs(self, u: Array, *, conv_prefix: Optional[Array] = None, segment_ids: Optional[Array] = None) -> SSMInputs:
         """The SSD inputs of ``u (batch, seqlen, d_model)`` (what diagnostics read)."""
         z, xBC_raw, dt_raw = self.project(u)
         padded_doc = doc_with_prefix(document_ids(segment_ids, u.shape[:2]), self.config.d_conv)
@@ -388,8 +397,13 @@ class Mamba2Mixer(nnx.Module):
         b, l = y.shape[:2]
         z0, x0, gate = jnp.split(z, [cfg.d_mlp, 2 * cfg.d_mlp], axis=-1)
         out = gated_rms_norm(
-            y.reshape(b, l, cfg.ssm_dim), gate, self.norm_weight[...], cfg.ssm_dim // cfg.ngroups, cfg.norm_eps,
-            cfg.jnp_dtype, norm_before_gate=cfg.norm_before_gate,
+            y.reshape(b, l, cfg.ssm_dim),
+            gate,
+            self.norm_weight[...],
+            cfg.ssm_dim // cfg.ngroups,
+            cfg.norm_eps,
+            cfg.jnp_dtype,
+            norm_before_gate=cfg.norm_before_gate,
         )  # (b, l, ssm_dim)
         if cfg.d_mlp:
             mlp = jax.nn.silu(z0.astype(jnp.float32)) * x0.astype(jnp.float32)  # (b, l, d_mlp)
@@ -421,8 +435,7 @@ class Mamba2Mixer(nnx.Module):
         impl = impl or cfg.ssd_impl
         if sequence_axis is not None:
             if cache is not None or valid is not None:
-                raise ValueError("`cache` / `valid` (streaming, padding) and `sequence_axis` (sequence sharding) "
-                                 "cannot be combined")
+                raise ValueError("`cache` / `valid` (streaming, padding) and `sequence_axis` (sequence sharding) cannot be combined")
             if cfg.D_has_hdim:
                 raise ValueError("sequence sharding (`sequence_axis`) does not support D_has_hdim=True models")
             from ssm_jax.parallel import sequence as sequence_parallel
@@ -441,12 +454,14 @@ class Mamba2Mixer(nnx.Module):
             self._sow_ssm_inputs(inputs, mitigation)
 
         if cache is not None and window is not None:
-            y, ssm_state, new_window = _windowed_stream_ssd(
-                inputs, self.head_skip(), cache, mitigation, segment_ids, cfg, impl
-            )
+            y, ssm_state, new_window = _windowed_stream_ssd(inputs, self.head_skip(), cache, mitigation, segment_ids, cfg, impl)
         else:
             y, ssm_state = ssd(
-                inputs.x, inputs.dt, inputs.A, inputs.B, inputs.C,
+                inputs.x,
+                inputs.dt,
+                inputs.A,
+                inputs.B,
+                inputs.C,
                 D=self.head_skip(),
                 chunk_size=cfg.chunk_size,
                 initial_state=None if cache is None else cache.ssm_state,
@@ -472,8 +487,7 @@ class Mamba2Mixer(nnx.Module):
         self.sow(nnx.Intermediate, "captured_ssm_inputs", dict(dt=inputs.dt, log_a=log_a, B=inputs.B, x=inputs.x))
 
 
-def _streaming_impl(impl: str, mitigation: Optional[mitigations_lib.Mitigation], cache, cfg: Mamba2Config,
-                    seqlen: int) -> str:
+def _streaming_impl(impl: str, mitigation: Optional[mitigations_lib.Mitigation], cache, cfg: Mamba2Config, seqlen: int) -> str:
     """The SSD implementation of a cached (streaming or decoding) call of ``seqlen`` tokens.
 
     * State normalisation is per step in streaming (exact), so cached calls with it run the recurrence: the
@@ -493,9 +507,7 @@ def _streaming_impl(impl: str, mitigation: Optional[mitigations_lib.Mitigation],
     return impl
 
 
-def _windowed_stream_ssd(
-    inputs: SSMInputs, D: Optional[Array], cache: MixerCache, mitigation, segment_ids, cfg: Mamba2Config, impl: str
-):
+def _windowed_stream_ssd(inputs: SSMInputs, D: Optional[Array], cache: MixerCache, mitigation, segment_ids, cfg: Mamba2Config, impl: str):
     """Sliding-window SSD over ``[last window-1 inputs ; this chunk]``: exact and O(window) memory.
 
     Returns the chunk's output, the windowed state after it (what diagnostics see as the SSM state) and
@@ -522,8 +534,7 @@ def _windowed_stream_ssd(
     seg = None
     if segment_ids is not None:
         seg = jnp.concatenate([jnp.broadcast_to(segment_ids[:, :1], (b, keep)), segment_ids], axis=1)
-    y, windowed_state = ssd(x, dt, inputs.A, B, C, D=D, chunk_size=cfg.chunk_size,
-                            segment_ids=seg, mitigation=mitigation, impl=impl)
+    y, windowed_state = ssd(x, dt, inputs.A, B, C, D=D, chunk_size=cfg.chunk_size, segment_ids=seg, mitigation=mitigation, impl=impl)
     if seg is not None:
         # Inputs of earlier documents must not be read again once a reset passed: zero their weight.
         last_doc = document_ids(seg, seg.shape)[:, -keep:] if keep else None
@@ -548,12 +559,12 @@ class Mamba2Block(nnx.Module):
         self.norm_weight = nnx.Param(jnp.ones((config.d_model,), config.jnp_param_dtype))
         self.mixer = Mamba2Mixer(config, layer_idx=layer_idx, rngs=rngs)
 
-    def __call__(self, residual: Array, *, cache=None, segment_ids=None, valid=None, mitigation=None, impl=None,
-                 sequence_axis=None):
+    def __call__(self, residual: Array, *, cache=None, segment_ids=None, valid=None, mitigation=None, impl=None, sequence_axis=None):
         cfg = self.config
         hidden = rms_norm(residual, self.norm_weight[...], cfg.norm_eps, cfg.jnp_dtype)
-        out, cache = self.mixer(hidden, cache=cache, segment_ids=segment_ids, valid=valid, mitigation=mitigation,
-                                impl=impl, sequence_axis=sequence_axis)
+        out, cache = self.mixer(
+            hidden, cache=cache, segment_ids=segment_ids, valid=valid, mitigation=mitigation, impl=impl, sequence_axis=sequence_axis
+        )
         residual_dtype = jnp.float32 if cfg.residual_in_fp32 else cfg.jnp_dtype
         return residual.astype(residual_dtype) + out.astype(residual_dtype), cache
 
@@ -568,15 +579,11 @@ class Mamba2LM(nnx.Module):
     def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs):
         self.config = config
         pdt = config.jnp_param_dtype
-        self.embedding = nnx.Param(
-            (0.02 * jax.random.normal(rngs.params(), (config.padded_vocab_size, config.d_model), jnp.float32)).astype(pdt)
-        )
+        self.embedding = nnx.Param((0.02 * jax.random.normal(rngs.params(), (config.padded_vocab_size, config.d_model), jnp.float32)).astype(pdt))
         self.layers = nnx.List([Mamba2Block(config, layer_idx=i, rngs=rngs) for i in range(config.n_layer)])
         self.norm_f_weight = nnx.Param(jnp.ones((config.d_model,), pdt))
         if not config.tie_embeddings:
-            self.lm_head = nnx.Param(
-                (0.02 * jax.random.normal(rngs.params(), (config.padded_vocab_size, config.d_model))).astype(pdt)
-            )
+            self.lm_head = nnx.Param((0.02 * jax.random.normal(rngs.params(), (config.padded_vocab_size, config.d_model))).astype(pdt))
 
     def init_cache(self, batch_size: int) -> List[MixerCache]:
         return [block.mixer.init_cache(batch_size) for block in self.layers]
@@ -610,8 +617,7 @@ class Mamba2LM(nnx.Module):
             layer_mitigation = None if mitigation is None else mitigation.for_layer(i)
             layer_cache = None if cache is None else cache[i]
             call = _block_call(cfg.remat)
-            residual, layer_cache = call(block, residual, layer_cache, segment_ids, valid, layer_mitigation, impl,
-                                         sequence_axis)
+            residual, layer_cache = call(block, residual, layer_cache, segment_ids, valid, layer_mitigation, impl, sequence_axis)
             new_cache.append(layer_cache)
         hidden = rms_norm(residual, self.norm_f_weight[...], cfg.norm_eps, cfg.jnp_dtype)
         return hidden, (new_cache if cache is not None else None)
@@ -632,7 +638,11 @@ class Mamba2LM(nnx.Module):
     ) -> Array:
         """``input_ids (batch, seqlen) -> logits (batch, seqlen, padded_vocab_size)`` in float32."""
         hidden, _ = self.hidden_states(
-            input_ids, segment_ids=segment_ids, valid=valid, mitigation=mitigation, impl=impl,
+            input_ids,
+            segment_ids=segment_ids,
+            valid=valid,
+            mitigation=mitigation,
+            impl=impl,
             sequence_axis=sequence_axis,
         )
         return self.logits_from_hidden(hidden)
@@ -648,15 +658,12 @@ class Mamba2LM(nnx.Module):
         impl: Optional[str] = None,
     ) -> Tuple[Array, List[MixerCache]]:
         """Continues from ``cache``: returns the logits of ``input_ids`` and the cache after them."""
-        hidden, new_cache = self.hidden_states(
-            input_ids, cache=cache, segment_ids=segment_ids, valid=valid, mitigation=mitigation, impl=impl
-        )
+        hidden, new_cache = self.hidden_states(input_ids, cache=cache, segment_ids=segment_ids, valid=valid, mitigation=mitigation, impl=impl)
         return self.logits_from_hidden(hidden), new_cache
 
 
 def _call_block(block, residual, cache, segment_ids, valid, mitigation, impl, sequence_axis):
-    return block(residual, cache=cache, segment_ids=segment_ids, valid=valid, mitigation=mitigation, impl=impl,
-                 sequence_axis=sequence_axis)
+    return block(residual, cache=cache, segment_ids=segment_ids, valid=valid, mitigation=mitigation, impl=impl, sequence_axis=sequence_axis)
 
 
 @functools.lru_cache(maxsize=None)

@@ -71,8 +71,7 @@ def make_schedule(
     if kind == "wsd":
         decay_steps = int(round(decay_fraction * num_steps))
         if warmup_steps + decay_steps > num_steps:
-            raise ValueError(
-                f"warmup_steps ({warmup_steps}) + decay steps ({decay_steps}) exceed num_steps ({num_steps})")
+            raise ValueError(f"warmup_steps ({warmup_steps}) + decay steps ({decay_steps}) exceed num_steps ({num_steps})")
         shape = decay_shape
     elif kind == "cosine":
         decay_steps = num_steps - warmup_steps

@@ -25,8 +25,9 @@ def save_figure(fig, path: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def plot_state_norm_heatmap(positions: np.ndarray, norms: np.ndarray, path: str, *, train_len: Optional[int] = None,
-                            title: str = "SSM state norm") -> str:
+def plot_state_norm_heatmap(
+    positions: np.ndarray, norms: np.ndarray, path: str, *, train_len: Optional[int] = None, title: str = "SSM state norm"
+) -> str:
     """Heatmap of the state Frobenius norm: rows ``layer.head``, columns positions (log colour scale).
 
     Args:
@@ -38,9 +39,14 @@ def plot_state_norm_heatmap(positions: np.ndarray, norms: np.ndarray, path: str,
     fig, ax = plt.subplots(figsize=(10, max(3.0, 0.08 * layers * heads + 1.5)))
     positive = grid[grid > 0]
     vmin = float(positive.min()) if positive.size else 1e-6
-    mesh = ax.pcolormesh(np.arange(n_rec + 1), np.arange(layers * heads + 1), np.maximum(grid, vmin),
-                         norm=matplotlib.colors.LogNorm(vmin=vmin, vmax=max(float(grid.max()), vmin * 10)),
-                         shading="flat", cmap="magma")
+    mesh = ax.pcolormesh(
+        np.arange(n_rec + 1),
+        np.arange(layers * heads + 1),
+        np.maximum(grid, vmin),
+        norm=matplotlib.colors.LogNorm(vmin=vmin, vmax=max(float(grid.max()), vmin * 10)),
+        shading="flat",
+        cmap="magma",
+    )
     fig.colorbar(mesh, ax=ax, label="||h||_F")
     ticks = np.linspace(0, n_rec - 1, min(n_rec, 8)).astype(int)
     ax.set_xticks(ticks + 0.5)
@@ -56,8 +62,9 @@ def plot_state_norm_heatmap(positions: np.ndarray, norms: np.ndarray, path: str,
     return save_figure(fig, path)
 
 
-def plot_state_norm_curves(positions: np.ndarray, norms: np.ndarray, path: str, *, train_len: Optional[int] = None,
-                           layers: Optional[Sequence[int]] = None) -> str:
+def plot_state_norm_curves(
+    positions: np.ndarray, norms: np.ndarray, path: str, *, train_len: Optional[int] = None, layers: Optional[Sequence[int]] = None
+) -> str:
     """State norm vs position, one panel per layer, one line per head (log-log axes)."""
     layers = list(range(norms.shape[1])) if layers is None else list(layers)
     cols = min(4, len(layers))
@@ -71,15 +78,14 @@ def plot_state_norm_curves(positions: np.ndarray, norms: np.ndarray, path: str, 
         ax.set_title(f"layer {layer}")
         if train_len is not None:
             ax.axvline(train_len, color="k", linestyle="--", linewidth=0.8)
-    for ax in axes.flat[len(layers):]:
+    for ax in axes.flat[len(layers) :]:
         ax.axis("off")
     fig.supxlabel("position (tokens)")
     fig.supylabel("||h||_F per head")
     return save_figure(fig, path)
 
 
-def plot_retention(positions: np.ndarray, retention: np.ndarray, path: str, *, layer: int = 0,
-                   train_len: Optional[int] = None) -> str:
+def plot_retention(positions: np.ndarray, retention: np.ndarray, path: str, *, layer: int = 0, train_len: Optional[int] = None) -> str:
     """Cumulative retention ``prod alpha`` of the first token vs position for every head of ``layer``."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for head in range(retention.shape[2]):
@@ -111,8 +117,7 @@ def plot_state_histograms(snapshots: Mapping[int, np.ndarray], path: str, *, lay
     return save_figure(fig, path)
 
 
-def plot_traces(positions: np.ndarray, traces: Mapping[str, np.ndarray], path: str, *,
-                train_len: Optional[int] = None) -> str:
+def plot_traces(positions: np.ndarray, traces: Mapping[str, np.ndarray], path: str, *, train_len: Optional[int] = None) -> str:
     """One panel per trace (``name -> (num_records, ...)``; extra axes are drawn as several lines)."""
     fig, axes = plt.subplots(len(traces), 1, figsize=(9, 2.4 * len(traces)), squeeze=False, sharex=True)
     for ax, (name, values) in zip(axes[:, 0], traces.items()):
@@ -126,8 +131,14 @@ def plot_traces(positions: np.ndarray, traces: Mapping[str, np.ndarray], path: s
     return save_figure(fig, path)
 
 
-def plot_loss_vs_position(curves: Mapping[str, Dict[str, np.ndarray]], path: str, *, train_len: Optional[int] = None,
-                          perplexity: bool = True, title: str = "loss vs position") -> str:
+def plot_loss_vs_position(
+    curves: Mapping[str, Dict[str, np.ndarray]],
+    path: str,
+    *,
+    train_len: Optional[int] = None,
+    perplexity: bool = True,
+    title: str = "loss vs position",
+) -> str:
     """Per-token loss (or perplexity) vs position, one curve per label: ``{label: {"positions", "loss"}}``."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, curve in curves.items():
@@ -150,8 +161,14 @@ def plot_loss_vs_position(curves: Mapping[str, Dict[str, np.ndarray]], path: str
 # --------------------------------------------------------------------------------------------------
 
 
-def plot_passkey_heatmaps(accuracies: Mapping[str, np.ndarray], context_lengths: Sequence[int], path: str, *,
-                          train_len: Optional[int] = None, title: str = "passkey accuracy") -> str:
+def plot_passkey_heatmaps(
+    accuracies: Mapping[str, np.ndarray],
+    context_lengths: Sequence[int],
+    path: str,
+    *,
+    train_len: Optional[int] = None,
+    title: str = "passkey accuracy",
+) -> str:
     """Passkey accuracy heatmaps, one panel per label: ``{label: (depth buckets, context lengths)}`` in [0, 1].
 
     Cells show their accuracy when the grid is small; a dashed line separates the context lengths up to
@@ -162,8 +179,7 @@ def plot_passkey_heatmaps(accuracies: Mapping[str, np.ndarray], context_lengths:
     cols = min(3, max(1, len(labels)))
     rows = -(-len(labels) // cols)
     panel_w = max(2.6, 0.55 * n_len + 1.2)
-    fig, axes = plt.subplots(rows, cols, figsize=(panel_w * cols + 1.2, 3.8 * rows), squeeze=False,
-                             sharey=True, constrained_layout=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_w * cols + 1.2, 3.8 * rows), squeeze=False, sharey=True, constrained_layout=True)
     mesh = None
     lengths = np.asarray(context_lengths, np.float64)
     for k, (ax, label) in enumerate(zip(axes.flat, labels)):
@@ -185,7 +201,7 @@ def plot_passkey_heatmaps(accuracies: Mapping[str, np.ndarray], context_lengths:
         if train_len is not None and lengths.size and lengths[0] <= train_len < lengths[-1]:
             # Between the longest context <= T_train and the next one.
             ax.axvline(np.searchsorted(lengths, train_len, side="right") - 0.5, color="k", linestyle="--", linewidth=1.2)
-    for ax in axes.flat[len(labels):]:
+    for ax in axes.flat[len(labels) :]:
         ax.axis("off")
     if mesh is not None:
         fig.colorbar(mesh, ax=axes.ravel().tolist(), label="accuracy", shrink=0.8)
@@ -193,8 +209,7 @@ def plot_passkey_heatmaps(accuracies: Mapping[str, np.ndarray], context_lengths:
     return save_figure(fig, path)
 
 
-def plot_capacity(points: Sequence[Mapping], fits: Mapping[str, Optional[Mapping]], path: str, *,
-                  title: str = "state capacity") -> str:
+def plot_capacity(points: Sequence[Mapping], fits: Mapping[str, Optional[Mapping]], path: str, *, title: str = "state capacity") -> str:
     """T_forget and T_recall (K tokens) vs state size N_S (millions): points, our fits and the paper's fits.
 
     ``points``: ``[{"n_s_millions", "t_forget_k", "t_recall_k"}, ...]`` (missing values skipped; a
@@ -208,26 +223,37 @@ def plot_capacity(points: Sequence[Mapping], fits: Mapping[str, Optional[Mapping
     top = max(xs) * 1.15 if xs else 1.0
     grid = np.linspace(0.0, top, 200)
     specs = (
-        ("forget", "t_forget_k", "T_forget (K tokens)", capacity_lib.linear_law, capacity_lib.paper_t_forget,
-         "paper: 5.172 N_S - 4.469"),
-        ("recall", "t_recall_k", "T_recall (K tokens)", capacity_lib.exponential_law, capacity_lib.paper_t_recall,
-         "paper: 4.756 (1.365^N_S - 1) - 0.742"),
+        ("forget", "t_forget_k", "T_forget (K tokens)", capacity_lib.linear_law, capacity_lib.paper_t_forget, "paper: 5.172 N_S - 4.469"),
+        (
+            "recall",
+            "t_recall_k",
+            "T_recall (K tokens)",
+            capacity_lib.exponential_law,
+            capacity_lib.paper_t_recall,
+            "paper: 4.756 (1.365^N_S - 1) - 0.742",
+        ),
     )
     for ax, (key, field, ylabel, law, paper, paper_label) in zip(axes, specs):
         bound_of = lambda p: p.get("t_forget_bound", "exact") if key == "forget" else "exact"
         exact = [p for p in points if p.get(field) is not None and bound_of(p) == "exact"]
         upper = [p for p in points if p.get(field) is not None and bound_of(p) == "upper"]
         if exact or not upper:
-            ax.scatter([p["n_s_millions"] for p in exact], [p[field] for p in exact], color="C0", zorder=3,
-                       label="measured")
+            ax.scatter([p["n_s_millions"] for p in exact], [p[field] for p in exact], color="C0", zorder=3, label="measured")
         if upper:
-            ax.scatter([p["n_s_millions"] for p in upper], [p[field] for p in upper], color="C0", marker="v",
-                       zorder=3, label="upper bound (no collapse at the shortest T_train)")
+            ax.scatter(
+                [p["n_s_millions"] for p in upper],
+                [p[field] for p in upper],
+                color="C0",
+                marker="v",
+                zorder=3,
+                label="upper bound (no collapse at the shortest T_train)",
+            )
         fit = fits.get(key)
         if fit:
             params = {k: fit[k] for k in (("a", "b") if key == "forget" else ("a", "b", "c"))}
-            text = (f"fit: {fit['a']:.3g} N_S + {fit['b']:.3g}" if key == "forget"
-                    else f"fit: {fit['a']:.3g} ({fit['b']:.3g}^N_S - 1) + {fit['c']:.3g}")
+            text = (
+                f"fit: {fit['a']:.3g} N_S + {fit['b']:.3g}" if key == "forget" else f"fit: {fit['a']:.3g} ({fit['b']:.3g}^N_S - 1) + {fit['c']:.3g}"
+            )
             ax.plot(grid, law(grid, **params), color="C0", label=text)
         ax.plot(grid, paper(grid), color="C3", linestyle="--", label=paper_label)
         ax.set_xlabel("state size N_S (millions)")
@@ -243,8 +269,7 @@ def plot_capacity(points: Sequence[Mapping], fits: Mapping[str, Optional[Mapping
 # --------------------------------------------------------------------------------------------------
 
 
-def plot_training_curves(metrics_path: str, path: str, *, title: str = "training",
-                         reference_bits: Optional[float] = None) -> str:
+def plot_training_curves(metrics_path: str, path: str, *, title: str = "training", reference_bits: Optional[float] = None) -> str:
     """Loss curves from a ``metrics.jsonl`` (ssm_jax.metrics_writer): train and validation loss in bits per
     token against the step, the learning rate on a second axis, and optionally a horizontal reference
     (e.g. the unigram entropy of the validation data)."""

@@ -44,8 +44,7 @@ def device_events(trace_dir: str) -> list:
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
     proc = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-              if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
     device_pids = {pid for pid, name in proc.items() if "/device:" in name and "CPU" not in name}
     out = []
     for e in events:
@@ -55,8 +54,9 @@ def device_events(trace_dir: str) -> list:
             continue  # the derived "XLA Ops" / "XLA Modules" lines repeat the stream's kernels
         out.append((float(e["ts"]), float(e["dur"]), e["name"]))
     if not out:
-        raise RuntimeError(f"no kernel events on a device stream thread in {path}; processes {sorted(proc.values())}, "
-                           f"threads {sorted(set(thread.values()))[:40]}")
+        raise RuntimeError(
+            f"no kernel events on a device stream thread in {path}; processes {sorted(proc.values())}, threads {sorted(set(thread.values()))[:40]}"
+        )
     return sorted(out)
 
 
@@ -76,14 +76,13 @@ def summarize(events: list, calls: int, split_gap_us: float) -> dict:
         cur[2] += dur
     span_us = sum(s[1] - s[0] for s in spans) / max(1, len(spans))
     busy_us = sum(s[2] for s in spans) / max(1, len(spans))
-    kernels = sorted(({"name": n, "us_per_call": per_name[n] / calls, "launches_per_call": count[n] / calls}
-                      for n in per_name), key=lambda r: -r["us_per_call"])
-    return {"calls_seen": len(spans), "span_us": span_us, "busy_us": busy_us, "gaps_us": span_us - busy_us,
-            "kernels": kernels}
+    kernels = sorted(
+        ({"name": n, "us_per_call": per_name[n] / calls, "launches_per_call": count[n] / calls} for n in per_name), key=lambda r: -r["us_per_call"]
+    )
+    return {"calls_seen": len(spans), "span_us": span_us, "busy_us": busy_us, "gaps_us": span_us - busy_us, "kernels": kernels}
 
 
-def device_profile(fn: Callable, args: Sequence, calls: int = 10, split_gap_us: float = 200.0,
-                   back_to_back: bool = True) -> dict:
+def device_profile(fn: Callable, args: Sequence, calls: int = 10, split_gap_us: float = 200.0, back_to_back: bool = True) -> dict:
     """Profiles ``calls`` calls, each waited for, or (``back_to_back``) all dispatched before waiting, as the
     wall-clock benchmarks time them: then the span is the whole run's divided by ``calls`` and the host time
     to dispatch them is reported too."""
@@ -99,7 +98,11 @@ def device_profile(fn: Callable, args: Sequence, calls: int = 10, split_gap_us: 
             wall_s = time.perf_counter() - t0
         summary = summarize(device_events(tmp), calls, float("inf") if back_to_back else split_gap_us)
     if back_to_back:
-        summary.update(span_us=summary["span_us"] / calls, busy_us=summary["busy_us"] / calls,
-                       gaps_us=summary["gaps_us"] / calls, host_dispatch_us=dispatch_s / calls * 1e6)
+        summary.update(
+            span_us=summary["span_us"] / calls,
+            busy_us=summary["busy_us"] / calls,
+            gaps_us=summary["gaps_us"] / calls,
+            host_dispatch_us=dispatch_s / calls * 1e6,
+        )
     summary["wall_us"] = wall_s / calls * 1e6
     return summary

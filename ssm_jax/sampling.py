@@ -22,9 +22,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def check_sampling_args(
-    temperature: float, top_k: Optional[int], top_p: Optional[float], min_p: Optional[float], vocab_size: int
-) -> None:
+def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optional[float], min_p: Optional[float], vocab_size: int) -> None:
     """Raises ValueError naming the first argument outside its range."""
     if not isinstance(temperature, numbers.Real) or not temperature >= 0:
         raise ValueError(f"`temperature` must be a number >= 0 (0: greedy), got {temperature!r}")
@@ -43,9 +41,7 @@ def mask_padded_vocab(logits: Array, vocab_size: int) -> Array:
     return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
 
 
-def filter_logits(
-    logits: Array, *, top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None
-) -> Array:
+def filter_logits(logits: Array, *, top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None) -> Array:
     """``logits (batch, vocab)`` float32 with ``-inf`` outside the support kept by top-k, then top-p, then min-p."""
     logits = logits.astype(jnp.float32)
     if top_k is not None:

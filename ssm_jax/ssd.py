@@ -117,8 +117,7 @@ def ssd(
     if impl == "stepwise" and window is not None:
         impl = "recurrent"  # the stepwise kernel has no window; the recurrence carries it (same result)
     if impl in ("pallas", "stepwise"):
-        support.check(impl, support.default_target(impl), where=f"ssd(impl='{impl}')",
-                      chunk_size=chunk_size if impl == "pallas" else None, **sizes)
+        support.check(impl, support.default_target(impl), where=f"ssd(impl='{impl}')", chunk_size=chunk_size if impl == "pallas" else None, **sizes)
 
     acc = accumulation_dtype(x.dtype)
     dt_in, log_a = input_weight_and_log_decay(dt, A, mitigation, acc)
@@ -134,16 +133,23 @@ def ssd(
     elif impl == "recurrent":
         y, final_state = ssd_recurrent(x, dt_in, log_a, B, C, initial_state, doc, max_norm=max_norm, window=window)
     elif impl == "xla":
-        y, final_state = ssd_chunked(
-            x, dt_in, log_a, B, C, initial_state, doc, chunk_size=chunk_size, max_norm=max_norm, window=window
-        )
+        y, final_state = ssd_chunked(x, dt_in, log_a, B, C, initial_state, doc, chunk_size=chunk_size, max_norm=max_norm, window=window)
     else:
         from ssm_jax.kernels import ssd_ops  # imported lazily: the kernels pull in Pallas
 
         # The kernels fuse the D skip and write y in x's dtype directly (less memory traffic).
         return ssd_ops.ssd_pallas(
-            x, dt_in, log_a, B, C, initial_state, doc, chunk_size=chunk_size, max_norm=max_norm,
-            D=None if D is None else D.astype(acc), out_dtype=x.dtype,
+            x,
+            dt_in,
+            log_a,
+            B,
+            C,
+            initial_state,
+            doc,
+            chunk_size=chunk_size,
+            max_norm=max_norm,
+            D=None if D is None else D.astype(acc),
+            out_dtype=x.dtype,
         )
 
     if D is not None:
@@ -151,8 +157,7 @@ def ssd(
     return y.astype(x.dtype), final_state
 
 
-def resolve_impl(impl: str, *, headdim: Optional[int] = None, state: Optional[int] = None,
-                 chunk_size: Optional[int] = None, dtype=None) -> str:
+def resolve_impl(impl: str, *, headdim: Optional[int] = None, state: Optional[int] = None, chunk_size: Optional[int] = None, dtype=None) -> str:
     """Maps "auto" to the fastest implementation available on the default backend for these sizes.
 
     "auto" runs the kernels on GPU and TPU where ``ssm_jax.kernels.support`` says they take the call (the sizes
@@ -164,8 +169,7 @@ def resolve_impl(impl: str, *, headdim: Optional[int] = None, state: Optional[in
         return impl
     if jax.default_backend() not in ("gpu", "tpu") or not _kernels_available():
         return "xla"
-    reason = support.unsupported("pallas", support.default_target("pallas"), chunk_size=chunk_size, headdim=headdim,
-                                 state=state, dtype=dtype)
+    reason = support.unsupported("pallas", support.default_target("pallas"), chunk_size=chunk_size, headdim=headdim, state=state, dtype=dtype)
     return "pallas" if reason is None else "xla"
 
 
@@ -178,9 +182,7 @@ def _kernels_available() -> bool:
     return True
 
 
-def input_weight_and_log_decay(
-    dt: Array, A: Array, mitigation: Optional[mitigations_lib.Mitigation], acc
-) -> Tuple[Array, Array]:
+def input_weight_and_log_decay(dt: Array, A: Array, mitigation: Optional[mitigations_lib.Mitigation], acc) -> Tuple[Array, Array]:
     """Applies the input-side mitigations and returns ``dt_in, log_a``, both ``(batch, seqlen, heads)``."""
     dt = dt.astype(acc)
     A = A.astype(acc)
@@ -290,9 +292,7 @@ def ssd_chunked(
         if l >= window:
             tail = slice(l - window, l)
             tail_doc = None if doc is None else doc[:, tail] - doc[:, l - window : l - window + 1]
-            _, final = ssd_chunked(
-                x[:, tail], dt_in[:, tail], log_a[:, tail], B[:, tail], C[:, tail], None, tail_doc, chunk_size=chunk_size
-            )
+            _, final = ssd_chunked(x[:, tail], dt_in[:, tail], log_a[:, tail], B[:, tail], C[:, tail], None, tail_doc, chunk_size=chunk_size)
         else:
             _, final = ssd_chunked(x, dt_in, log_a, B, C, initial_state, doc, chunk_size=chunk_size)
         return y, final
@@ -337,9 +337,7 @@ def ssd_chunked(
             state = clip_norm(state, norm_bound)
         return state, entering
 
-    final, entering = jax.lax.scan(
-        pass_chunk, h0, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0))
-    )
+    final, entering = jax.lax.scan(pass_chunk, h0, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
     entering = jnp.moveaxis(entering, 0, 1)  # (b, c, g, k, p, n): state before each chunk
 
     # 4. inter-chunk output

@@ -58,8 +58,16 @@ from typing import Any, List, Optional
 from ssm_jax.model import Mamba2Config
 
 __all__ = [
-    "DATA_MODES", "NAN_POLICIES", "CORPORA", "RUNTIME_MODEL_FIELDS", "base_config", "public_size_config",
-    "paper_small_config", "model_config_from", "record_model_config", "validate_config",
+    "DATA_MODES",
+    "NAN_POLICIES",
+    "CORPORA",
+    "RUNTIME_MODEL_FIELDS",
+    "base_config",
+    "public_size_config",
+    "paper_small_config",
+    "model_config_from",
+    "record_model_config",
+    "validate_config",
 ]
 
 DATA_MODES = ("packed", "concat", "stream", "passkey")
@@ -87,34 +95,71 @@ def base_config():
     model["d_ssm"] = ml_collections.FieldReference(None, field_type=int)
     c.model = ml_collections.ConfigDict(model)
 
-    c.data = ml_collections.ConfigDict(dict(
-        corpus="shakespeare", tokenizer="byte", mode="packed", seq_len=256, validation_fraction=0.1, split_seed=0,
-        shuffle=True, num_threads=2, prefetch_buffer_size=8, local_data_dir="", local_name="default", tokens_dir="",
-        passkey_min_context=0, passkey_max_context=0,
-    ))
-    c.train = ml_collections.ConfigDict(dict(
-        batch_size=16, num_steps=1000, grad_accum_steps=1, tbptt=False, nan_policy="skip", log_every=10,
-        loss_chunk_size=0, progress_bar=True,
-    ))
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-3, schedule="wsd", warmup_steps=100, decay_fraction=0.2, decay_shape="linear", min_lr_ratio=0.0,
-        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
-    ))
+    c.data = ml_collections.ConfigDict(
+        dict(
+            corpus="shakespeare",
+            tokenizer="byte",
+            mode="packed",
+            seq_len=256,
+            validation_fraction=0.1,
+            split_seed=0,
+            shuffle=True,
+            num_threads=2,
+            prefetch_buffer_size=8,
+            local_data_dir="",
+            local_name="default",
+            tokens_dir="",
+            passkey_min_context=0,
+            passkey_max_context=0,
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            batch_size=16,
+            num_steps=1000,
+            grad_accum_steps=1,
+            tbptt=False,
+            nan_policy="skip",
+            log_every=10,
+            loss_chunk_size=0,
+            progress_bar=True,
+        )
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=1e-3,
+            schedule="wsd",
+            warmup_steps=100,
+            decay_fraction=0.2,
+            decay_shape="linear",
+            min_lr_ratio=0.0,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            clip_norm=1.0,
+        )
+    )
     c.eval = ml_collections.ConfigDict(dict(every_steps=200, num_batches=20, batch_size=0))
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, max_to_keep=3, async_save=True,
-                                                  allow_config_change=False))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, max_to_keep=3, async_save=True, allow_config_change=False))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1, min_fsdp_size=4096))
-    c.distributed = ml_collections.ConfigDict(dict(
-        enabled=False, coordinator_address="", num_processes=0, process_id=-1, local_device_ids="",
-        cpu_collectives="", num_cpu_devices=0,
-    ))
+    c.distributed = ml_collections.ConfigDict(
+        dict(
+            enabled=False,
+            coordinator_address="",
+            num_processes=0,
+            process_id=-1,
+            local_device_ids="",
+            cpu_collectives="",
+            num_cpu_devices=0,
+        )
+    )
     c.init = ml_collections.ConfigDict(dict(workdir="", step=-1, pretrained="", required=False))
     c.log = ml_collections.ConfigDict(dict(tensorboard=True, plot=True))
     return c
 
 
-def public_size_config(*, d_model: int, n_layer: int, lr: float, grad_accum_steps: int, fsdp: bool = False,
-                       remat="none"):
+def public_size_config(*, d_model: int, n_layer: int, lr: float, grad_accum_steps: int, fsdp: bool = False, remat="none"):
     """A Mamba-2 of a public checkpoint's architecture (arXiv 2410.07145 section 1: d_state 128, headdim 64, one group,
     conv 4, chunk 256, GPT-NeoX tokenizer with 50277 ids padded to 50288) with the paper's recipe (section 6):
     AdamW (weight decay 0.1, clip 1.0), warmup-stable-decay, bf16 compute with float32 master weights,
@@ -127,14 +172,34 @@ def public_size_config(*, d_model: int, n_layer: int, lr: float, grad_accum_step
     """
     config = base_config()
     config.model.update(
-        d_model=d_model, n_layer=n_layer, vocab_size=50277, pad_vocab_size_multiple=16, d_state=128, headdim=64,
-        ngroups=1, expand=2, d_conv=4, chunk_size=256, dtype="bfloat16", param_dtype="float32", remat=remat,
+        d_model=d_model,
+        n_layer=n_layer,
+        vocab_size=50277,
+        pad_vocab_size_multiple=16,
+        d_state=128,
+        headdim=64,
+        ngroups=1,
+        expand=2,
+        d_conv=4,
+        chunk_size=256,
+        dtype="bfloat16",
+        param_dtype="float32",
+        remat=remat,
     )
     config.data.update(corpus="shakespeare", tokenizer="neox", mode="packed", seq_len=2048)
-    config.train.update(batch_size=256, num_steps=20000, grad_accum_steps=grad_accum_steps, log_every=50,
-                        loss_chunk_size=512)
-    config.optim.update(lr=lr, schedule="wsd", warmup_steps=1000, decay_fraction=0.2, decay_shape="sqrt",
-                        min_lr_ratio=0.0, weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.95)
+    config.train.update(batch_size=256, num_steps=20000, grad_accum_steps=grad_accum_steps, log_every=50, loss_chunk_size=512)
+    config.optim.update(
+        lr=lr,
+        schedule="wsd",
+        warmup_steps=1000,
+        decay_fraction=0.2,
+        decay_shape="sqrt",
+        min_lr_ratio=0.0,
+        weight_decay=0.1,
+        clip_norm=1.0,
+        b1=0.9,
+        b2=0.95,
+    )
     config.eval.update(every_steps=1000, num_batches=50, batch_size=32)
     config.checkpoint.update(every_steps=1000, max_to_keep=3, async_save=True)
     if fsdp:
@@ -224,8 +289,11 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None, process_c
         bad("data.mode", d.mode, "is not available with data.corpus='tokens' (use packed, concat or stream)")
     if need_choice("data.tokenizer", d.tokenizer, tuple(_TOKENIZER_VOCAB)) and model_cfg is not None:
         if not (config.init.workdir or config.init.pretrained) and model_cfg.vocab_size < _TOKENIZER_VOCAB[d.tokenizer]:
-            bad("model.vocab_size", model_cfg.vocab_size,
-                f"is smaller than the {d.tokenizer!r} tokenizer's vocabulary ({_TOKENIZER_VOCAB[d.tokenizer]})")
+            bad(
+                "model.vocab_size",
+                model_cfg.vocab_size,
+                f"is smaller than the {d.tokenizer!r} tokenizer's vocabulary ({_TOKENIZER_VOCAB[d.tokenizer]})",
+            )
     need_choice("data.mode", d.mode, DATA_MODES)
     need_int("data.seq_len", d.seq_len, 1)
     if not (_is_num(d.validation_fraction) and 0.0 < d.validation_fraction < 1.0) and d.mode != "passkey":
@@ -261,9 +329,11 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None, process_c
     elif o.schedule == "wsd" and steps_ok and _is_int(o.warmup_steps):
         decay_steps = int(round(o.decay_fraction * t.num_steps))
         if o.warmup_steps + decay_steps > t.num_steps:
-            bad("optim.warmup_steps", o.warmup_steps,
-                f"plus the {decay_steps} decay steps (optim.decay_fraction={o.decay_fraction}) exceed "
-                f"train.num_steps={t.num_steps}")
+            bad(
+                "optim.warmup_steps",
+                o.warmup_steps,
+                f"plus the {decay_steps} decay steps (optim.decay_fraction={o.decay_fraction}) exceed train.num_steps={t.num_steps}",
+            )
     if not (_is_num(o.min_lr_ratio) and 0.0 <= o.min_lr_ratio <= 1.0):
         bad("optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     for name in ("b1", "b2"):
@@ -313,8 +383,7 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None, process_c
     if init.pretrained and not os.path.isdir(init.pretrained):
         bad("init.pretrained", init.pretrained, "is not a directory")
     if init.required and not (init.workdir or init.pretrained):
-        bad("init.workdir", init.workdir,
-            "this config fine-tunes: set init.workdir (a train.py workdir) or init.pretrained")
+        bad("init.workdir", init.workdir, "this config fine-tunes: set init.workdir (a train.py workdir) or init.pretrained")
 
     # ---- device-dependent checks
     if num_devices is not None and not errors:
@@ -333,9 +402,12 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None, process_c
             dp = sizes["data"] * sizes["fsdp"]
             micro = t.batch_size // t.grad_accum_steps
             if micro % dp:
-                bad("train.batch_size", t.batch_size,
+                bad(
+                    "train.batch_size",
+                    t.batch_size,
                     f"the micro-batch (batch_size / grad_accum_steps = {micro}) must be divisible by the "
-                    f"data-parallel size mesh.data * mesh.fsdp = {dp}")
+                    f"data-parallel size mesh.data * mesh.fsdp = {dp}",
+                )
             eval_batch = config.eval.batch_size or t.batch_size
             if eval_batch % dp:
                 bad("eval.batch_size", eval_batch, f"must be divisible by the data-parallel size {dp}")

@@ -82,8 +82,9 @@ class TrainState:
 
     @classmethod
     def from_checkpoint_items(cls, params: Any, rest: Dict[str, Any]) -> "TrainState":
-        return cls(step=rest["step"], params=params, opt_state=rest["opt_state"], rng=rest["rng"],
-                   num_skipped=rest["num_skipped"], carry=rest.get("carry"))
+        return cls(
+            step=rest["step"], params=params, opt_state=rest["opt_state"], rng=rest["rng"], num_skipped=rest["num_skipped"], carry=rest.get("carry")
+        )
 
 
 def abstract_model(config: Mamba2Config) -> Tuple[Any, Any]:
@@ -105,21 +106,27 @@ def zero_carry(config: Mamba2Config, batch_size: int) -> List[Dict[str, Array]]:
 
 
 def init_train_state(
-    config: Mamba2Config, optimizer: optax.GradientTransformation, rng: Array, *, carry_batch: Optional[int] = None,
+    config: Mamba2Config,
+    optimizer: optax.GradientTransformation,
+    rng: Array,
+    *,
+    carry_batch: Optional[int] = None,
 ) -> TrainState:
     """A fresh state: parameters initialised from ``rng``; a zero carry of ``carry_batch`` rows if given."""
     init_key, train_key = jax.random.split(rng)
     model = Mamba2LM(config, rngs=nnx.Rngs(params=init_key))
     params = nnx.to_pure_dict(nnx.split(model)[1])
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=train_key,
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=train_key,
         num_skipped=jnp.zeros((), jnp.int32),
         carry=None if carry_batch is None else zero_carry(config, carry_batch),
     )
 
 
-def state_shardings(abstract_state: TrainState, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES, *,
-                    min_fsdp_size: int = 2**12) -> TrainState:
+def state_shardings(abstract_state: TrainState, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES, *, min_fsdp_size: int = 2**12) -> TrainState:
     """Shardings of a :class:`TrainState`: partition rules for params and optimiser state, the carry split
     over the batch axes, scalars replicated."""
     repl = mesh_lib.replicated(mesh)
@@ -130,7 +137,9 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, rules=mesh_lib.DEFAU
         step=repl,
         params=mesh_lib.tree_shardings(abstract_state.params, mesh, rules, min_fsdp_size=min_fsdp_size),
         opt_state=mesh_lib.tree_shardings(abstract_state.opt_state, mesh, rules, min_fsdp_size=min_fsdp_size),
-        rng=repl, num_skipped=repl, carry=carry,
+        rng=repl,
+        num_skipped=repl,
+        carry=carry,
     )
 
 
@@ -159,8 +168,7 @@ def _head(model: Mamba2LM) -> Array:
     return model.embedding[...] if model.config.tie_embeddings else model.lm_head[...]
 
 
-def lm_loss_sums(head: Array, hidden: Array, targets: Array, loss_mask: Array, *, vocab_size: int,
-                 chunk_size: int = 0):
+def lm_loss_sums(head: Array, hidden: Array, targets: Array, loss_mask: Array, *, vocab_size: int, chunk_size: int = 0):
     """:func:`token_loss_sums` of the logits ``hidden @ head.T`` (float32 accumulation, as
     ``Mamba2LM.logits_from_hidden``) for ``hidden (b, l, d)`` and ``head (padded_vocab, d)``.
 
@@ -189,15 +197,13 @@ def lm_loss_sums(head: Array, hidden: Array, targets: Array, loss_mask: Array, *
     zero = jnp.zeros((), jnp.float32)
     acc, _ = jax.lax.scan(body, (zero, zero, zero), (split(hidden), split(targets), split(loss_mask)))
     if rem:
-        tail = piece(hidden[:, n_full * chunk_size :], targets[:, n_full * chunk_size :],
-                     loss_mask[:, n_full * chunk_size :])
+        tail = piece(hidden[:, n_full * chunk_size :], targets[:, n_full * chunk_size :], loss_mask[:, n_full * chunk_size :])
         acc = tuple(a + t for a, t in zip(acc, tail))
     return acc
 
 
 def _model_loss_sums(model: Mamba2LM, hidden, targets, loss_mask, chunk_size: int):
-    return lm_loss_sums(_head(model), hidden, targets, loss_mask, vocab_size=model.config.vocab_size,
-                        chunk_size=chunk_size)
+    return lm_loss_sums(_head(model), hidden, targets, loss_mask, vocab_size=model.config.vocab_size, chunk_size=chunk_size)
 
 
 def _carry_to_cache(carry, keep: Array) -> List[MixerCache]:
@@ -206,10 +212,12 @@ def _carry_to_cache(carry, keep: Array) -> List[MixerCache]:
     for layer in carry:
         conv = jax.lax.stop_gradient(layer["conv_state"])
         ssm = jax.lax.stop_gradient(layer["ssm_state"])
-        caches.append(MixerCache(
-            conv_state=jnp.where(keep[:, None, None], conv, jnp.zeros_like(conv)),
-            ssm_state=jnp.where(keep[:, None, None, None], ssm, jnp.zeros_like(ssm)),
-        ))
+        caches.append(
+            MixerCache(
+                conv_state=jnp.where(keep[:, None, None], conv, jnp.zeros_like(conv)),
+                ssm_state=jnp.where(keep[:, None, None, None], ssm, jnp.zeros_like(ssm)),
+            )
+        )
     return caches
 
 
@@ -218,14 +226,22 @@ def _cache_to_carry(cache: List[MixerCache]):
 
 
 def _forward_loss_sums(
-    graphdef, params, batch, carry, *, use_segment_ids: bool, impl: Optional[str], loss_chunk_size: int,
+    graphdef,
+    params,
+    batch,
+    carry,
+    *,
+    use_segment_ids: bool,
+    impl: Optional[str],
+    loss_chunk_size: int,
     mesh: Optional[Mesh] = None,
 ):
     """``((loss_sum, count, correct), new_carry)`` of one (micro-)batch."""
     seq_parallel = mesh is not None and mesh.shape.get("seq", 1) > 1
     if seq_parallel:
-        return _sequence_parallel_loss_sums(graphdef, params, batch, use_segment_ids=use_segment_ids, impl=impl,
-                                            loss_chunk_size=loss_chunk_size, mesh=mesh), None
+        return _sequence_parallel_loss_sums(
+            graphdef, params, batch, use_segment_ids=use_segment_ids, impl=impl, loss_chunk_size=loss_chunk_size, mesh=mesh
+        ), None
     model = nnx.merge(graphdef, params)
     cache = None
     if carry is not None:
@@ -245,13 +261,11 @@ def _sequence_parallel_loss_sums(graphdef, params, batch, *, use_segment_ids, im
 
     def body(params, seq):
         model = nnx.merge(graphdef, params)
-        hidden, _ = model.hidden_states(seq["inputs"], segment_ids=seq.get("segment_ids"), impl=impl,
-                                        sequence_axis="seq")
+        hidden, _ = model.hidden_states(seq["inputs"], segment_ids=seq.get("segment_ids"), impl=impl, sequence_axis="seq")
         sums = _model_loss_sums(model, hidden, seq["targets"], seq["loss_mask"], loss_chunk_size)
         return tuple(jax.lax.psum(s, reduce_axes) for s in sums)
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(), {k: tokens_spec for k in seq}),
-                         out_specs=(P(), P(), P()))(params, seq)
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), {k: tokens_spec for k in seq}), out_specs=(P(), P(), P()))(params, seq)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,8 +307,14 @@ def make_train_step(
 
     def loss_for_grad(params, mb, carry, denom):
         sums, new_carry = _forward_loss_sums(
-            graphdef, params, mb, carry, use_segment_ids=use_segment_ids, impl=impl,
-            loss_chunk_size=loss_chunk_size, mesh=mesh,
+            graphdef,
+            params,
+            mb,
+            carry,
+            use_segment_ids=use_segment_ids,
+            impl=impl,
+            loss_chunk_size=loss_chunk_size,
+            mesh=mesh,
         )
         return sums[0] / denom, (sums, new_carry)
 
@@ -306,8 +326,7 @@ def make_train_step(
             (_, (sums, new_carry)), grads = grad_fn(state.params, batch, state.carry, denom)
         else:
             micro = jax.tree.map(lambda x: _split_micro(x, grad_accum_steps), batch)
-            micro_carry = None if state.carry is None else jax.tree.map(
-                lambda x: _split_micro(x, grad_accum_steps), state.carry)
+            micro_carry = None if state.carry is None else jax.tree.map(lambda x: _split_micro(x, grad_accum_steps), state.carry)
             zero_grads = jax.tree.map(jnp.zeros_like, state.params)
             zero = jnp.zeros((), jnp.float32)
 
@@ -357,14 +376,19 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef, *, use_segment_ids: bool = True, impl: Optional[str] = None, loss_chunk_size: int = 0,
-                   mesh: Optional[Mesh] = None):
+def make_eval_step(graphdef, *, use_segment_ids: bool = True, impl: Optional[str] = None, loss_chunk_size: int = 0, mesh: Optional[Mesh] = None):
     """``(params, batch, carry) -> ({"loss_sum", "count", "correct"}, new_carry)``; carry may be None."""
 
     def eval_step(params, batch, carry):
         (loss_sum, count, correct), new_carry = _forward_loss_sums(
-            graphdef, params, batch, carry, use_segment_ids=use_segment_ids, impl=impl,
-            loss_chunk_size=loss_chunk_size, mesh=mesh,
+            graphdef,
+            params,
+            batch,
+            carry,
+            use_segment_ids=use_segment_ids,
+            impl=impl,
+            loss_chunk_size=loss_chunk_size,
+            mesh=mesh,
         )
         return {"loss_sum": loss_sum, "count": count, "correct": correct}, new_carry
 
@@ -409,8 +433,10 @@ def _load_documents(config):
 
     d = config.data
     if d.corpus == "local":
-        return (data_lib.load_local_corpus(d.local_data_dir, "train", d.local_name),
-                data_lib.load_local_corpus(d.local_data_dir, "validation", d.local_name))
+        return (
+            data_lib.load_local_corpus(d.local_data_dir, "train", d.local_name),
+            data_lib.load_local_corpus(d.local_data_dir, "validation", d.local_name),
+        )
     docs = data_lib.load_corpus(d.corpus)
     return data_lib.split_documents(docs, d.validation_fraction, d.split_seed)
 
@@ -422,43 +448,71 @@ def _build_data(config, shard_index: int, shard_count: int, tokenizer_name: str)
     tokenizer = data_lib.get_tokenizer(tokenizer_name)
     local_batch = config.train.batch_size // shard_count
     eval_batch = (config.eval.batch_size or config.train.batch_size) // shard_count
-    common = dict(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch_buffer_size,
-                  shard_index=shard_index, shard_count=shard_count)
+    common = dict(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch_buffer_size, shard_index=shard_index, shard_count=shard_count)
     if d.mode == "passkey":
-        kw = dict(seq_len=d.seq_len, min_context_tokens=d.passkey_min_context,
-                  max_context_tokens=d.passkey_max_context or None)
+        kw = dict(seq_len=d.seq_len, min_context_tokens=d.passkey_min_context, max_context_tokens=d.passkey_max_context or None)
         train = data_lib.make_passkey_dataset(tokenizer, batch_size=local_batch, seed=config.seed, **kw, **common)
         n_val = max(config.eval.num_batches, 1) * (config.eval.batch_size or config.train.batch_size)
 
         def make_validation():
-            return data_lib.make_passkey_dataset(tokenizer, batch_size=eval_batch, seed=config.seed + 1_000_003,
-                                                 num_examples=n_val, **kw, **common)
+            return data_lib.make_passkey_dataset(tokenizer, batch_size=eval_batch, seed=config.seed + 1_000_003, num_examples=n_val, **kw, **common)
     elif d.corpus == "tokens":
         corpus = data_lib.TokenCorpus(d.tokens_dir)
         if corpus.tokenizer["name"] != tokenizer.name:
-            raise ValueError(f"config.data.tokenizer={d.tokenizer!r}, but {d.tokens_dir} was tokenised with "
-                             f"{corpus.tokenizer['name']!r}")
+            raise ValueError(f"config.data.tokenizer={d.tokenizer!r}, but {d.tokens_dir} was tokenised with {corpus.tokenizer['name']!r}")
         train_tokens = [doc.tokens for doc in corpus.documents("train")]
         val_tokens = [doc.tokens for doc in corpus.documents("validation")]
-        train = data_lib.make_token_dataset(train_tokens, tokenizer.eos_id, mode=d.mode, seq_len=d.seq_len,
-                                            batch_size=local_batch, seed=config.seed, shuffle=d.shuffle,
-                                            num_epochs=None, **common)
+        train = data_lib.make_token_dataset(
+            train_tokens,
+            tokenizer.eos_id,
+            mode=d.mode,
+            seq_len=d.seq_len,
+            batch_size=local_batch,
+            seed=config.seed,
+            shuffle=d.shuffle,
+            num_epochs=None,
+            **common,
+        )
 
         def make_validation():
-            return data_lib.make_token_dataset(val_tokens, tokenizer.eos_id, mode=d.mode, seq_len=d.seq_len,
-                                               batch_size=eval_batch, seed=config.seed, shuffle=False,
-                                               num_epochs=1, **common)
+            return data_lib.make_token_dataset(
+                val_tokens,
+                tokenizer.eos_id,
+                mode=d.mode,
+                seq_len=d.seq_len,
+                batch_size=eval_batch,
+                seed=config.seed,
+                shuffle=False,
+                num_epochs=1,
+                **common,
+            )
+
         return _Data(tokenizer=tokenizer, train=train, make_validation=make_validation, validation_tokens=val_tokens)
     else:
         train_docs, val_docs = _load_documents(config)
-        train = data_lib.make_dataset(train_docs, tokenizer, mode=d.mode, seq_len=d.seq_len, batch_size=local_batch,
-                                      seed=config.seed, shuffle=d.shuffle, num_epochs=None, **common)
+        train = data_lib.make_dataset(
+            train_docs,
+            tokenizer,
+            mode=d.mode,
+            seq_len=d.seq_len,
+            batch_size=local_batch,
+            seed=config.seed,
+            shuffle=d.shuffle,
+            num_epochs=None,
+            **common,
+        )
 
         def make_validation():
-            return data_lib.make_dataset(val_docs, tokenizer, mode=d.mode, seq_len=d.seq_len, batch_size=eval_batch,
-                                         seed=config.seed, shuffle=False, num_epochs=1, **common)
-        return _Data(tokenizer=tokenizer, train=train, make_validation=make_validation,
-                     validation_tokens=data_lib.iterate_documents_tokens(val_docs, tokenizer))
+            return data_lib.make_dataset(
+                val_docs, tokenizer, mode=d.mode, seq_len=d.seq_len, batch_size=eval_batch, seed=config.seed, shuffle=False, num_epochs=1, **common
+            )
+
+        return _Data(
+            tokenizer=tokenizer,
+            train=train,
+            make_validation=make_validation,
+            validation_tokens=data_lib.iterate_documents_tokens(val_docs, tokenizer),
+        )
     return _Data(tokenizer=tokenizer, train=train, make_validation=make_validation)
 
 
@@ -469,8 +523,7 @@ def _batch_shardings(mesh: Mesh) -> Dict[str, NamedSharding]:
     """Rows over the batch axes; with a "seq" axis > 1 the token arrays are also split along the sequence."""
     seq = mesh.shape.get("seq", 1) > 1
     token_spec = P(mesh_lib.BATCH_AXES, "seq") if seq else mesh_lib.batch_spec(2)
-    return {k: NamedSharding(mesh, mesh_lib.batch_spec(1) if k == "is_continuation" else token_spec)
-            for k in _BATCH_KEYS}
+    return {k: NamedSharding(mesh, mesh_lib.batch_spec(1) if k == "is_continuation" else token_spec) for k in _BATCH_KEYS}
 
 
 def _global_batch(local: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, Array]:
@@ -493,8 +546,7 @@ def _model_config_from_dict(values: Dict[str, Any]) -> Mamba2Config:
 def _load_init_params(config, model_cfg: Mamba2Config):
     """``(params, model config, tokenizer name)`` of the ``config.init`` source (params as host arrays)."""
     if config.init.workdir:
-        model, src_config = load_model_from_workdir(
-            config.init.workdir, None if config.init.step < 0 else config.init.step)
+        model, src_config = load_model_from_workdir(config.init.workdir, None if config.init.step < 0 else config.init.step)
         tokenizer = src_config["data"]["tokenizer"] if src_config is not None else config.data.tokenizer
     else:
         from ssm_jax.convert import from_pretrained
@@ -530,8 +582,7 @@ def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def _resumed_model_config(config, requested: Mamba2Config, saved: Mamba2Config, saved_config: Dict[str, Any],
-                          step: int) -> Mamba2Config:
+def _resumed_model_config(config, requested: Mamba2Config, saved: Mamba2Config, saved_config: Dict[str, Any], step: int) -> Mamba2Config:
     """The model config to resume with: the checkpoint's, which ``requested`` (and ``config.data.tokenizer``)
     must equal unless ``config.checkpoint.allow_config_change``; then the requested values of fields that
     leave the parameters' shapes and dtypes unchanged. A fine-tuning run (``config.init``) requests only
@@ -549,8 +600,11 @@ def _resumed_model_config(config, requested: Mamba2Config, saved: Mamba2Config, 
     if tokenizer_changed:
         rows.append(f"config.data.tokenizer: {saved_tokenizer!r} in the checkpoint, {config.data.tokenizer!r} requested")
     old = _flatten(saved_config)
-    notes = [f"{k}: {old[k]!r} -> {v!r}" for k, v in _flatten(json.loads(config.to_json_best_effort())).items()
-             if k in old and old[k] != v and not k.startswith("model.") and k != "data.tokenizer"]
+    notes = [
+        f"{k}: {old[k]!r} -> {v!r}"
+        for k, v in _flatten(json.loads(config.to_json_best_effort())).items()
+        if k in old and old[k] != v and not k.startswith("model.") and k != "data.tokenizer"
+    ]
     if notes:
         _print(f"note: resuming from step {step} with settings changed since that checkpoint: " + "; ".join(notes))
     if not rows:
@@ -561,7 +615,8 @@ def _resumed_model_config(config, requested: Mamba2Config, saved: Mamba2Config, 
             f"resuming from checkpoint step {step}, whose config differs from the requested one:\n  {listing}\n"
             "Re-run with the checkpoint's values; or add --config.checkpoint.allow_config_change=True to continue "
             "with the requested ones (possible for fields that leave the parameters' shapes and dtypes unchanged); "
-            "or train in a new --workdir, starting from this run's weights with --config.init.workdir.")
+            "or train in a new --workdir, starting from this run's weights with --config.init.workdir."
+        )
 
     def layout(cfg: Mamba2Config):
         return jax.tree.map(lambda a: (a.shape, a.dtype), abstract_model(cfg)[1])
@@ -572,9 +627,9 @@ def _resumed_model_config(config, requested: Mamba2Config, saved: Mamba2Config, 
         raise ConfigChangeError(
             f"resuming from checkpoint step {step}: {', '.join(fixed)} cannot change when resuming, even with "
             f"config.checkpoint.allow_config_change (the checkpoint's parameters would not fit):\n  {listing}\n"
-            "Train in a new --workdir instead, starting from this run's weights with --config.init.workdir.")
-    _print(f"note: resuming from checkpoint step {step} with a changed config "
-           f"(config.checkpoint.allow_config_change=True):\n  {listing}")
+            "Train in a new --workdir instead, starting from this run's weights with --config.init.workdir."
+        )
+    _print(f"note: resuming from checkpoint step {step} with a changed config (config.checkpoint.allow_config_change=True):\n  {listing}")
     return saved.replace(**changed)
 
 
@@ -607,8 +662,7 @@ def _evaluate(params, eval_fn, data: _Data, mesh: Mesh, *, num_batches: int, car
         sums, carry = eval_fn(params, _global_batch(local, mesh), carry)
         totals += np.array([float(sums["loss_sum"]), float(sums["count"]), float(sums["correct"])])
     loss = totals[0] / max(totals[1], 1.0)
-    return {"loss": loss, "bits_per_token": loss / LN2, "accuracy": totals[2] / max(totals[1], 1.0),
-            "tokens": totals[1]}
+    return {"loss": loss, "bits_per_token": loss / LN2, "accuracy": totals[2] / max(totals[1], 1.0), "tokens": totals[1]}
 
 
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
@@ -641,23 +695,31 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.seq)
     requested_cfg = model_config_from(config.model)
     ckpt = ckpt_lib.Checkpointer(
-        ckpt_lib.checkpoint_dir(workdir), save_every=config.checkpoint.every_steps,
-        max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save,
+        ckpt_lib.checkpoint_dir(workdir),
+        save_every=config.checkpoint.every_steps,
+        max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save,
     )
     tbptt = bool(config.train.tbptt)
     batch = config.train.batch_size
     eval_batch = config.eval.batch_size or batch
     num_steps = config.train.num_steps
     o = config.optim
-    schedule = optim.make_schedule(o.schedule, peak_lr=o.lr, num_steps=num_steps, warmup_steps=o.warmup_steps,
-                                   decay_fraction=o.decay_fraction, min_lr_ratio=o.min_lr_ratio,
-                                   decay_shape=o.decay_shape)
-    optimizer = optim.make_optimizer(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                                     clip_norm=o.clip_norm)
+    schedule = optim.make_schedule(
+        o.schedule,
+        peak_lr=o.lr,
+        num_steps=num_steps,
+        warmup_steps=o.warmup_steps,
+        decay_fraction=o.decay_fraction,
+        min_lr_ratio=o.min_lr_ratio,
+        decay_shape=o.decay_shape,
+    )
+    optimizer = optim.make_optimizer(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm)
     rng = jax.random.PRNGKey(config.seed)
 
     def state_layout(cfg: Mamba2Config):
         """``(init_fn, abstract state, shardings)`` of a training state of the model ``cfg``."""
+
         def init_fn(key):
             return init_train_state(cfg, optimizer, key, carry_batch=batch if tbptt else None)
 
@@ -672,10 +734,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         data = _build_data(config, process_index, process_count, tokenizer)
         train_iter = iter(data.train)
         _, abstract, shardings = state_layout(cfg)
-        abs_params, abs_rest = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                            abstract, shardings).checkpoint_items()
-        params, rest, _ = ckpt.restore(step, abstract_params=abs_params, abstract_train_state=abs_rest,
-                                       data_iterator=train_iter)
+        abs_params, abs_rest = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings).checkpoint_items()
+        params, rest, _ = ckpt.restore(step, abstract_params=abs_params, abstract_train_state=abs_rest, data_iterator=train_iter)
         return meta, cfg, tokenizer, data, train_iter, TrainState.from_checkpoint_items(params, rest)
 
     resumed = ckpt.restore_newest(restore)
@@ -690,17 +750,17 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         if config.init.workdir or config.init.pretrained:
             init_params, model_cfg, tokenizer_name = _load_init_params(config, model_cfg)
             if tokenizer_name != config.data.tokenizer:
-                _print(f"note: using the {tokenizer_name!r} tokenizer of the model being fine-tuned "
-                       f"(config.data.tokenizer was {config.data.tokenizer!r})")
+                _print(
+                    f"note: using the {tokenizer_name!r} tokenizer of the model being fine-tuned "
+                    f"(config.data.tokenizer was {config.data.tokenizer!r})"
+                )
         data = _build_data(config, process_index, process_count, tokenizer_name)
         train_iter = iter(data.train)
         init_fn, abstract, shardings = state_layout(model_cfg)
         state = jax.jit(init_fn, out_shardings=shardings)(rng)
         if init_params is not None:
-            params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]),
-                                  init_params, shardings.params)
-            state = dataclasses.replace(state, params=params, opt_state=jax.jit(
-                optimizer.init, out_shardings=shardings.opt_state)(params))
+            params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), init_params, shardings.params)
+            state = dataclasses.replace(state, params=params, opt_state=jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params))
     record_model_config(config, model_cfg)
     with config.unlocked() if hasattr(config, "unlocked") else _nullcontext():
         config.data.tokenizer = tokenizer_name
@@ -714,49 +774,56 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     impl = model_cfg.ssd_impl
     batch_shardings = _batch_shardings(mesh)
     step_fn = jax.jit(
-        make_train_step(graphdef, optimizer, schedule=schedule, grad_accum_steps=config.train.grad_accum_steps,
-                        use_segment_ids=use_segment_ids, impl=impl, loss_chunk_size=config.train.loss_chunk_size,
-                        mesh=mesh),
-        in_shardings=(shardings, batch_shardings), out_shardings=(shardings, None), donate_argnums=(0,),
+        make_train_step(
+            graphdef,
+            optimizer,
+            schedule=schedule,
+            grad_accum_steps=config.train.grad_accum_steps,
+            use_segment_ids=use_segment_ids,
+            impl=impl,
+            loss_chunk_size=config.train.loss_chunk_size,
+            mesh=mesh,
+        ),
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
     )
     eval_carry_shardings = None
     if tbptt:
         abstract_eval_carry = jax.eval_shape(lambda: zero_carry(model_cfg, eval_batch))
         eval_carry_shardings = jax.tree.map(lambda x: mesh_lib.batch_sharding(mesh, x.ndim), abstract_eval_carry)
     eval_fn = jax.jit(
-        make_eval_step(graphdef, use_segment_ids=use_segment_ids, impl=impl,
-                       loss_chunk_size=config.train.loss_chunk_size, mesh=mesh),
+        make_eval_step(graphdef, use_segment_ids=use_segment_ids, impl=impl, loss_chunk_size=config.train.loss_chunk_size, mesh=mesh),
         in_shardings=(shardings.params, batch_shardings, eval_carry_shardings),
         out_shardings=(None, eval_carry_shardings),
     )
-    eval_carry_fn = (lambda: jax.jit(lambda: zero_carry(model_cfg, eval_batch), out_shardings=eval_carry_shardings)()) \
-        if tbptt else (lambda: None)
+    eval_carry_fn = (lambda: jax.jit(lambda: zero_carry(model_cfg, eval_batch), out_shardings=eval_carry_shardings)()) if tbptt else (lambda: None)
 
     writer = MetricsWriter(workdir, enabled=primary, tensorboard=config.log.tensorboard)
     tokens_per_step = batch * config.data.seq_len
-    meta_base = {"model_config": dataclasses.asdict(model_cfg), "config": json.loads(config.to_json_best_effort()),
-                 "process_count": process_count}
+    meta_base = {"model_config": dataclasses.asdict(model_cfg), "config": json.loads(config.to_json_best_effort()), "process_count": process_count}
 
     def save(step: int, force: bool = False) -> None:
         params, rest = state.checkpoint_items()
-        ckpt.save(step, params=params, train_state=rest, data_iterator=train_iter,
-                  meta=dict(meta_base, tokens_seen=step * tokens_per_step), force=force)
+        ckpt.save(
+            step, params=params, train_state=rest, data_iterator=train_iter, meta=dict(meta_base, tokens_seen=step * tokens_per_step), force=force
+        )
 
     def run_eval(step: int) -> Dict[str, float]:
-        result = _evaluate(state.params, eval_fn, data, mesh, num_batches=config.eval.num_batches,
-                           carry_fn=eval_carry_fn)
+        result = _evaluate(state.params, eval_fn, data, mesh, num_batches=config.eval.num_batches, carry_fn=eval_carry_fn)
         writer.write(step, "validation", result)
         if primary:
-            _print(f"step {step}: validation loss {result['loss']:.4f} nats/token = "
-                   f"{result['bits_per_token']:.4f} bits/token, accuracy {result['accuracy']:.3f}")
+            _print(
+                f"step {step}: validation loss {result['loss']:.4f} nats/token = "
+                f"{result['bits_per_token']:.4f} bits/token, accuracy {result['accuracy']:.3f}"
+            )
         return result
 
     progress = None
     if primary and config.train.progress_bar:
         from tqdm import tqdm
 
-        progress = tqdm(total=num_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        mininterval=1.0)
+        progress = tqdm(total=num_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
 
     nan_policy = config.train.nan_policy
     log_every = config.train.log_every
@@ -768,8 +835,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         nonlocal t_last, step_last, last_train
         m = jax.device_get(metrics)
         if int(m["skipped"]):
-            msg = (f"step {step}: non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}); "
-                   f"the update was not applied ({int(m['num_skipped'])} skipped so far)")
+            msg = (
+                f"step {step}: non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}); "
+                f"the update was not applied ({int(m['num_skipped'])} skipped so far)"
+            )
             if nan_policy == "stop":
                 writer.write(step, "train", _train_record(m, 0.0, step * tokens_per_step))
                 raise FloatingPointError(msg + " -- stopping (train.nan_policy='stop')")
@@ -822,15 +891,13 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     if primary and data.validation_tokens is not None:
         from ssm_jax.data import unigram_entropy_bits_of_tokens
 
-        unigram = unigram_entropy_bits_of_tokens(data.validation_tokens, data.tokenizer.vocab_size,
-                                                 data.tokenizer.eos_id)
+        unigram = unigram_entropy_bits_of_tokens(data.validation_tokens, data.tokenizer.vocab_size, data.tokenizer.eos_id)
         _print(f"validation unigram entropy: {unigram:.4f} bits/token (a context-free model's loss)")
     if primary and config.log.plot:
         try:
             from ssm_jax.plots import plot_training_curves
 
-            plot_training_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss_curve.png"),
-                                 reference_bits=unigram)
+            plot_training_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss_curve.png"), reference_bits=unigram)
         except Exception as e:  # a plot must never fail a finished run
             _print(f"WARNING: could not plot the training curves: {e}")
     summary = {
@@ -849,9 +916,15 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 def _train_record(m, tokens_per_s: float, tokens_seen: int) -> Dict[str, float]:
     loss = float(m["loss"])
     return {
-        "loss": loss, "bits_per_token": loss / LN2, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-        "accuracy": float(m["accuracy"]), "tokens_per_s": tokens_per_s, "skipped": int(m["skipped"]),
-        "num_skipped": int(m["num_skipped"]), "tokens_seen": int(tokens_seen),
+        "loss": loss,
+        "bits_per_token": loss / LN2,
+        "lr": float(m["lr"]),
+        "grad_norm": float(m["grad_norm"]),
+        "accuracy": float(m["accuracy"]),
+        "tokens_per_s": tokens_per_s,
+        "skipped": int(m["skipped"]),
+        "num_skipped": int(m["num_skipped"]),
+        "tokens_seen": int(tokens_seen),
     }
 
 

@@ -16,8 +16,19 @@ def resets_from_segments(segment_ids: Optional[np.ndarray], batch: int, seqlen: 
 
 
 def ssd_reference(
-    x, dt, A, B, C, D=None, initial_state=None, segment_ids=None,
-    alpha_scale=1.0, b_scale=1.0, dt_scale=1.0, max_norm=None, window=None,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    initial_state=None,
+    segment_ids=None,
+    alpha_scale=1.0,
+    b_scale=1.0,
+    dt_scale=1.0,
+    max_norm=None,
+    window=None,
 ):
     """The Mamba-2 recurrence, step by step in float64, with every mitigation from its definition.
 
@@ -43,7 +54,7 @@ def ssd_reference(
         for t in range(l):
             state = alpha[:, t, :, None, None] * state + u[:, t, :, :, None] * Bh[:, t, :, None, :]
             if max_norm is not None:
-                norm = np.sqrt((state ** 2).sum(axis=(-2, -1)))
+                norm = np.sqrt((state**2).sum(axis=(-2, -1)))
                 bound = np.broadcast_to(np.asarray(max_norm, np.float64), (h,))
                 state = state * np.minimum(1.0, bound / np.maximum(norm, 1e-300))[..., None, None]
             y[:, t] = np.einsum("bhpn,bhn->bhp", state, Ch[:, t])
@@ -63,8 +74,7 @@ def ssd_reference(
     return y, final
 
 
-def random_ssd_inputs(rng: np.random.Generator, batch=2, seqlen=37, heads=4, headdim=8, groups=2, state=16,
-                      dt_range=(0.01, 0.5), A_range=(0.5, 4.0)):
+def random_ssd_inputs(rng: np.random.Generator, batch=2, seqlen=37, heads=4, headdim=8, groups=2, state=16, dt_range=(0.01, 0.5), A_range=(0.5, 4.0)):
     """Random, non-degenerate inputs: dt across decades, A spanning slow and fast heads."""
     x = rng.standard_normal((batch, seqlen, heads, headdim))
     dt = np.exp(rng.uniform(np.log(dt_range[0]), np.log(dt_range[1]), (batch, seqlen, heads)))

@@ -11,8 +11,19 @@ from typing import Dict, Mapping
 
 import numpy as np
 
-SSM_DEFAULTS = dict(d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, d_ssm=None, D_has_hdim=False,
-                    norm_before_gate=False, dt_limit=(0.0, float("inf")), bias=False, conv_bias=True)
+SSM_DEFAULTS = dict(
+    d_state=128,
+    d_conv=4,
+    expand=2,
+    headdim=64,
+    ngroups=1,
+    d_ssm=None,
+    D_has_hdim=False,
+    norm_before_gate=False,
+    dt_limit=(0.0, float("inf")),
+    bias=False,
+    conv_bias=True,
+)
 GATED_NORM_EPS = 1e-5  # mamba_ssm's Mamba2 builds its RMSNormGated with eps=1e-5 whatever norm_epsilon says
 
 
@@ -22,8 +33,14 @@ def sizes(config: Mapping) -> Dict[str, int]:
     d_ssm = s["d_ssm"] or d_inner
     heads = d_ssm // s["headdim"]
     conv_dim = d_ssm + 2 * s["ngroups"] * s["d_state"]
-    return dict(d_inner=d_inner, d_ssm=d_ssm, d_mlp=d_inner - d_ssm, heads=heads, conv_dim=conv_dim,
-                d_in_proj=2 * d_inner + 2 * s["ngroups"] * s["d_state"] + heads)
+    return dict(
+        d_inner=d_inner,
+        d_ssm=d_ssm,
+        d_mlp=d_inner - d_ssm,
+        heads=heads,
+        conv_dim=conv_dim,
+        d_in_proj=2 * d_inner + 2 * s["ngroups"] * s["d_state"] + heads,
+    )
 
 
 def padded_vocab(config: Mapping) -> int:
@@ -38,12 +55,11 @@ def random_weights(config: Mapping, seed: int) -> Dict[str, np.ndarray]:
     z = sizes(config)
     d = config["d_model"]
     normal = lambda *shape, scale=1.0: (scale * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731
-    w = {"backbone.embedding.weight": normal(padded_vocab(config), d, scale=0.5),
-         "backbone.norm_f.weight": 1 + normal(d, scale=0.1)}
+    w = {"backbone.embedding.weight": normal(padded_vocab(config), d, scale=0.5), "backbone.norm_f.weight": 1 + normal(d, scale=0.1)}
     for i in range(config["n_layer"]):
         p = f"backbone.layers.{i}"
         w[f"{p}.norm.weight"] = 1 + normal(d, scale=0.1)
-        w[f"{p}.mixer.in_proj.weight"] = normal(z["d_in_proj"], d, scale=d ** -0.5)
+        w[f"{p}.mixer.in_proj.weight"] = normal(z["d_in_proj"], d, scale=d**-0.5)
         w[f"{p}.mixer.conv1d.weight"] = normal(z["conv_dim"], 1, s["d_conv"], scale=0.5)
         w[f"{p}.mixer.conv1d.bias"] = normal(z["conv_dim"], scale=0.1)
         w[f"{p}.mixer.dt_bias"] = normal(z["heads"], scale=0.5) - 2.5

@@ -40,8 +40,7 @@ def test_every_block_is_generated_from_the_json(tables):
         text = _read(doc)
         used += list(tables.blocks(text))
         for name, content in tables.blocks(text).items():
-            assert content == tables.TABLES[name](), f"{doc}: block {name} differs from the JSON; run " \
-                                                     "python docs/benchmark_tables.py"
+            assert content == tables.TABLES[name](), f"{doc}: block {name} differs from the JSON; run python docs/benchmark_tables.py"
     assert sorted(used) == sorted(tables.TABLES), "every table appears exactly once"
 
 
@@ -59,8 +58,10 @@ def _prose(doc: str) -> str:
 
 
 # A decimal number (not a version or a model name such as 2.7b), or a number with a unit.
-MEASURED = re.compile(r"(?<![\w.])\d+\.\d+(?![\d.]|b\b)|(?<![\w.])\d[\d,]*\s?(?:ms|us|s|GB|GiB|MB|MiB|%|x|tokens/s|TFLOP/s"
-                      r"|GB/s|TB/s)(?!\w)")
+MEASURED = re.compile(
+    r"(?<![\w.])\d+\.\d+(?![\d.]|b\b)|(?<![\w.])\d[\d,]*\s?(?:ms|us|s|GB|GiB|MB|MiB|%|x|tokens/s|TFLOP/s"
+    r"|GB/s|TB/s)(?!\w)"
+)
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/benchmarks.md"])
@@ -70,8 +71,7 @@ def test_no_measured_figure_is_typed_outside_the_blocks(doc):
 
 
 def test_the_measured_figure_check_can_fail():
-    assert MEASURED.findall("took 6.4 s, 1.5x faster, 23 ms, 35% less, 2367 MiB, 4 x 8 heads") == \
-        ["6.4", "1.5", "23 ms", "35%", "2367 MiB", "4 x"]
+    assert MEASURED.findall("took 6.4 s, 1.5x faster, 23 ms, 35% less, 2367 MiB, 4 x 8 heads") == ["6.4", "1.5", "23 ms", "35%", "2367 MiB", "4 x"]
     assert MEASURED.findall("jax 0.11.2, mamba2-2.7b, 32x64 heads, 1M tokens, float32") == []
 
 
@@ -124,8 +124,7 @@ def _script_of(name: str, data: dict) -> str:
 
 
 def test_docs_benchmarks_holds_only_script_written_json_that_the_docs_cite():
-    docs = _read("README.md") + "".join(_read(os.path.relpath(p, ROOT))
-                                        for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    docs = _read("README.md") + "".join(_read(os.path.relpath(p, ROOT)) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
     for path in sorted(glob.glob(os.path.join(JSON_DIR, "*"))):
         name = os.path.basename(path)
         assert name.endswith(".json") and not re.search(r"_run\d+\.json$", name), f"{name}: history belongs to git"

@@ -17,8 +17,17 @@ import jax
 import numpy as np
 import pytest
 from etils import epath
-from train_helpers import (REPO, RESUME_OVERRIDES, TINY_OVERRIDES, as_flags, compilation_cache,  # noqa: F401
-                           resume_config, subprocess_env, train_losses, validation_losses)
+from train_helpers import (
+    REPO,
+    RESUME_OVERRIDES,
+    TINY_OVERRIDES,
+    as_flags,
+    compilation_cache,  # noqa: F401
+    resume_config,
+    subprocess_env,
+    train_losses,
+    validation_losses,
+)
 
 from ssm_jax import checkpoint as ckpt_lib
 from ssm_jax import optim, train_lib
@@ -31,8 +40,7 @@ def test_round_trip_params_state_carry_and_data_iterator(tmp_path):
     from ssm_jax import data as data_lib
 
     docs = data_lib.load_corpus("tiny")
-    ds = data_lib.make_dataset(docs, data_lib.get_tokenizer("byte"), mode="packed", seq_len=32, batch_size=2,
-                               seed=1, num_epochs=None)
+    ds = data_lib.make_dataset(docs, data_lib.get_tokenizer("byte"), mode="packed", seq_len=32, batch_size=2, seed=1, num_epochs=None)
     it = iter(ds)
     for _ in range(3):
         next(it)
@@ -100,8 +108,7 @@ DAMAGE = {  # what a crash, a full disk or a careless hand can leave of a finali
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_a_damaged_newest_step_is_moved_aside_and_the_previous_one_resumes_exactly(reference, tmp_path, damage,
-                                                                                   caplog):
+def test_a_damaged_newest_step_is_moved_aside_and_the_previous_one_resumes_exactly(reference, tmp_path, damage, caplog):
     ref_dir, ref_losses, ref_validation = reference
     workdir = str(tmp_path / "run")
     _copy_until(ref_dir, workdir, 4)
@@ -124,11 +131,13 @@ def test_when_no_step_restores_nothing_is_moved_and_the_error_lists_every_step(r
     ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
     for step in (2, 4, 6):
         DAMAGE["item_directory_deleted"](os.path.join(ckpt_dir, str(step)))
-    with pytest.raises(ckpt_lib.NoCompleteCheckpointError, match=r"(?s)step 6: KeyError: Item \"params\" was not "
-                       r"found.*\n  step 4: .*\n  step 2: .*Nothing was moved or deleted"):
+    with pytest.raises(
+        ckpt_lib.NoCompleteCheckpointError,
+        match=r"(?s)step 6: KeyError: Item \"params\" was not "
+        r"found.*\n  step 4: .*\n  step 2: .*Nothing was moved or deleted",
+    ):
         train_lib.train_and_evaluate(resume_config(), workdir)
-    assert sorted(os.listdir(ckpt_dir)) == ["2", "4", "6"] and not os.path.exists(
-        os.path.join(workdir, ckpt_lib.DAMAGED_DIR))
+    assert sorted(os.listdir(ckpt_dir)) == ["2", "4", "6"] and not os.path.exists(os.path.join(workdir, ckpt_lib.DAMAGED_DIR))
 
 
 _KILLER = """
@@ -158,15 +167,26 @@ runpy.run_path("train.py", run_name="__main__")
 
 
 @pytest.mark.parametrize("point,resumes_from", [("save_started", None), ("before_commit", 2)])
-def test_sigkill_during_a_save_resumes_exactly(reference, tmp_path, compilation_cache, point,  # noqa: F811
-                                               resumes_from):
+def test_sigkill_during_a_save_resumes_exactly(
+    reference,
+    tmp_path,
+    compilation_cache,  # noqa: F811
+    point,
+    resumes_from,
+):
     """SIGKILL while step 4 is being saved (asynchronously); the next run resumes whatever the step directory holds."""
     _, ref_losses, ref_validation = reference
     workdir = str(tmp_path / "run")
     flags = [f"--config={os.path.join(REPO, 'configs', 'tiny.py')}", f"--workdir={workdir}"]
     flags += as_flags({**TINY_OVERRIDES, **RESUME_OVERRIDES})
-    killed = subprocess.run([sys.executable, "-c", _KILLER, point, "4"] + flags, env=subprocess_env(compilation_cache),
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLER, point, "4"] + flags,
+        env=subprocess_env(compilation_cache),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     steps_left = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), read_only=True).all_steps()
     assert steps_left in ([2], [2, 4]) and (resumes_from is None or steps_left[-1] == resumes_from), steps_left
@@ -180,8 +200,7 @@ def test_sigkill_during_a_save_resumes_exactly(reference, tmp_path, compilation_
 
 
 @pytest.mark.parametrize("async_save", [True, False])
-def test_a_full_disk_during_a_save_names_the_step_and_keeps_the_previous_checkpoint(reference, tmp_path,
-                                                                                   monkeypatch, async_save):
+def test_a_full_disk_during_a_save_names_the_step_and_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch, async_save):
     _, ref_losses, ref_validation = reference
     workdir = str(tmp_path / "run")
     path_class = type(epath.Path(workdir))
@@ -194,8 +213,11 @@ def test_a_full_disk_during_a_save_names_the_step_and_keeps_the_previous_checkpo
 
     monkeypatch.setattr(path_class, "write_text", full_disk)
     config = resume_config(**{"checkpoint.async_save": async_save})
-    with pytest.raises(ckpt_lib.CheckpointSaveError, match=r"checkpoint step 4 in .*No space left on device.*MiB "
-                       r"free\)\. The previous checkpoint \(step 2\) is intact") as failure:
+    with pytest.raises(
+        ckpt_lib.CheckpointSaveError,
+        match=r"checkpoint step 4 in .*No space left on device.*MiB "
+        r"free\)\. The previous checkpoint \(step 2\) is intact",
+    ) as failure:
         train_lib.train_and_evaluate(config, workdir)
     assert failure.value.errno == errno.ENOSPC
     monkeypatch.undo()
@@ -214,22 +236,26 @@ def test_resuming_with_a_changed_model_config_fails_listing_the_fields(reference
     workdir = str(tmp_path / "run")
     _copy_until(reference[0], workdir, 4)
     shutil.rmtree(os.path.join(ckpt_lib.checkpoint_dir(workdir), "6"))
-    changed = resume_config(**{"model.d_model": 64, "model.ssd_impl": "recurrent", "data.tokenizer": "neox",
-                               "model.vocab_size": 50277})
+    changed = resume_config(**{"model.d_model": 64, "model.ssd_impl": "recurrent", "data.tokenizer": "neox", "model.vocab_size": 50277})
     with pytest.raises(train_lib.ConfigChangeError) as error:
         train_lib.train_and_evaluate(changed, workdir)
     message = str(error.value)
-    for row in ("config.model.d_model: 32 in the checkpoint, 64 requested",
-                "config.model.ssd_impl: 'auto' in the checkpoint, 'recurrent' requested",
-                "config.model.vocab_size: 257 in the checkpoint, 50277 requested",
-                "config.data.tokenizer: 'byte' in the checkpoint, 'neox' requested",
-                "--config.checkpoint.allow_config_change=True"):
+    for row in (
+        "config.model.d_model: 32 in the checkpoint, 64 requested",
+        "config.model.ssd_impl: 'auto' in the checkpoint, 'recurrent' requested",
+        "config.model.vocab_size: 257 in the checkpoint, 50277 requested",
+        "config.data.tokenizer: 'byte' in the checkpoint, 'neox' requested",
+        "--config.checkpoint.allow_config_change=True",
+    ):
         assert row in message
     assert len(re.findall(r"in the checkpoint, .* requested\n", message)) == 4  # nothing else differs
     # Allowed, the parameters' shapes still cannot change: the run stops, naming the fields that forbid it.
     changed.checkpoint.allow_config_change = True
-    with pytest.raises(train_lib.ConfigChangeError, match=r"config\.model\.d_model, config\.model\.vocab_size, "
-                                                          r"config\.data\.tokenizer cannot change when resuming"):
+    with pytest.raises(
+        train_lib.ConfigChangeError,
+        match=r"config\.model\.d_model, config\.model\.vocab_size, "
+        r"config\.data\.tokenizer cannot change when resuming",
+    ):
         train_lib.train_and_evaluate(changed, workdir)
     assert ckpt_lib.latest_step(ckpt_lib.checkpoint_dir(workdir)) == 4  # nothing was trained or saved
 

@@ -77,8 +77,12 @@ print(json.dumps({"dir": jax.config.jax_compilation_cache_dir, "hits": len(hits)
 
 def test_a_second_process_loads_what_the_first_compiled(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in (compilation_cache.ENV, "JAX_COMPILATION_CACHE_DIR")}
-    env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p]))
+    env.update(
+        XDG_CACHE_HOME=str(tmp_path),
+        JAX_PLATFORMS="cpu",
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p]),
+    )
     env.pop("XLA_FLAGS", None)
 
     def run() -> dict:

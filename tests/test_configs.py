@@ -13,8 +13,7 @@ from train_helpers import CONFIG_DIR, REPO, load_config, parse_flags
 from ssm_jax import train_lib
 from ssm_jax.train_config import model_config_from, validate_config
 
-CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
-                      if not os.path.basename(p).startswith("_"))
+CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if not os.path.basename(p).startswith("_"))
 
 
 def _n_params(cfg):
@@ -31,23 +30,33 @@ def test_every_config_loads_and_validates(name):
     model_config_from(config.model)
 
 
-@pytest.mark.parametrize("name,d_model,n_layer,heads", [
-    ("mamba2_130m.py", 768, 24, 24), ("mamba2_370m.py", 1024, 48, 32), ("mamba2_780m.py", 1536, 48, 48),
-    ("mamba2_1_3b.py", 2048, 48, 64), ("mamba2_2_7b.py", 2560, 64, 80),
-])
+@pytest.mark.parametrize(
+    "name,d_model,n_layer,heads",
+    [
+        ("mamba2_130m.py", 768, 24, 24),
+        ("mamba2_370m.py", 1024, 48, 32),
+        ("mamba2_780m.py", 1536, 48, 48),
+        ("mamba2_1_3b.py", 2048, 48, 64),
+        ("mamba2_2_7b.py", 2560, 64, 80),
+    ],
+)
 def test_public_sizes(name, d_model, n_layer, heads):
     config = load_config(name)
     cfg = model_config_from(config.model)
-    assert (cfg.d_model, cfg.n_layer, cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups) == (
-        d_model, n_layer, heads, 64, 128, 1)
+    assert (cfg.d_model, cfg.n_layer, cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups) == (d_model, n_layer, heads, 64, 128, 1)
     assert cfg.vocab_size == 50277 and cfg.padded_vocab_size == 50288 and config.data.tokenizer == "neox"
     assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
     assert config.optim.weight_decay == 0.1 and config.optim.clip_norm == 1.0 and config.optim.schedule == "wsd"
 
 
-@pytest.mark.parametrize("name,n_layer,d_model,millions", [
-    ("paper_36m.py", 6, 512, 36.4), ("paper_47m.py", 12, 512, 47.0), ("paper_85m.py", 12, 768, 84.6),
-])
+@pytest.mark.parametrize(
+    "name,n_layer,d_model,millions",
+    [
+        ("paper_36m.py", 6, 512, 36.4),
+        ("paper_47m.py", 12, 512, 47.0),
+        ("paper_85m.py", 12, 768, 84.6),
+    ],
+)
 def test_paper_small_sizes(name, n_layer, d_model, millions):
     cfg = model_config_from(load_config(name).model)
     assert (cfg.n_layer, cfg.d_model, cfg.nheads) == (n_layer, d_model, d_model // 32)
@@ -55,10 +64,20 @@ def test_paper_small_sizes(name, n_layer, d_model, millions):
 
 
 def test_cli_overrides_reach_every_section():
-    c = parse_flags(["prog", f"--config={os.path.join(CONFIG_DIR, 'default.py')}", "--config.model.d_model=64",
-                "--config.train.tbptt=True", "--config.data.mode=stream", "--config.optim.lr=0.01",
-                "--config.mesh.fsdp=2", "--config.model.dt_limit=(0.0,1.0)", "--config.init.workdir=/x",
-                "--config.checkpoint.allow_config_change=True"])
+    c = parse_flags(
+        [
+            "prog",
+            f"--config={os.path.join(CONFIG_DIR, 'default.py')}",
+            "--config.model.d_model=64",
+            "--config.train.tbptt=True",
+            "--config.data.mode=stream",
+            "--config.optim.lr=0.01",
+            "--config.mesh.fsdp=2",
+            "--config.model.dt_limit=(0.0,1.0)",
+            "--config.init.workdir=/x",
+            "--config.checkpoint.allow_config_change=True",
+        ]
+    )
     assert c.model.d_model == 64 and c.train.tbptt and c.data.mode == "stream" and c.optim.lr == 0.01
     assert c.mesh.fsdp == 2 and tuple(c.model.dt_limit) == (0.0, 1.0) and c.init.workdir == "/x"
     assert c.checkpoint.allow_config_change is True
@@ -121,10 +140,21 @@ def test_finetune_config_requires_a_source(tmp_path):
 
 def test_train_py_rejects_a_bad_value_with_the_field_name(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, os.path.join(REPO, "train.py"),
-                          f"--config={os.path.join(CONFIG_DIR, 'tiny.py')}", f"--workdir={tmp_path}",
-                          "--config.optim.lr=-0.5", "--config.data.seq_len=0"],
-                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "train.py"),
+            f"--config={os.path.join(CONFIG_DIR, 'tiny.py')}",
+            f"--workdir={tmp_path}",
+            "--config.optim.lr=-0.5",
+            "--config.data.seq_len=0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode != 0
     assert "config.optim.lr=-0.5" in out.stderr and "config.data.seq_len=0" in out.stderr
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))  # rejected before doing anything

@@ -23,8 +23,17 @@ VOCAB = 96  # already a multiple of 16, as Hugging Face configs store the padded
 def random_hf_model(tie: bool, groups: int = 2, seed: int = 0):
     torch.manual_seed(seed)
     config = transformers.Mamba2Config(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, state_size=16, head_dim=16, num_heads=8,
-        n_groups=groups, expand=2, conv_kernel=4, chunk_size=16, tie_word_embeddings=tie,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        state_size=16,
+        head_dim=16,
+        num_heads=8,
+        n_groups=groups,
+        expand=2,
+        conv_kernel=4,
+        chunk_size=16,
+        tie_word_embeddings=tie,
     )
     model = transformers.Mamba2ForCausalLM(config).eval()
     with torch.no_grad():  # move every parameter away from its special init value (ones, zeros, aranges)
@@ -52,18 +61,24 @@ def write_state_spaces(hf_model, directory: str, *, use_bin: bool = True, ssm_cf
     c = hf_model.config
     os.makedirs(directory, exist_ok=True)
     config = {
-        "d_model": c.hidden_size, "n_layer": c.num_hidden_layers, "vocab_size": VOCAB,
-        "ssm_cfg": ssm_cfg if ssm_cfg is not None else {
-            "layer": "Mamba2", "d_state": c.state_size, "headdim": c.head_dim, "ngroups": c.n_groups,
-            "chunk_size": c.chunk_size},
-        "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 16,
-        "tie_embeddings": bool(c.tie_word_embeddings), "attn_layer_idx": [], "d_intermediate": 0,
+        "d_model": c.hidden_size,
+        "n_layer": c.num_hidden_layers,
+        "vocab_size": VOCAB,
+        "ssm_cfg": ssm_cfg
+        if ssm_cfg is not None
+        else {"layer": "Mamba2", "d_state": c.state_size, "headdim": c.head_dim, "ngroups": c.n_groups, "chunk_size": c.chunk_size},
+        "rms_norm": True,
+        "residual_in_fp32": True,
+        "fused_add_norm": True,
+        "pad_vocab_size_multiple": 16,
+        "tie_embeddings": bool(c.tie_word_embeddings),
+        "attn_layer_idx": [],
+        "d_intermediate": 0,
         **(extra or {}),
     }
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f)
-    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v.clone()
-             for k, v in hf_model.state_dict().items()}
+    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v.clone() for k, v in hf_model.state_dict().items()}
     if use_bin:
         torch.save(state, os.path.join(directory, "pytorch_model.bin"))
     else:
@@ -87,8 +102,7 @@ def test_hf_and_state_spaces_formats_give_the_same_logits(tmp_path, tie, groups)
     # Older transformers wrote `norm_before_gate: true` and `rms_norm` (Codestral's config has them); transformers
     # ignores both (its mixer always gates before the norm), and so must we.
     config_path = tmp_path / "hf" / "config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "norm_before_gate": True,
-                                       "rms_norm": False}))
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "norm_before_gate": True, "rms_norm": False}))
     model = ssm_jax.from_pretrained(str(tmp_path / "hf"), ssd_impl="xla")
     assert not model.config.norm_before_gate and rel_err(model(jnp.asarray(ids)), want) < 1e-4
     for use_bin in (True, False):
@@ -114,14 +128,17 @@ def test_partial_ssm_cfg_takes_mamba2_defaults(tmp_path):
     assert cfg.pad_vocab_size_multiple == 8 and cfg.padded_vocab_size == 104 and cfg.tie_embeddings
 
 
-@pytest.mark.parametrize("ssm_cfg,extra,message", [
-    ({}, None, "Mamba1"),
-    ({"layer": "Mamba1"}, None, "Mamba-2"),
-    ({"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2}, {"attn_layer_idx": [1]}, "attn_layer_idx"),
-    ({"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2}, {"d_intermediate": 128}, "d_intermediate"),
-    ({"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2, "rmsnorm": False}, None, "rmsnorm"),
-    ({"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2, "d_ssm": 100}, None, "d_ssm"),
-])
+@pytest.mark.parametrize(
+    "ssm_cfg,extra,message",
+    [
+        ({}, None, "Mamba1"),
+        ({"layer": "Mamba1"}, None, "Mamba-2"),
+        ({"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2}, {"attn_layer_idx": [1]}, "attn_layer_idx"),
+        ({"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2}, {"d_intermediate": 128}, "d_intermediate"),
+        ({"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2, "rmsnorm": False}, None, "rmsnorm"),
+        ({"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2, "d_ssm": 100}, None, "d_ssm"),
+    ],
+)
 def test_unsupported_layers_are_named(tmp_path, ssm_cfg, extra, message):
     path = write_state_spaces(random_hf_model(False), str(tmp_path / "ss"), ssm_cfg=ssm_cfg, extra=extra)
     with pytest.raises(CheckpointError, match=message):
@@ -172,8 +189,14 @@ OPTIONS = {  # d_inner = 64, 2 groups; shapes shared between cases where they ca
 
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 def test_state_spaces_options_match_float64_reference(tmp_path, options):
-    config = {"d_model": 32, "n_layer": 2, "vocab_size": 90, "pad_vocab_size_multiple": 16, "tie_embeddings": True,
-              "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 8, **options}}
+    config = {
+        "d_model": 32,
+        "n_layer": 2,
+        "vocab_size": 90,
+        "pad_vocab_size_multiple": 16,
+        "tie_embeddings": True,
+        "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 8, **options},
+    }
     weights = ref.random_weights(config, seed=len(options))
     path = ref.write_checkpoint(str(tmp_path / "ss"), config, weights)
     ids = np.random.default_rng(3).integers(0, 90, (2, 21))  # several chunks of 8, odd length
@@ -185,11 +208,9 @@ def test_state_spaces_options_match_float64_reference(tmp_path, options):
     without = ("D_has_hdim", "norm_before_gate")
     plain = {**config, "ssm_cfg": {k: v for k, v in config["ssm_cfg"].items() if k not in without}}
     if "d_ssm" not in options:  # the same weights read without the option give other logits: the option matters
-        assert rel_err(ref.lm_logits(plain, {**weights, **_per_head_D(weights, options)}, ids),
-                       ref.lm_logits(config, weights, ids)) > 1e-3
+        assert rel_err(ref.lm_logits(plain, {**weights, **_per_head_D(weights, options)}, ids), ref.lm_logits(config, weights, ids)) > 1e-3
     ssm_jax.save_state_spaces(model, str(tmp_path / "again"))  # every option survives our state-spaces export
-    np.testing.assert_array_equal(np.asarray(ssm_jax.from_pretrained(str(tmp_path / "again"), ssd_impl="xla")(
-        jnp.asarray(ids))), ours)
+    np.testing.assert_array_equal(np.asarray(ssm_jax.from_pretrained(str(tmp_path / "again"), ssd_impl="xla")(jnp.asarray(ids))), ours)
     with pytest.raises(ValueError, match="transformers' Mamba2 has no option.*save_state_spaces"):
         ssm_jax.save_hf(model, str(tmp_path / "hf"))
 
@@ -202,6 +223,7 @@ def _per_head_D(weights, options):
 
 
 # ---- weight files: shards, half precision, and every fault a CheckpointError naming the file ----
+
 
 def test_sharded_and_half_precision_weights_load(tmp_path):
     hf = random_hf_model(tie=False, seed=1)

@@ -14,8 +14,7 @@ from ssm_jax import diagnostics as D
 from ssm_jax import mitigations as M
 from ssm_jax.model import rms_norm
 
-CFG = Mamba2Config(d_model=32, n_layer=2, vocab_size=60, d_state=8, headdim=8, ngroups=2, chunk_size=16,
-                   dt_min=0.01, dt_max=0.1, ssd_impl="xla")
+CFG = Mamba2Config(d_model=32, n_layer=2, vocab_size=60, d_state=8, headdim=8, ngroups=2, chunk_size=16, dt_min=0.01, dt_max=0.1, ssd_impl="xla")
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +35,15 @@ def test_records_match_direct_computation(model, tokens):
     # state statistics at position 80 are those of the cache after 80 tokens
     _, cache = inference.prefill(model, tokens[:, :80], chunk_len=32)
     states = np.stack([np.asarray(c.ssm_state) for c in cache], axis=1)  # (b, layers, heads, p, n)
-    np.testing.assert_allclose(diag.norm[1], np.sqrt((states ** 2).sum(axis=(-2, -1))), rtol=1e-4)
+    np.testing.assert_allclose(diag.norm[1], np.sqrt((states**2).sum(axis=(-2, -1))), rtol=1e-4)
     np.testing.assert_allclose(diag.var[1], states.var(axis=(-2, -1)), rtol=1e-3, atol=1e-9)
     np.testing.assert_allclose(diag.max_abs[1], np.abs(states).max(axis=(-2, -1)), rtol=1e-4)
     np.testing.assert_allclose(diag.snapshots[80], states[:, 0, 0], rtol=1e-4, atol=1e-7)
     # retention of layer 0: prod of alpha_1..alpha_t from the layer's own dt and A
     mixer = model.layers[0].mixer
-    hidden = rms_norm(jnp.take(model.embedding[...], jnp.asarray(tokens[:, :120]), axis=0),
-                      model.layers[0].norm_weight[...], CFG.norm_eps, jnp.float32)
+    hidden = rms_norm(
+        jnp.take(model.embedding[...], jnp.asarray(tokens[:, :120]), axis=0), model.layers[0].norm_weight[...], CFG.norm_eps, jnp.float32
+    )
     inputs = mixer.ssm_inputs(hidden)
     log_alpha = np.asarray(inputs.dt * inputs.A)  # (b, 120, heads)
     np.testing.assert_allclose(diag.log_retention[2, :, 0], log_alpha[:, 1:].sum(axis=1), rtol=1e-5)
@@ -106,9 +106,13 @@ def direct_verdict(per_position, train_len, width, factor, unigram):
     beyond = [j for j in sorted(buckets) if buckets[j][0] > train_len]
     over = [j for j in beyond if loss[j] > factor * reference]
     above = [j for j in sorted(buckets) if 1 not in buckets[j] and loss[j] > unigram]
-    return {"collapsed": bool(over), "first_position": buckets[over[0]][0] if over else None,
-            "reference": reference, "max_ratio": max(loss[j] for j in beyond) / reference,
-            "first_position_above_unigram": buckets[above[0]][0] if above else None}
+    return {
+        "collapsed": bool(over),
+        "first_position": buckets[over[0]][0] if over else None,
+        "reference": reference,
+        "max_ratio": max(loss[j] for j in beyond) / reference,
+        "first_position_above_unigram": buckets[above[0]][0] if above else None,
+    }
 
 
 def test_collapse_rule_matches_its_definition_on_random_curves():
@@ -120,10 +124,9 @@ def test_collapse_rule_matches_its_definition_on_random_curves():
         length = train_len + width + int(rng.integers(1, 400))
         losses = rng.uniform(1.0, 3.0, (3, length))  # (prompts, positions)
         if rng.uniform() < 0.5:
-            losses[:, int(rng.integers(train_len, length)):] += rng.uniform(0.0, 6.0)
+            losses[:, int(rng.integers(train_len, length)) :] += rng.uniform(0.0, 6.0)
         factor, unigram = float(rng.uniform(1.5, 2.5)), float(rng.uniform(1.5, 4.0))
-        got = D.collapse_verdict(D.bucket_means(losses, width), train_len, width=width, factor=factor,
-                                 unigram_loss=unigram)
+        got = D.collapse_verdict(D.bucket_means(losses, width), train_len, width=width, factor=factor, unigram_loss=unigram)
         want = direct_verdict(losses, train_len, width, factor, unigram)
         for key in ("collapsed", "first_position", "first_position_above_unigram"):
             assert getattr(got, key) == want[key], key

@@ -26,7 +26,8 @@ from ssm_jax.train_config import validate_config
 
 DOCS = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
 DOCSTRINGS = ["train.py", "eval.py"] + sorted(
-    os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True))
+    os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True)
+)
 COMMAND = re.compile(r"python3? ((?:train|eval)\.py\b.*)")
 
 
@@ -120,6 +121,7 @@ FILES_NAMED_CONFIG = {"json"}  # `config.json`, the file, not a field
 @pytest.mark.parametrize("path", DOCS)
 def test_every_config_field_the_prose_names_exists(path):
     configs = (load_config("default.py"), load_config("eval/default.py"))
-    unknown = sorted({f"config.{name}" for name in FIELD.findall(_read(path))
-                      if name not in FILES_NAMED_CONFIG and not any(_has_field(c, name) for c in configs)})
+    unknown = sorted(
+        {f"config.{name}" for name in FIELD.findall(_read(path)) if name not in FILES_NAMED_CONFIG and not any(_has_field(c, name) for c in configs)}
+    )
     assert not unknown, f"{path} names config fields that do not exist: {unknown}"

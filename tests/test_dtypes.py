@@ -17,11 +17,20 @@ from ssm_jax.train_config import base_config, model_config_from, record_model_co
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-@pytest.mark.parametrize("form,name", [
-    ("bfloat16", "bfloat16"), (jnp.bfloat16, "bfloat16"), (np.dtype(ml_dtypes.bfloat16), "bfloat16"),
-    (ml_dtypes.bfloat16, "bfloat16"), ("float32", "float32"), (jnp.float32, "float32"), (np.float32, "float32"),
-    (np.dtype("float16"), "float16"), (jnp.dtype("float64"), "float64"),
-])
+@pytest.mark.parametrize(
+    "form,name",
+    [
+        ("bfloat16", "bfloat16"),
+        (jnp.bfloat16, "bfloat16"),
+        (np.dtype(ml_dtypes.bfloat16), "bfloat16"),
+        (ml_dtypes.bfloat16, "bfloat16"),
+        ("float32", "float32"),
+        (jnp.float32, "float32"),
+        (np.float32, "float32"),
+        (np.dtype("float16"), "float16"),
+        (jnp.dtype("float64"), "float64"),
+    ],
+)
 def test_every_form_has_one_name(form, name):
     assert dtype_name(form, "dtype") == name
 
@@ -43,21 +52,25 @@ def test_config_values_in_every_form_are_recorded_by_name():
     assert (model_cfg.dtype, model_cfg.param_dtype, model_cfg.remat) == ("bfloat16", "float32", "full")
     record_model_config(resolved, model_cfg)
     saved = json.loads(resolved.to_json())
-    assert (saved["model"]["dtype"], saved["model"]["param_dtype"], saved["model"]["remat"]) == (
-        "bfloat16", "float32", "full")
+    assert (saved["model"]["dtype"], saved["model"]["param_dtype"], saved["model"]["remat"]) == ("bfloat16", "float32", "full")
     config.model.dtype = jnp.int8
     with pytest.raises(ValueError, match=r"`config\.model\.dtype` must be one of"):
         validate_config(config)
 
 
 def test_command_line_overrides_of_the_new_fields():
-    argv = ["prog", f"--config={os.path.join(CONFIG_DIR, 'default.py')}", "--config.model.dtype=bfloat16",
-            "--config.model.param_dtype=float32", "--config.model.remat=dots", "--config.model.d_ssm=128",
-            "--config.model.norm_before_gate=True"]
+    argv = [
+        "prog",
+        f"--config={os.path.join(CONFIG_DIR, 'default.py')}",
+        "--config.model.dtype=bfloat16",
+        "--config.model.param_dtype=float32",
+        "--config.model.remat=dots",
+        "--config.model.d_ssm=128",
+        "--config.model.norm_before_gate=True",
+    ]
     fv = flags.FlagValues()
     # The override flags are read from the command line when the config flag is defined (sys_argv).
     holder = config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, sys_argv=argv)
     fv(argv)
     model_cfg = model_config_from(holder.value.model)
-    assert (model_cfg.dtype, model_cfg.remat, model_cfg.d_ssm, model_cfg.norm_before_gate) == (
-        "bfloat16", "dots", 128, True)
+    assert (model_cfg.dtype, model_cfg.remat, model_cfg.d_ssm, model_cfg.norm_before_gate) == ("bfloat16", "dots", 128, True)

@@ -38,10 +38,17 @@ def load_config(name):
 
 def eval_model(model, tokenizer_name, train_len, mitigations):
     """An EvalModel around an in-memory model (no checkpoint), on the tiny corpus."""
-    loaded = loading.LoadedModel(model=model, tokenizer=get_tokenizer(tokenizer_name), tokenizer_name=tokenizer_name,
-                                 train_len=train_len, kind="random", path="random", step=None, data={})
-    return EvalModel(loaded=loaded, data=streams.HeldOutData(corpus="tiny"), mitigations=mitigations,
-                     mitigation_params={})
+    loaded = loading.LoadedModel(
+        model=model,
+        tokenizer=get_tokenizer(tokenizer_name),
+        tokenizer_name=tokenizer_name,
+        train_len=train_len,
+        kind="random",
+        path="random",
+        step=None,
+        data={},
+    )
+    return EvalModel(loaded=loaded, data=streams.HeldOutData(corpus="tiny"), mitigations=mitigations, mitigation_params={})
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +116,7 @@ def test_collapse_rule_finds_the_planted_collapse():
 
 def test_t_forget_and_t_recall_from_synthetic_runs():
     # Models with T_train < 1024 collapse (their loss explodes at 3 T_train), the others do not.
-    runs = [{"train_len": t, "collapsed": verdict(synthetic_losses(8192, 3 * t if t < 1024 else None), t).collapsed}
-            for t in (256, 512, 1024, 2048)]
+    runs = [{"train_len": t, "collapsed": verdict(synthetic_losses(8192, 3 * t if t < 1024 else None), t).collapsed} for t in (256, 512, 1024, 2048)]
     assert [r["collapsed"] for r in runs] == [True, True, False, False]
     assert capacity.t_forget(runs) == {"t_forget": 1024, "bound": "exact", "monotone": True}
     assert capacity.t_forget(runs[2:])["bound"] == "upper"
@@ -145,25 +151,31 @@ def test_fits_recover_known_parameters():
 def write_fake_run(directory, state_size, train_len, collapsed, accuracy_by_length):
     """An evaluation output directory holding what the loss and passkey modes write (the capacity inputs)."""
     model = {"state_size": state_size, "train_len": train_len}
-    write_json(os.path.join(directory, "loss_vs_position.json"), {
-        "model": model, "length": 16 * train_len,
-        "sources": {"documents": {"curves": {"none": {"collapse": {"collapsed": collapsed}}}}}})
+    write_json(
+        os.path.join(directory, "loss_vs_position.json"),
+        {"model": model, "length": 16 * train_len, "sources": {"documents": {"curves": {"none": {"collapse": {"collapsed": collapsed}}}}}},
+    )
     lengths = sorted(accuracy_by_length)
-    write_json(os.path.join(directory, "passkey.json"), {
-        "model": model, "context_lengths": lengths,
-        "results": {"none": {"accuracy_by_length": [accuracy_by_length[n] for n in lengths]}}})
+    write_json(
+        os.path.join(directory, "passkey.json"),
+        {"model": model, "context_lengths": lengths, "results": {"none": {"accuracy_by_length": [accuracy_by_length[n] for n in lengths]}}},
+    )
 
 
 def test_capacity_mode_end_to_end_recovers_planted_laws(tmp_path):
     # Planted: T_forget(K) = 2 N_S(M) + 1 and T_recall(K) = 3 (1.5 ** N_S - 1) + 2, on grids of lengths.
     for n_s in [1.0, 2.0, 3.0, 4.0]:
         true_forget = int((2 * n_s + 1) * 1024)
-        true_recall = int(round((3 * (1.5 ** n_s - 1) + 2) * 1024))
+        true_recall = int(round((3 * (1.5**n_s - 1) + 2) * 1024))
         for train_len in sorted({true_forget // 2, true_forget, true_forget * 2}):
             lengths = [true_recall // 2, true_recall, true_recall * 2]
-            write_fake_run(str(tmp_path / f"ns{n_s}_t{train_len}"), int(n_s * 1e6), train_len,
-                           collapsed=train_len < true_forget,
-                           accuracy_by_length={n: 1.0 if n <= true_recall else 0.1 for n in lengths})
+            write_fake_run(
+                str(tmp_path / f"ns{n_s}_t{train_len}"),
+                int(n_s * 1e6),
+                train_len,
+                collapsed=train_len < true_forget,
+                accuracy_by_length={n: 1.0 if n <= true_recall else 0.1 for n in lengths},
+            )
     config = load_config("capacity")
     config.capacity.runs = str(tmp_path / "ns*")
     config.output_dir = str(tmp_path / "study")
@@ -219,8 +231,9 @@ def test_bucketed_streaming_equals_per_token_losses(tiny_model):
     stream = streams.DocumentStream([tokens[0], tokens[1]], eos_id=256, num_rows=2, seed=0)  # the same rows again
     edges = buckets.log_bucket_edges(300, 12)
     mit = M.forget_more(0.99, 0.5)
-    b = buckets.stream_bucketed_losses(tiny_model, stream, 300, num_prompts=2, log_edges=edges, fine_width=32,
-                                       batch_size=1, chunk_len=64, mitigation=mit)
+    b = buckets.stream_bucketed_losses(
+        tiny_model, stream, 300, num_prompts=2, log_edges=edges, fine_width=32, batch_size=1, chunk_len=64, mitigation=mit
+    )
     ref = inference.stream_losses(tiny_model, rows, chunk_len=300, mitigation=mit)  # (2, 300)
     t = np.arange(1, 301)
     for i in range(len(edges) - 1):
@@ -233,8 +246,12 @@ def test_bucketed_streaming_equals_per_token_losses(tiny_model):
 def test_build_mitigations(tiny_model):
     tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, 65), 0, 257), np.int32)
     built, described = named_mitigations.build_mitigations(
-        ["none", "forget_more", "dt_scale", "state_norm", "sliding_window", "forget_more+dt_scale"], tiny_model,
-        train_len=64, params={"dt_scale": {"scale": 0.25}}, calibration_tokens=lambda: tokens)
+        ["none", "forget_more", "dt_scale", "state_norm", "sliding_window", "forget_more+dt_scale"],
+        tiny_model,
+        train_len=64,
+        params={"dt_scale": {"scale": 0.25}},
+        calibration_tokens=lambda: tokens,
+    )
     assert built["none"] is None
     assert built["dt_scale"].dt_scale == 0.25 and built["sliding_window"].window == 64
     assert np.shape(built["state_norm"].max_norm) == (2, tiny_model.config.nheads)
@@ -268,8 +285,16 @@ def test_loss_and_passkey_modes_end_to_end_from_pretrained_dir(pretrained_dir):
     config.passkey.max_new_tokens = 3
     results = evaluators.evaluate(config)
     out = config.output_dir
-    for name in ("config.json", "loss_vs_position.json", "loss_vs_position_fine.npz", "loss_vs_position_documents.png",
-                 "loss_vs_position_newlines.png", "passkey.json", "passkey.png", "summary.md"):
+    for name in (
+        "config.json",
+        "loss_vs_position.json",
+        "loss_vs_position_fine.npz",
+        "loss_vs_position_documents.png",
+        "loss_vs_position_newlines.png",
+        "passkey.json",
+        "passkey.png",
+        "summary.md",
+    ):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     assert set(results["files"]) == set(os.listdir(out))
 
@@ -299,8 +324,9 @@ def test_loss_and_passkey_modes_end_to_end_from_pretrained_dir(pretrained_dir):
             assert np.array_equal(c["count"], np.diff(edges))
             assert len(c["per_prompt_loss"]) == 2
             # The verdict is the rule applied to the fixed buckets written to the npz.
-            want = diagnostics.collapse_verdict(fine[f"{source}__{name}"].mean(axis=0), 64, width=32,
-                                                unigram_loss=lv["unigram_loss"][source]).to_json()
+            want = diagnostics.collapse_verdict(
+                fine[f"{source}__{name}"].mean(axis=0), 64, width=32, unigram_loss=lv["unigram_loss"][source]
+            ).to_json()
             assert c["collapse"] == pytest.approx(want)
     # the mitigation changes the curve; the windowed state equals the full state before the window fills
     none, fm = (np.asarray(lv["sources"]["documents"]["curves"][k]["loss"]) for k in ("none", "forget_more"))
@@ -372,16 +398,22 @@ def test_states_mode_finds_a_never_forgetting_head_and_its_retention(tiny_model,
     assert sustained[1, 3] > 10.0 and np.delete(sustained.ravel(), 1 * 4 + 3).max() < 4.0
     assert [(o["layer"], o["head"]) for o in st["outliers"]] == [(1, 3)]
 
-    tokens = streams.make_stream("documents", get_tokenizer("byte"), streams.HeldOutData(corpus="tiny"), num_rows=2,
-                                 seed=config.seed + states.PROMPT_SEED_OFFSET).take([0, 1], 512)
+    tokens = streams.make_stream(
+        "documents", get_tokenizer("byte"), streams.HeldOutData(corpus="tiny"), num_rows=2, seed=config.seed + states.PROMPT_SEED_OFFSET
+    ).take([0, 1], 512)
     want = direct_retention(sick, tokens, (32, 512))
     for key, t in (("1x", 32), ("16x", 512)):
         got = st["retention"][key]
         assert got["position"] == t
         np.testing.assert_allclose(got["retention"], want[t], rtol=1e-4, atol=1e-30)
     assert st["retention"]["16x"]["retention"][1][3] > 0.999 > np.max(np.delete(want[512].ravel(), 1 * 4 + 3))
-    for name in ("states_state_norm.png", "states_state_norm_heatmap.png", "states_retention.png",
-                 "states_state_histograms.png", "states_traces.png"):
+    for name in (
+        "states_state_norm.png",
+        "states_state_norm_heatmap.png",
+        "states_retention.png",
+        "states_state_histograms.png",
+        "states_traces.png",
+    ):
         assert os.path.getsize(os.path.join(config.output_dir, name)) > 0, name
     assert "(layer 1, head 3)" in results["summary"] and "retention at 16x T_train" in results["summary"]
 
@@ -416,8 +448,7 @@ def test_passkey_batching_with_planted_answers(monkeypatch, tiny_model):
 
 def test_passkey_with_neox_tokenizer():
     model = Mamba2LM(Mamba2Config(**dict(TINY, vocab_size=50277, n_layer=1)), rngs=nnx.Rngs(0))
-    res = passkey.sweep(eval_model(model, "neox", 128, {"dt_scale": M.dt_scale(0.5)}), context_lengths=[40, 160],
-                        num_depths=3, seed=0)
+    res = passkey.sweep(eval_model(model, "neox", 128, {"dt_scale": M.dt_scale(0.5)}), context_lengths=[40, 160], num_depths=3, seed=0)
     assert res["max_new_tokens"] == 6 and res["context_lengths"] == [160] and res["skipped_context_lengths"] == [40]
     r = res["results"]["dt_scale"]
     assert np.all((np.asarray(r["accuracy"]) >= 0) & (np.asarray(r["accuracy"]) <= 1))
@@ -458,8 +489,14 @@ def test_several_checkpoints_of_one_run(trained_run, tmp_path):
     for entry in index["runs"]:
         lv = json.load(open(tmp_path / "steps" / entry["output_dir"] / "loss_vs_position.json"))
         assert lv["model"]["step"] == entry["step"] and lv["train_len"] == 64 and lv["length"] == 256
-        assert lv["model"]["heldout"] == {"corpus": "tiny", "validation_fraction": 0.1, "split_seed": 0,
-                                          "local_data_dir": "", "local_name": "default", "tokens_dir": ""}
+        assert lv["model"]["heldout"] == {
+            "corpus": "tiny",
+            "validation_fraction": 0.1,
+            "split_seed": 0,
+            "local_data_dir": "",
+            "local_name": "default",
+            "tokens_dir": "",
+        }
         collapse = lv["sources"]["documents"]["curves"]["none"]["collapse"]
         assert entry["headline"]["documents/none"] == {k: collapse[k] for k in entry["headline"]["documents/none"]}
         curves[entry["step"]] = np.asarray(lv["sources"]["documents"]["curves"]["none"]["loss"])
@@ -551,8 +588,7 @@ ERROR_SITES = [
     ({"modes": "passkey", "passkey.context_lengths": ""}, "passkey.context_lengths", "lengths >= 1"),
     ({"modes": "passkey", "passkey.context_lengths": "1x,abc"}, "passkey.context_lengths", "lengths >= 1"),
     ({"modes": "passkey", "passkey.context_lengths": "0.001x"}, "passkey.context_lengths", "below 1 token"),
-    ({"modes": "passkey", "passkey.context_lengths": "0.5x,1x"}, "passkey.context_lengths",
-     "every length [16, 32] (T_train=32) is too short"),
+    ({"modes": "passkey", "passkey.context_lengths": "0.5x,1x"}, "passkey.context_lengths", "every length [16, 32] (T_train=32) is too short"),
     ({"passkey.num_depths": 0}, "passkey.num_depths", "integer >= 1"),
     ({"passkey.trials": 0}, "passkey.trials", "integer >= 1"),
     ({"passkey.batch_size": 0}, "passkey.batch_size", "integer >= 1"),
@@ -570,8 +606,11 @@ ERROR_SITES = [
     ({"capacity.source": "tweets"}, "capacity.source", "must be one of"),
     ({"modes": "capacity"}, "capacity.runs", "lists no evaluation directories"),
     ({"modes": "capacity", "capacity.runs": "<empty_dir>"}, "capacity.runs", "neither loss_vs_position.json"),
-    ({"modes": "capacity", "capacity.runs": "<run>", "capacity.mitigation": "dt_scale"}, "capacity.runs",
-     "no collapse verdict for config.capacity.source='documents', config.capacity.mitigation='dt_scale'"),
+    (
+        {"modes": "capacity", "capacity.runs": "<run>", "capacity.mitigation": "dt_scale"},
+        "capacity.runs",
+        "no collapse verdict for config.capacity.source='documents', config.capacity.mitigation='dt_scale'",
+    ),
 ]
 
 
@@ -589,19 +628,16 @@ def _placeholder(value, tmp_path, request):
         write_fake_run(path, 1000, 32, collapsed=False, accuracy_by_length={64: 1.0})
     elif value in ("<local_model>", "<pg19_model>"):  # a model whose training config names its corpus
         shutil.copytree(request.getfixturevalue("pretrained_dir"), path)
-        data = {"corpus": "local", "local_data_dir": str(tmp_path / "gone")} if value == "<local_model>" else {
-            "corpus": "pg19"}
+        data = {"corpus": "local", "local_data_dir": str(tmp_path / "gone")} if value == "<local_model>" else {"corpus": "pg19"}
         with open(os.path.join(path, "ssm_jax_train.json"), "w") as f:
             json.dump({"data": dict(data, seq_len=32)}, f)
     return path
 
 
-@pytest.mark.parametrize("overrides, field, why", ERROR_SITES,
-                         ids=[f"{field}:{why[:24]}" for _, field, why in ERROR_SITES])
+@pytest.mark.parametrize("overrides, field, why", ERROR_SITES, ids=[f"{field}:{why[:24]}" for _, field, why in ERROR_SITES])
 def test_every_error_site_names_its_field(overrides, field, why, tmp_path, request):
     config = load_config("default")
-    config.update(checkpoint="random", train_len=32, output_dir=str(tmp_path / "out"), mitigations="none",
-                  modes="loss_vs_position")
+    config.update(checkpoint="random", train_len=32, output_dir=str(tmp_path / "out"), mitigations="none", modes="loss_vs_position")
     config.data.corpus = "tiny"
     for key, value in overrides.items():
         node = config
@@ -618,10 +654,20 @@ def test_every_error_site_names_its_field(overrides, field, why, tmp_path, reque
 
 def test_eval_py_command_line(tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), f"--config={ROOT}/configs/eval/default.py",
-           "--config.checkpoint=random", "--config.train_len=32", f"--config.output_dir={out}",
-           "--config.modes=loss_vs_position", "--config.mitigations=none,dt_scale", "--config.loss.length=128",
-           "--config.loss.chunk_len=128", "--config.data.corpus=tiny", "--config.random_model.n_layer=1"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "eval.py"),
+        f"--config={ROOT}/configs/eval/default.py",
+        "--config.checkpoint=random",
+        "--config.train_len=32",
+        f"--config.output_dir={out}",
+        "--config.modes=loss_vs_position",
+        "--config.mitigations=none,dt_scale",
+        "--config.loss.length=128",
+        "--config.loss.chunk_len=128",
+        "--config.data.corpus=tiny",
+        "--config.random_model.n_layer=1",
+    ]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -629,8 +675,7 @@ def test_eval_py_command_line(tmp_path):
     lv = json.load(open(out / "loss_vs_position.json"))
     assert lv["model"]["kind"] == "random" and lv["model"]["n_layer"] == 1 and lv["length"] == 128
     # A bad field reaches the user named, before any model is built.
-    proc = subprocess.run(cmd + ["--config.loss.length=-3"], cwd=str(tmp_path), capture_output=True, text=True,
-                          timeout=300, env=env)
+    proc = subprocess.run(cmd + ["--config.loss.length=-3"], cwd=str(tmp_path), capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0 and "config.loss.length='-3': must be a length >= 1" in proc.stderr
     proc = subprocess.run(cmd + ["stray"], cwd=str(tmp_path), capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0 and "unexpected arguments: ['stray']" in proc.stderr
@@ -638,8 +683,19 @@ def test_eval_py_command_line(tmp_path):
 
 def test_stream_benchmark_tiny(tmp_path):
     out = tmp_path / "stream.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "stream_1m.py"), "--tiny", "--tokens", "3000",
-           "--chunk_len", "1024", "--mitigations", "none,forget_more", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "stream_1m.py"),
+        "--tiny",
+        "--tokens",
+        "3000",
+        "--chunk_len",
+        "1024",
+        "--mitigations",
+        "none,forget_more",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| forget_more |" in proc.stdout

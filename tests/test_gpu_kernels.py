@@ -48,8 +48,7 @@ def hopper():
 def problem(batch, seqlen, heads, headdim, groups, state, *, dtype, init: bool, resets: bool, seed: int = 0):
     """``(kernel arguments, the same values in float64, segment ids or None)``; x, B, C in ``dtype``."""
     rng = np.random.default_rng(seed)
-    raw = random_ssd_inputs(rng, batch=batch, seqlen=seqlen, heads=heads, headdim=headdim, groups=groups,
-                            state=state)
+    raw = random_ssd_inputs(rng, batch=batch, seqlen=seqlen, heads=heads, headdim=headdim, groups=groups, state=state)
     if not init:
         raw.pop("initial_state")
     args = {k: jnp.asarray(v, dtype if k in ("x", "B", "C") else jnp.float32) for k, v in raw.items()}
@@ -58,15 +57,27 @@ def problem(batch, seqlen, heads, headdim, groups, state, *, dtype, init: bool, 
     return args, exact, seg
 
 
-def grads(args: Dict[str, jax.Array], cot: jax.Array, seg, *, impl: str, chunk: int, mitigation=None,
-          as_float32: bool = False) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+def grads(
+    args: Dict[str, jax.Array], cot: jax.Array, seg, *, impl: str, chunk: int, mitigation=None, as_float32: bool = False
+) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """``y`` and the gradients of ``sum(y * cot)`` with respect to every array argument."""
     if as_float32:
         args = {k: v.astype(jnp.float32) for k, v in args.items()}
 
     def loss(a):
-        y, _ = ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], D=a.get("D"), initial_state=a.get("initial_state"),
-                   segment_ids=seg, chunk_size=chunk, mitigation=mitigation, impl=impl)
+        y, _ = ssd(
+            a["x"],
+            a["dt"],
+            a["A"],
+            a["B"],
+            a["C"],
+            D=a.get("D"),
+            initial_state=a.get("initial_state"),
+            segment_ids=seg,
+            chunk_size=chunk,
+            mitigation=mitigation,
+            impl=impl,
+        )
         return jnp.sum(y.astype(jnp.float32) * cot), y
 
     (_, y), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
@@ -75,9 +86,11 @@ def grads(args: Dict[str, jax.Array], cot: jax.Array, seg, *, impl: str, chunk: 
 
 def pallas_forward(seg, chunk: int):
     """The jitted public call: ``args -> (y, final_state)`` with ``impl="pallas"``."""
+
     def forward(a):
-        return ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], D=a["D"], initial_state=a.get("initial_state"),
-                   segment_ids=seg, chunk_size=chunk, impl="pallas")
+        return ssd(
+            a["x"], a["dt"], a["A"], a["B"], a["C"], D=a["D"], initial_state=a.get("initial_state"), segment_ids=seg, chunk_size=chunk, impl="pallas"
+        )
 
     return jax.jit(forward)
 
@@ -92,16 +105,19 @@ PALLAS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", PALLAS_CASES, ids=[f"b{c[0]}xL{c[1]}h{c[2]}p{c[3]}g{c[4]}n{c[5]}Q{c[6]}"
-                                                    f"{'_init' if c[7] else ''}{'_resets' if c[8] else ''}"
-                                                    for c in PALLAS_CASES])
+@pytest.mark.parametrize(
+    "case",
+    PALLAS_CASES,
+    ids=[f"b{c[0]}xL{c[1]}h{c[2]}p{c[3]}g{c[4]}n{c[5]}Q{c[6]}{'_init' if c[7] else ''}{'_resets' if c[8] else ''}" for c in PALLAS_CASES],
+)
 def test_pallas_default_matches_float64_values_and_float32_gradients(case):
     b, L, h, p, g, n, Q, init, resets = case
     args, exact, seg = problem(b, L, h, p, g, n, dtype=jnp.bfloat16, init=init, resets=resets)
     forward = pallas_forward(seg, Q)
     text = forward.lower(args).as_text()
-    assert ("custom_call @mosaic_gpu" in text) == (not resets), "the Hopper default output kernel is Mosaic GPU " \
-                                                                 "without document ids, Triton with them"
+    assert ("custom_call @mosaic_gpu" in text) == (not resets), (
+        "the Hopper default output kernel is Mosaic GPU without document ids, Triton with them"
+    )
     cot = jnp.asarray(np.random.default_rng(1).standard_normal((b, L, h, p)), jnp.float32)
     y, g_kernel = grads(args, cot, seg, impl="pallas", chunk=Q)
     assert y.dtype == jnp.bfloat16 and y.shape == (b, L, h, p)
@@ -123,9 +139,14 @@ STEPWISE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", STEPWISE_CASES, ids=[f"b{c[0]}xL{c[1]}h{c[2]}_{jnp.dtype(c[6]).name}"
-                                                      f"{'_init' if c[7] else ''}{'_resets' if c[8] else ''}"
-                                                      f"{'_clip' if c[9] is not None else ''}" for c in STEPWISE_CASES])
+@pytest.mark.parametrize(
+    "case",
+    STEPWISE_CASES,
+    ids=[
+        f"b{c[0]}xL{c[1]}h{c[2]}_{jnp.dtype(c[6]).name}{'_init' if c[7] else ''}{'_resets' if c[8] else ''}{'_clip' if c[9] is not None else ''}"
+        for c in STEPWISE_CASES
+    ],
+)
 def test_stepwise_matches_float64_values_and_float32_gradients(case):
     b, L, h, p, g, n, dtype, init, resets, bound = case
     args, exact, seg = problem(b, L, h, p, g, n, dtype=dtype, init=init, resets=resets, seed=2)

@@ -38,7 +38,8 @@ def cache_repo(hub_cache, repo_id: str, files_dir, commit: str = COMMIT) -> None
         os.symlink(os.path.join("..", "..", "blobs", blob), repo / "snapshots" / commit / name)
 
 
-CHILD = r"""
+CHILD = (
+    r"""
 import json, sys
 import numpy as np
 import huggingface_hub, jax
@@ -70,7 +71,9 @@ for name, kwargs in (("absent", {}), ("other-org/mamba2-tiny", {}), ("a/b/c", {}
     except ssm_jax.CheckpointError as e:
         errors[name] = str(e)
 json.dump({"errors": errors, "patterns": calls[0], "calls": len(calls)}, open(out + "/result.json", "w"))
-""" % COMMIT
+"""
+    % COMMIT
+)
 
 
 def test_hub_names_load_from_the_offline_cache(tmp_path):
@@ -81,21 +84,22 @@ def test_hub_names_load_from_the_offline_cache(tmp_path):
     home = tmp_path / "hf_home"
     cache_repo(home / "hub", "tiny-org/mamba2-tiny", tmp_path / "export")
     cache_repo(tmp_path / "other_cache", "other-org/mamba2-tiny", tmp_path / "export")
-    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT,
-           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     env.pop("HF_HUB_CACHE", None)
-    subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), str(tmp_path / "other_cache")], cwd=ROOT, env=env,
-                   check=True, timeout=300)
+    subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), str(tmp_path / "other_cache")], cwd=ROOT, env=env, check=True, timeout=300)
 
-    want = {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
+    want = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
     got = np.load(tmp_path / "params.npz")
     for source in ("main", "commit", "cache_dir"):
         for name, value in want.items():
             np.testing.assert_array_equal(got[f"{source}|{name}"], value)
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["patterns"] == ["config.json", "model.safetensors", "model.safetensors.index.json",
-                                  "model-*-of-*.safetensors"]  # only what a checkpoint needs
+    assert result["patterns"] == [
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "model-*-of-*.safetensors",
+    ]  # only what a checkpoint needs
     errors = result["errors"]
     assert set(errors) == {"absent", "other-org/mamba2-tiny", "a/b/c"}
     for name in ("absent", "other-org/mamba2-tiny"):  # the second is only in the cache_dir cache
@@ -121,8 +125,11 @@ def test_safetensors_reader(tmp_path):
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(0)
-    tensors = {"a": rng.standard_normal((3, 5)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float16),
-               "c": rng.standard_normal((2, 2)).astype(np.float64)}
+    tensors = {
+        "a": rng.standard_normal((3, 5)).astype(np.float32),
+        "b": rng.standard_normal(7).astype(np.float16),
+        "c": rng.standard_normal((2, 2)).astype(np.float64),
+    }
     save_file(tensors, str(tmp_path / "ok.safetensors"))
     got = hub.read_safetensors(str(tmp_path / "ok.safetensors"))
     assert set(got) == set(tensors)
@@ -161,7 +168,7 @@ def test_shard_index_faults(tmp_path):
         ({**weight_map, "c": "model-00002-of-00002.safetensors"}, r"00002-of-00002\.safetensors: lacks 1 tensors .*'c'"),
         ({**weight_map, "c": "../elsewhere.safetensors"}, "is not a file name in the checkpoint directory"),
         ({"a": ["not", "a", "name"]}, "is not a file name"),
-        ({}, "non-empty \"weight_map\""),
+        ({}, 'non-empty "weight_map"'),
     ):
         index.write_text(json.dumps({"weight_map": bad}))
         with pytest.raises(CheckpointError, match=message):

@@ -72,13 +72,14 @@ def test_one_token_calls_of_auto_run_the_recurrence_and_equal_the_chunked_path(i
             logits, cache = inference.step(auto, ids[:, t], cache, mitigation=mitigation)
             np.testing.assert_allclose(np.asarray(logits), want[:, t], rtol=1e-4, atol=2e-5)
     for prompts in (ids[:, :25], [ids[0, :9].tolist(), ids[1, :25].tolist()]):
-        np.testing.assert_array_equal(inference.generate(auto, prompts, 12, chunk_len=8),
-                                      inference.generate(chunked, prompts, 12, chunk_len=8))
+        np.testing.assert_array_equal(inference.generate(auto, prompts, 12, chunk_len=8), inference.generate(chunked, prompts, 12, chunk_len=8))
 
 
-@pytest.mark.parametrize("mitigation", [M.forget_more(), M.dt_scale(0.5), M.state_norm(0.05), M.sliding_window(20),
-                                        M.compose(M.sliding_window(9), M.forget_more())],
-                         ids=["forget_more", "dt_scale", "state_norm", "window", "window+forget"])
+@pytest.mark.parametrize(
+    "mitigation",
+    [M.forget_more(), M.dt_scale(0.5), M.state_norm(0.05), M.sliding_window(20), M.compose(M.sliding_window(9), M.forget_more())],
+    ids=["forget_more", "dt_scale", "state_norm", "window", "window+forget"],
+)
 def test_streaming_with_mitigations_equals_full_recurrent(model, ids, mitigation):
     want = full_logits(model, ids[:, :90], mitigation=mitigation, impl="recurrent")
     for chunk_len in (1, 13):
@@ -109,18 +110,16 @@ def test_top_k_sampling_stays_in_top_k(model, ids):
     prompt = ids[:1, :10]
     last, _ = inference.prefill(model, prompt)
     top3 = set(np.argsort(np.asarray(last[0, : CFG.vocab_size]))[-3:].tolist())
-    firsts = {int(inference.generate(model, prompt, 1, temperature=1.0, top_k=3, rng=jax.random.PRNGKey(s))[0, 0])
-              for s in range(12)}
+    firsts = {int(inference.generate(model, prompt, 1, temperature=1.0, top_k=3, rng=jax.random.PRNGKey(s))[0, 0]) for s in range(12)}
     assert firsts <= top3 and len(firsts) >= 2
     same = [inference.generate(model, prompt, 5, temperature=0.8, rng=jax.random.PRNGKey(7)) for _ in range(2)]
     np.testing.assert_array_equal(same[0], same[1])  # seeded
 
 
 def test_generation_never_samples_padded_vocab(model):
-    logits = jnp.zeros((4, CFG.padded_vocab_size)).at[:, CFG.vocab_size:].set(100.0)
+    logits = jnp.zeros((4, CFG.padded_vocab_size)).at[:, CFG.vocab_size :].set(100.0)
     assert int(inference.sample(logits, jax.random.PRNGKey(0), vocab_size=CFG.vocab_size).max()) < CFG.vocab_size
-    assert int(inference.sample(logits, jax.random.PRNGKey(0), temperature=1.0,
-                                vocab_size=CFG.vocab_size).max()) < CFG.vocab_size
+    assert int(inference.sample(logits, jax.random.PRNGKey(0), temperature=1.0, vocab_size=CFG.vocab_size).max()) < CFG.vocab_size
 
 
 PROMPT_LENGTHS = (5, 13, 1)  # streamed in chunks of 8: the padding spans a chunk boundary
@@ -132,8 +131,7 @@ def one_layer():
     return Mamba2LM(CFG.replace(n_layer=1), rngs=nnx.Rngs(1))
 
 
-@pytest.mark.parametrize("mitigation", [None, M.compose(M.sliding_window(6), M.forget_more())],
-                         ids=["plain", "window+forget"])
+@pytest.mark.parametrize("mitigation", [None, M.compose(M.sliding_window(6), M.forget_more())], ids=["plain", "window+forget"])
 def test_ragged_prompts_equal_each_prompt_alone(one_layer, mitigation):
     """Left padding masked out of the model: each row's state, next-token logits and greedy continuation are
     those of the prompt alone (batch 1, no padding). That the mask matters: test_model's left-padding test."""
@@ -145,13 +143,11 @@ def test_ragged_prompts_equal_each_prompt_alone(one_layer, mitigation):
     logits, cache = inference.prefill(model, prompts, chunk_len=8, mitigation=mitigation)
     generated = inference.generate(model, prompts, 6, chunk_len=8, mitigation=mitigation)
     for i, prompt in enumerate(prompts):
-        alone_logits, alone_cache = inference.prefill(model, jnp.asarray(prompt)[None], chunk_len=8,
-                                                      mitigation=mitigation)
+        alone_logits, alone_cache = inference.prefill(model, jnp.asarray(prompt)[None], chunk_len=8, mitigation=mitigation)
         np.testing.assert_allclose(np.asarray(logits[i]), np.asarray(alone_logits[0]), rtol=1e-5, atol=1e-5)
         for layer, alone in zip(cache, alone_cache):
             np.testing.assert_allclose(np.asarray(layer.conv_state[i]), np.asarray(alone.conv_state[0]), atol=1e-6)
-            np.testing.assert_allclose(np.asarray(layer.ssm_state[i]), np.asarray(alone.ssm_state[0]), rtol=1e-5,
-                                       atol=1e-6)
+            np.testing.assert_allclose(np.asarray(layer.ssm_state[i]), np.asarray(alone.ssm_state[0]), rtol=1e-5, atol=1e-6)
         alone_tokens = inference.generate(model, jnp.asarray(prompt)[None], 6, chunk_len=8, mitigation=mitigation)
         np.testing.assert_array_equal(generated[i], alone_tokens[0])
 
@@ -169,13 +165,11 @@ def test_eos_stops_rows_and_tokens_stream(one_layer):
         want[i, :stop] = row[:stop]
     assert (want == pad).any()
     seen = []
-    streamed = inference.generate(model, prompts, 6, chunk_len=8, eos_token_id=eos, pad_token_id=pad,
-                                  on_token=seen.append)
+    streamed = inference.generate(model, prompts, 6, chunk_len=8, eos_token_id=eos, pad_token_id=pad, on_token=seen.append)
     np.testing.assert_array_equal(streamed, want)
     np.testing.assert_array_equal(np.stack(seen, axis=1), want[:, : len(seen)])
     assert len(seen) == (6 if (want[:, -1] != pad).any() else int((want != pad).sum(1).max()))
-    np.testing.assert_array_equal(
-        inference.generate(model, prompts, 6, chunk_len=8, eos_token_id=eos, pad_token_id=pad), want)
+    np.testing.assert_array_equal(inference.generate(model, prompts, 6, chunk_len=8, eos_token_id=eos, pad_token_id=pad), want)
 
 
 def test_bad_arguments(model, ids):
@@ -187,8 +181,13 @@ def test_bad_arguments(model, ids):
         inference.generate(model, ids, 2, temperature=1.0, top_k=0)
     with pytest.raises(ValueError, match="input_ids"):
         inference.prefill(model, ids[0])
-    for kwargs, name in ((dict(top_p=0.0), "top_p"), (dict(min_p=1.5), "min_p"), (dict(temperature=-1.0), "temperature"),
-                         (dict(eos_token_id=CFG.vocab_size), "eos_token_id"), (dict(pad_token_id=-1), "pad_token_id")):
+    for kwargs, name in (
+        (dict(top_p=0.0), "top_p"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(eos_token_id=CFG.vocab_size), "eos_token_id"),
+        (dict(pad_token_id=-1), "pad_token_id"),
+    ):
         with pytest.raises(ValueError, match=name):
             inference.generate(model, ids, 2, **kwargs)
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
@@ -202,8 +201,12 @@ def test_bad_arguments(model, ids):
 def test_streaming_memory_stays_flat(tmp_path):
     """The benchmark script streams N and 4N tokens in fresh processes; peak memory must not grow."""
     out = tmp_path / "mem.json"
-    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "streaming_memory.py"), "--tiny",
-                    "--tokens", "16384", "--chunk", "512", "--out", str(out)], check=True, cwd=ROOT, timeout=300)
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "streaming_memory.py"), "--tiny", "--tokens", "16384", "--chunk", "512", "--out", str(out)],
+        check=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     summary = json.loads(out.read_text())
     assert summary["results"][1]["tokens"] == 4 * summary["results"][0]["tokens"]
     # Host RSS varies by +-30 MiB between runs (measured ratios 1.01-1.09 for this size); anything that kept

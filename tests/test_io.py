@@ -18,12 +18,16 @@ def _strict(text):
 
 def test_write_json_is_strict(tmp_path):
     path = str(tmp_path / "sub" / "r.json")  # the directory is created
-    obj = {"a": np.float32(1.5), "b": np.arange(3, dtype=np.int64), "c": [np.nan, np.inf, -np.inf, 2.0],
-           "d": {3: np.bool_(True), "e": (np.int32(7), "x")}, "f": None}
+    obj = {
+        "a": np.float32(1.5),
+        "b": np.arange(3, dtype=np.int64),
+        "c": [np.nan, np.inf, -np.inf, 2.0],
+        "d": {3: np.bool_(True), "e": (np.int32(7), "x")},
+        "f": None,
+    }
     assert write_json(path, obj) == path
     back = _strict(open(path).read())
-    assert back == {"a": 1.5, "b": [0, 1, 2], "c": [None, None, None, 2.0], "d": {"3": True, "e": [7, "x"]},
-                    "f": None}
+    assert back == {"a": 1.5, "b": [0, 1, 2], "c": [None, None, None, 2.0], "d": {"3": True, "e": [7, "x"]}, "f": None}
     assert back == jsonable(obj) and os.listdir(tmp_path / "sub") == ["r.json"]  # no temporary file left
 
 

@@ -32,13 +32,19 @@ def test_device_profile_sums_stream_kernels_per_call(tmp_path):
     """The trace reader keeps kernels on device stream threads only (not the derived "XLA Ops" line, not host
     events), sums them per name and call, and splits calls at idle gaps: two calls of kernels a (10 + 12 us),
     b (5 us) with a 3 us launch gap inside each call."""
+
     def x(pid, tid, ts, dur, name):
         return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name}
 
     events = []
     for start in (0.0, 1000.0):
-        events += [x(7, 1, start, 10.0, "a"), x(7, 1, start + 13.0, 5.0, "b"), x(7, 1, start + 18.0, 12.0, "a"),
-                   x(7, 2, start, 30.0, "a"), x(1, 3, start, 50.0, "PjitFunction")]
+        events += [
+            x(7, 1, start, 10.0, "a"),
+            x(7, 1, start + 13.0, 5.0, "b"),
+            x(7, 1, start + 18.0, 12.0, "a"),
+            x(7, 2, start, 30.0, "a"),
+            x(1, 3, start, 50.0, "PjitFunction"),
+        ]
     _write_trace(str(tmp_path), events)
     got = profiling.summarize(profiling.device_events(str(tmp_path)), calls=2, split_gap_us=200.0)
     assert got["calls_seen"] == 2
@@ -47,8 +53,7 @@ def test_device_profile_sums_stream_kernels_per_call(tmp_path):
     per_kernel = {k["name"]: (k["us_per_call"], k["launches_per_call"]) for k in got["kernels"]}
     assert per_kernel == {"a": (22.0, 2.0), "b": (5.0, 1.0)}
     # back to back (no split): one span over both calls
-    assert profiling.summarize(profiling.device_events(str(tmp_path)), calls=2,
-                               split_gap_us=float("inf"))["calls_seen"] == 1
+    assert profiling.summarize(profiling.device_events(str(tmp_path)), calls=2, split_gap_us=float("inf"))["calls_seen"] == 1
 
 
 def test_device_profile_without_device_events_is_a_clear_error(tmp_path):
@@ -58,8 +63,14 @@ def test_device_profile_without_device_events_is_a_clear_error(tmp_path):
 
 
 def _run_script(name, *args, timeout=900):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", name), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -69,8 +80,24 @@ def test_ssd_bench_runs_end_to_end(tmp_path):
     of two (bf16 inputs against the float32 reference: errors of bf16 size)."""
     out = tmp_path / "bench.json"
     configs = json.dumps({"tiles": {"block_t": 32, "bwd_pairs": [4, 2], "output_kernel": "triton"}})
-    _run_script("ssd_bench.py", "--small", "--cases", "smoke", "--impls", "xla,pallas,pallas-fused", "--iters", "1",
-                "--check-heads", "3", "--configs", configs, "--config-cases", "smoke", "--out", str(out))
+    _run_script(
+        "ssd_bench.py",
+        "--small",
+        "--cases",
+        "smoke",
+        "--impls",
+        "xla,pallas,pallas-fused",
+        "--iters",
+        "1",
+        "--check-heads",
+        "3",
+        "--configs",
+        configs,
+        "--config-cases",
+        "smoke",
+        "--out",
+        str(out),
+    )
     result = json.loads(out.read_text())
     rows = result["rows"] + result["variants"]
     assert [r["impl"] for r in rows] == ["xla", "pallas", "pallas-fused", "config:tiles"]

@@ -58,8 +58,19 @@ def _inputs(seed, batch=2, seqlen=77, heads=4, headdim=8, groups=2, state=16, dt
 
 def _loss(impl, seg, cot, cot_state, chunk_size, mitigation=None):
     def f(x, dt, A, B, C, D, initial_state):
-        y, final = ssd(x, dt, A, B, C, D=D, initial_state=initial_state, chunk_size=chunk_size,
-                       segment_ids=None if seg is None else jnp.asarray(seg), mitigation=mitigation, impl=impl)
+        y, final = ssd(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            D=D,
+            initial_state=initial_state,
+            chunk_size=chunk_size,
+            segment_ids=None if seg is None else jnp.asarray(seg),
+            mitigation=mitigation,
+            impl=impl,
+        )
         return jnp.sum(y.astype(cot.dtype) * cot) + jnp.sum(final * cot_state)
 
     return f
@@ -82,8 +93,18 @@ def test_values_match_float64_reference(launcher, seqlen, chunk, segments):
     with jax.enable_x64(dtype == jnp.float64):
         inp, a, seg, _, _ = _inputs(0, seqlen=seqlen, dtype=dtype)
         seg = seg if segments else None
-        y, final = ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], D=a["D"], initial_state=a["initial_state"],
-                       segment_ids=None if seg is None else jnp.asarray(seg), chunk_size=chunk, impl="pallas")
+        y, final = ssd(
+            a["x"],
+            a["dt"],
+            a["A"],
+            a["B"],
+            a["C"],
+            D=a["D"],
+            initial_state=a["initial_state"],
+            segment_ids=None if seg is None else jnp.asarray(seg),
+            chunk_size=chunk,
+            impl="pallas",
+        )
         assert y.dtype == dtype and final.dtype == dtype
     y_ref, final_ref = ssd_reference(**inp, segment_ids=seg)
     assert rel(y, y_ref) < tol
@@ -106,10 +127,14 @@ def test_gradients_match_float64_recurrence(launcher):
             assert rel(g, w) < tol, name
 
 
-@pytest.mark.parametrize("config", [
-    KernelConfig(block_t=32, scan_block=32, state_rows=4, cols_heads=1, state_splits=1),
-    KernelConfig(block_t=64, scan_block=128, cols_heads=4, scan_programs=1),
-], ids=["blocks32_rows4_heads1", "block64_one_step_heads4"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        KernelConfig(block_t=32, scan_block=32, state_rows=4, cols_heads=1, state_splits=1),
+        KernelConfig(block_t=64, scan_block=128, cols_heads=4, scan_programs=1),
+    ],
+    ids=["blocks32_rows4_heads1", "block64_one_step_heads4"],
+)
 def test_gradients_with_other_tile_sizes(config):
     """Tile sizes other than the defaults: several row/column blocks per chunk (block_t=32, chunk 128), state rows
     split over programs, one or several row steps per chunk in the state scan, one head or a whole group per
@@ -191,8 +216,7 @@ def test_extreme_decays_stay_finite_and_exact():
     gradients, with resets and an initial state."""
     with jax.enable_x64(True):
         rng = np.random.default_rng(11)
-        inp = random_ssd_inputs(rng, batch=1, seqlen=140, heads=4, headdim=8, groups=1, state=16,
-                                dt_range=(1e-3, 50.0), A_range=(0.1, 4.0))
+        inp = random_ssd_inputs(rng, batch=1, seqlen=140, heads=4, headdim=8, groups=1, state=16, dt_range=(1e-3, 50.0), A_range=(0.1, 4.0))
         a = {k: jnp.asarray(v, jnp.float64) for k, v in inp.items()}
         doc = document_ids(jnp.asarray(random_segment_ids(rng, 1, 140)), (1, 140))
         cot = jnp.asarray(rng.standard_normal((1, 140, 4, 8)))
@@ -227,8 +251,7 @@ def test_state_norm_values_and_gradients():
 
         def of_bound(config):
             def f(x, log_a, B, m):
-                y, final = ssd_ops.ssd_pallas(x, a["dt"], log_a, B, a["C"], a["initial_state"], None, chunk_size=64,
-                                              max_norm=m, config=config)
+                y, final = ssd_ops.ssd_pallas(x, a["dt"], log_a, B, a["C"], a["initial_state"], None, chunk_size=64, max_norm=m, config=config)
                 return jnp.sum(y * cot) + jnp.sum(final * cot_state)
 
             return f
@@ -249,8 +272,9 @@ def test_sliding_window_uses_the_chunked_path():
     with jax.enable_x64(True):
         inp, a, seg, _, _ = _inputs(4, seqlen=90)
         mit = M.sliding_window(40)
-        y, final = ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], D=a["D"], chunk_size=64, mitigation=mit,
-                       initial_state=a["initial_state"], impl="pallas")
+        y, final = ssd(
+            a["x"], a["dt"], a["A"], a["B"], a["C"], D=a["D"], chunk_size=64, mitigation=mit, initial_state=a["initial_state"], impl="pallas"
+        )
         y_ref, final_ref = ssd_reference(**inp, window=40)
         assert rel(y, y_ref) < 1e-10 and rel(final, final_ref) < 1e-10
 
@@ -295,8 +319,7 @@ def test_bf16_accuracy_against_float32_reference():
 
     (_, y), grads = jax.value_and_grad(loss("pallas"), argnums=range(6), has_aux=True)(x, dt, A, B, C, D)
     f32 = lambda v: v.astype(jnp.float32)
-    (_, y_ref), want = jax.value_and_grad(loss("xla"), argnums=range(6), has_aux=True)(
-        f32(x), dt, A, f32(B), f32(C), D)
+    (_, y_ref), want = jax.value_and_grad(loss("xla"), argnums=range(6), has_aux=True)(f32(x), dt, A, f32(B), f32(C), D)
     assert y.dtype == jnp.bfloat16
     assert rel(f32(y), y_ref) < 3e-3
     for name, gr, w in zip(("x", "dt", "A", "B", "C", "D"), grads, want):
@@ -317,8 +340,22 @@ def _lowered_text(launcher, platform, b, l, h, p=64, g=1, n=128, chunk=256, max_
     D = jax.ShapeDtypeStruct((h,), jnp.float32)
 
     def f(x, dt, la, B, C, h0, doc, D):
-        y, final = ssd_ops.ssd_pallas(x, dt, la, B, C, h0, doc, chunk_size=chunk, D=D, out_dtype=jnp.bfloat16,
-                                      max_norm=max_norm, launcher=launcher, interpret=False, config=config)
+        y, final = ssd_ops.ssd_pallas(
+            x,
+            dt,
+            la,
+            B,
+            C,
+            h0,
+            doc,
+            chunk_size=chunk,
+            D=D,
+            out_dtype=jnp.bfloat16,
+            max_norm=max_norm,
+            launcher=launcher,
+            interpret=False,
+            config=config,
+        )
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(final)
 
     grad = jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4, 5, 7))
@@ -349,8 +386,7 @@ def test_mosaic_output_kernel_through_ssd_pallas():
     programs, 3 chunks in runs of 1), bf16 inputs against the float32 chunked reference (relative error <= 5e-3:
     bf16 operands and output); gradients (Triton backward kernels) against the reference's (<= 1e-2); with document
     ids the Triton output kernel runs."""
-    _, a, seg, cot, cot_state = _inputs(13, batch=2, seqlen=64 * 3 - 7, heads=2, headdim=64, groups=1, state=64,
-                                        dtype=jnp.bfloat16)
+    _, a, seg, cot, cot_state = _inputs(13, batch=2, seqlen=64 * 3 - 7, heads=2, headdim=64, groups=1, state=64, dtype=jnp.bfloat16)
     args = (a["x"], a["dt"], a["dt"] * a["A"], a["B"], a["C"], a["initial_state"])
     f32 = tuple(v.astype(jnp.float32) for v in args)
     config = KernelConfig(output_kernel="mosaic")
@@ -390,8 +426,20 @@ def test_mosaic_output_kernel_lowers_for_cuda():
     dt = jax.ShapeDtypeStruct((2, 16384, 32), jnp.float32)
 
     def f(x, dt, la, B, C):
-        return ssd_ops.ssd_pallas(x, dt, la, B, C, None, None, chunk_size=256, out_dtype=jnp.bfloat16,
-                                  launcher="gpu", interpret=False, config=KernelConfig(output_kernel="mosaic"))[0]
+        return ssd_ops.ssd_pallas(
+            x,
+            dt,
+            la,
+            B,
+            C,
+            None,
+            None,
+            chunk_size=256,
+            out_dtype=jnp.bfloat16,
+            launcher="gpu",
+            interpret=False,
+            config=KernelConfig(output_kernel="mosaic"),
+        )[0]
 
     text = jax.jit(f).trace(x, dt, dt, bc, bc).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 1 and "__gpu$xla.gpu.triton" in text
@@ -419,17 +467,19 @@ def test_bad_chunk_size_is_a_clear_error(chunk):
 def test_bad_launcher_is_a_clear_error():
     _, a, _, _, _ = _inputs(7, seqlen=40, dtype=jnp.float32)
     with pytest.raises(ValueError, match="launcher must be one of"):
-        ssd_ops.ssd_pallas(a["x"], a["dt"], a["dt"] * a["A"], a["B"], a["C"], None, None, chunk_size=64,
-                           launcher="cuda")
+        ssd_ops.ssd_pallas(a["x"], a["dt"], a["dt"] * a["A"], a["B"], a["C"], None, None, chunk_size=64, launcher="cuda")
 
 
-@pytest.mark.parametrize("config,field", [
-    (KernelConfig(block_t=48), "block_t"),  # does not divide the chunk
-    (KernelConfig(block_t=8), "block_t"),  # compiled: below Triton's 16
-    (KernelConfig(scan_programs=0), "scan_programs"),
-    (KernelConfig(output_kernel="cuda"), "output_kernel"),
-    (KernelConfig(bwd_pairs=(8, 3)), "bwd_pairs"),
-])
+@pytest.mark.parametrize(
+    "config,field",
+    [
+        (KernelConfig(block_t=48), "block_t"),  # does not divide the chunk
+        (KernelConfig(block_t=8), "block_t"),  # compiled: below Triton's 16
+        (KernelConfig(scan_programs=0), "scan_programs"),
+        (KernelConfig(output_kernel="cuda"), "output_kernel"),
+        (KernelConfig(bwd_pairs=(8, 3)), "bwd_pairs"),
+    ],
+)
 def test_bad_kernel_config_names_the_field(config, field):
     with pytest.raises(ValueError, match=f"KernelConfig.{field}"):
         config.check(64, compiled=True)
@@ -448,10 +498,21 @@ def test_kernel_config_defaults_are_the_shipped_ones(monkeypatch):
     monkeypatch.setattr(ssd_ops, "make_plan", spy)
     ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], chunk_size=64, impl="pallas")
     assert seen == [KernelConfig()]
-    assert KernelConfig() == KernelConfig(block_t=64, state_rows=64, scan_block=64, scan_programs=256, cols_heads=2,
-                                          state_splits=2, output_kernel="auto", prologue=Launch(4, 2),
-                                          scan=Launch(4, 3), output=Launch(4, 1), bwd_cols=Launch(4, 1),
-                                          bwd_pairs=Launch(8, 3), bwd_group_rows=Launch(4, 3))
+    assert KernelConfig() == KernelConfig(
+        block_t=64,
+        state_rows=64,
+        scan_block=64,
+        scan_programs=256,
+        cols_heads=2,
+        state_splits=2,
+        output_kernel="auto",
+        prologue=Launch(4, 2),
+        scan=Launch(4, 3),
+        output=Launch(4, 1),
+        bwd_cols=Launch(4, 1),
+        bwd_pairs=Launch(8, 3),
+        bwd_group_rows=Launch(4, 3),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,8 +526,7 @@ def test_small_sizes_run_forward_and_backward_in_interpret_mode():
     with jax.enable_x64(True):
         inp, a, seg, cot, cot_state = _inputs(9, seqlen=45, headdim=8, state=8)
         args = tuple(a[k] for k in ARGS)
-        y, final = ssd(*args[:5], D=args[5], initial_state=args[6], segment_ids=jnp.asarray(seg), chunk_size=64,
-                       impl="pallas")
+        y, final = ssd(*args[:5], D=args[5], initial_state=args[6], segment_ids=jnp.asarray(seg), chunk_size=64, impl="pallas")
         y_ref, final_ref = ssd_reference(**inp, segment_ids=seg)
         assert rel(y, y_ref) < 1e-10 and rel(final, final_ref) < 1e-10
         grads = jax.grad(_loss("pallas", seg, cot, cot_state, 64), argnums=range(7))(*args)
@@ -478,12 +538,15 @@ def test_small_sizes_run_forward_and_backward_in_interpret_mode():
 COMPILED_GPU = support.Target("gpu", False)
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(state=8), r"state \(B.shape\[3\]\) must be a power of two >= 16 .*got 8"),
-    (dict(headdim=24), r"headdim \(x.shape\[3\]\) must be a power of two >= 16 .*got 24"),
-    (dict(chunk=100), r"chunk_size must be one of \(64, 128, 256\)"),
-    (dict(dtype=jnp.float64), r"x, B and C must be one of \('bfloat16', 'float16', 'float32'\)"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(state=8), r"state \(B.shape\[3\]\) must be a power of two >= 16 .*got 8"),
+        (dict(headdim=24), r"headdim \(x.shape\[3\]\) must be a power of two >= 16 .*got 24"),
+        (dict(chunk=100), r"chunk_size must be one of \(64, 128, 256\)"),
+        (dict(dtype=jnp.float64), r"x, B and C must be one of \('bfloat16', 'float16', 'float32'\)"),
+    ],
+)
 def test_compiled_kernels_refuse_unsupported_calls_up_front(monkeypatch, change, match):
     """On a GPU (the compiled target; patched here) ``ssd(impl="pallas")`` refuses every size the kernels do not
     take before running anything (``d_state=8`` used to run forward and die in the backward pass), naming the
@@ -493,12 +556,10 @@ def test_compiled_kernels_refuse_unsupported_calls_up_front(monkeypatch, change,
     sizes = dict(headdim=64, state=64, chunk=64, dtype=jnp.float32)
     sizes.update(change)
     with jax.enable_x64(sizes["dtype"] == jnp.float64):
-        _, a, _, _, _ = _inputs(10, seqlen=20, heads=2, headdim=sizes["headdim"], groups=1, state=sizes["state"],
-                                dtype=sizes["dtype"])
+        _, a, _, _, _ = _inputs(10, seqlen=20, heads=2, headdim=sizes["headdim"], groups=1, state=sizes["state"], dtype=sizes["dtype"])
         with pytest.raises(ValueError, match=r"ssd\(impl='pallas'\): " + match):
             ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], chunk_size=sizes["chunk"], impl="pallas")
-    auto = resolve_impl("auto", headdim=sizes["headdim"], state=sizes["state"], chunk_size=sizes["chunk"],
-                        dtype=sizes["dtype"])
+    auto = resolve_impl("auto", headdim=sizes["headdim"], state=sizes["state"], chunk_size=sizes["chunk"], dtype=sizes["dtype"])
     assert auto == "xla"
     assert resolve_impl("auto", headdim=64, state=64, chunk_size=64, dtype=jnp.bfloat16) == "pallas"
 
@@ -561,9 +622,12 @@ def test_kernels_import_from_an_uninstalled_checkout(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in ("ssm_jax", "kernels"):
         shutil.copytree(os.path.join(root, name), tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    code = ("import ssm_jax, ssm_jax.kernels; from ssm_jax.kernels import ssd_ops; "
-            "print(ssm_jax.__file__); print(ssm_jax.kernels.__file__); print(ssd_ops.__file__)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    code = (
+        "import ssm_jax, ssm_jax.kernels; from ssm_jax.kernels import ssd_ops; "
+        "print(ssm_jax.__file__); print(ssm_jax.kernels.__file__); print(ssd_ops.__file__)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu")
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert all(line.startswith(str(tmp_path)) for line in proc.stdout.split()), proc.stdout

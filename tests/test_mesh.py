@@ -46,8 +46,12 @@ def test_partition_rules_shard_big_matrices_and_replicate_vectors():
     # Big-enough threshold: small arrays stay replicated.
     assert mesh_lib.tree_partition_specs(abstract.params, mesh, min_fsdp_size=10**6)["embedding"] == P()
     # Optimiser moments follow their parameters (the rules match the path suffix).
-    flat = {mesh_lib.path_to_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(
-        mesh_lib.tree_partition_specs(abstract.opt_state, mesh, min_fsdp_size=0), is_leaf=lambda x: isinstance(x, P))}
+    flat = {
+        mesh_lib.path_to_str(p): s
+        for p, s in jax.tree_util.tree_leaves_with_path(
+            mesh_lib.tree_partition_specs(abstract.opt_state, mesh, min_fsdp_size=0), is_leaf=lambda x: isinstance(x, P)
+        )
+    }
     mu = [v for k, v in flat.items() if k.endswith("mu/layers/0/mixer/in_proj/kernel")]
     assert mu == [P(None, "fsdp")]
     assert all(v == P() for k, v in flat.items() if k.endswith("count"))
@@ -66,9 +70,11 @@ def _run_steps(mesh, batches, *, grad_accum_steps=1):
     shardings = train_lib.state_shardings(abstract, mesh, min_fsdp_size=0)
     state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
     graphdef, _ = train_lib.abstract_model(CFG)
-    step = jax.jit(train_lib.make_train_step(graphdef, opt, schedule=opt_schedule, grad_accum_steps=grad_accum_steps,
-                                             mesh=mesh),
-                   in_shardings=(shardings, None), out_shardings=(shardings, None))
+    step = jax.jit(
+        train_lib.make_train_step(graphdef, opt, schedule=opt_schedule, grad_accum_steps=grad_accum_steps, mesh=mesh),
+        in_shardings=(shardings, None),
+        out_shardings=(shardings, None),
+    )
     losses = []
     for b in batches:
         state, m = step(state, train_lib._global_batch(b, mesh))
@@ -82,13 +88,15 @@ def test_sharded_steps_equal_single_device():
     batches = []
     for _ in range(2):
         b, l = 8, 32
-        batches.append({
-            "inputs": rng.integers(0, 257, (b, l)).astype(np.int32),
-            "targets": rng.integers(0, 257, (b, l)).astype(np.int32),
-            "segment_ids": np.cumsum(rng.random((b, l)) < 0.05, axis=1).astype(np.int32),
-            "loss_mask": np.ones((b, l), np.float32),
-            "is_continuation": np.zeros((b,), np.int32),
-        })
+        batches.append(
+            {
+                "inputs": rng.integers(0, 257, (b, l)).astype(np.int32),
+                "targets": rng.integers(0, 257, (b, l)).astype(np.int32),
+                "segment_ids": np.cumsum(rng.random((b, l)) < 0.05, axis=1).astype(np.int32),
+                "loss_mask": np.ones((b, l), np.float32),
+                "is_continuation": np.zeros((b,), np.int32),
+            }
+        )
     ref_state, ref_losses = _run_steps(mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1]), batches)
     for data, fsdp, seq in ((2, 4, 1), (8, 1, 1), (2, 1, 4)):  # last: sequence parallelism over 4 devices
         mesh = mesh_lib.make_mesh(data, fsdp, seq)
@@ -107,10 +115,19 @@ def _free_port():
 
 
 def _train_cmd(workdir, *extra):
-    return [sys.executable, os.path.join(REPO, "train.py"), f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
-            f"--workdir={workdir}", "--config.data.mode=stream", "--config.train.tbptt=True",
-            "--config.train.num_steps=6", "--config.checkpoint.every_steps=3", "--config.eval.every_steps=0",
-            "--config.train.batch_size=4", *extra]
+    return [
+        sys.executable,
+        os.path.join(REPO, "train.py"),
+        f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
+        f"--workdir={workdir}",
+        "--config.data.mode=stream",
+        "--config.train.tbptt=True",
+        "--config.train.num_steps=6",
+        "--config.checkpoint.every_steps=3",
+        "--config.eval.every_steps=0",
+        "--config.train.batch_size=4",
+        *extra,
+    ]
 
 
 def _env(devices):
@@ -137,11 +154,21 @@ def test_two_processes_match_one_process(tmp_path):
         logs = [open(tmp_path / f"log{i}.txt", "w+") for i in range(2)]
         procs = [
             subprocess.Popen(
-                _train_cmd(multi, "--config.distributed.enabled=True",
-                           f"--config.distributed.coordinator_address=localhost:{port}",
-                           "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-                           "--config.distributed.cpu_collectives=gloo", "--config.distributed.num_cpu_devices=1"),
-                env=_env(1), stdout=logs[i], stderr=subprocess.STDOUT, text=True, cwd=REPO)
+                _train_cmd(
+                    multi,
+                    "--config.distributed.enabled=True",
+                    f"--config.distributed.coordinator_address=localhost:{port}",
+                    "--config.distributed.num_processes=2",
+                    f"--config.distributed.process_id={i}",
+                    "--config.distributed.cpu_collectives=gloo",
+                    "--config.distributed.num_cpu_devices=1",
+                ),
+                env=_env(1),
+                stdout=logs[i],
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd=REPO,
+            )
             for i in range(2)
         ]
         try:
@@ -164,8 +191,7 @@ def test_two_processes_match_one_process(tmp_path):
     for s in want:
         assert abs(got[s] - want[s]) < 1e-5, (s, got[s], want[s])
     data_dir = os.path.join(multi, "checkpoints", "6", "data")
-    assert sorted(f for f in os.listdir(data_dir) if f.endswith(".json")) == ["process_0-of-2.json",
-                                                                               "process_1-of-2.json"]
+    assert sorted(f for f in os.listdir(data_dir) if f.endswith(".json")) == ["process_0-of-2.json", "process_1-of-2.json"]
 
     # Restore across hosts: drop the final checkpoint and the log, rerun, compare steps 4..6.
     import shutil

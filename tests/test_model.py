@@ -29,19 +29,32 @@ def test_config_derived_sizes_match_public_130m():
     assert cfg.state_size == 24 * 24 * 64 * 128
 
 
-@pytest.mark.parametrize("change,field", [
-    (dict(d_model=0), "d_model"), (dict(headdim=48), "headdim"), (dict(ngroups=5), "ngroups"),
-    (dict(dtype="int8"), "dtype"), (dict(ssd_impl="cuda"), "ssd_impl"), (dict(dt_min=0.5, dt_max=0.1), "dt_min"),
-    (dict(d_ssm=12), "d_ssm"), (dict(d_ssm=128), "d_ssm"), (dict(D_has_hdim=1), "D_has_hdim"),
-    (dict(norm_before_gate="yes"), "norm_before_gate"), (dict(remat="sometimes"), "remat"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (dict(d_model=0), "d_model"),
+        (dict(headdim=48), "headdim"),
+        (dict(ngroups=5), "ngroups"),
+        (dict(dtype="int8"), "dtype"),
+        (dict(ssd_impl="cuda"), "ssd_impl"),
+        (dict(dt_min=0.5, dt_max=0.1), "dt_min"),
+        (dict(d_ssm=12), "d_ssm"),
+        (dict(d_ssm=128), "d_ssm"),
+        (dict(D_has_hdim=1), "D_has_hdim"),
+        (dict(norm_before_gate="yes"), "norm_before_gate"),
+        (dict(remat="sometimes"), "remat"),
+    ],
+)
 def test_config_rejects_bad_values(change, field):
     with pytest.raises(ValueError, match=field):
         Mamba2Config(**{**TINY, **change})
 
 
-@pytest.mark.parametrize("form", ["bfloat16", jnp.bfloat16, np.dtype(jnp.bfloat16), np.dtype("float16"), np.float16,
-                                  jnp.float32], ids=["str", "jnp", "np.dtype-bf16", "np.dtype-f16", "np-type", "jnp-f32"])
+@pytest.mark.parametrize(
+    "form",
+    ["bfloat16", jnp.bfloat16, np.dtype(jnp.bfloat16), np.dtype("float16"), np.float16, jnp.float32],
+    ids=["str", "jnp", "np.dtype-bf16", "np.dtype-f16", "np-type", "jnp-f32"],
+)
 def test_dtype_forms_are_stored_by_name(form):
     cfg = Mamba2Config(**TINY, dtype=form, param_dtype=form)
     assert cfg.dtype == cfg.param_dtype == np.dtype(form).name

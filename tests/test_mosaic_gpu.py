@@ -54,9 +54,10 @@ def make_inputs(b, L, h, p, g, n, Q, seed=0) -> dict:
     bf16 = lambda k, shape, scale=1.0: (jax.random.normal(k, shape, jnp.float32) * scale).astype(jnp.bfloat16)
     return dict(
         x=bf16(ks[0], (b, L, h, p)),  # (batch, seqlen, heads, headdim)
-        B=bf16(ks[1], (b, L, g, n), n ** -0.5),  # (batch, seqlen, groups, state)
+        B=bf16(ks[1], (b, L, g, n), n**-0.5),  # (batch, seqlen, groups, state)
         C=bf16(ks[2], (b, L, g, n)),
-        cs=cs, w=w,
+        cs=cs,
+        w=w,
         states=bf16(ks[5], (b, h, L // Q, p, n)),  # (batch, heads, chunks, headdim, state)
         D=jax.random.normal(ks[6], (h,), jnp.float32),
     )
@@ -80,8 +81,7 @@ def reference(x, B, C, cs, w, states, D, Q):
             decay = jnp.where(jnp.tril(jnp.ones((Q, Q), bool)), jnp.exp(jnp.minimum(seg, 0.0)), 0.0)
             M = jnp.einsum("btn,bsn->bts", Ct, Bs, precision=hi) * decay * ws[:, None, :]
             y = jnp.einsum("bts,bsp->btp", M, xs, precision=hi)
-            y += jnp.exp(cst)[..., None] * jnp.einsum("btn,bpn->btp", Ct, states[:, hh, c].astype(jnp.float32),
-                                                      precision=hi)
+            y += jnp.exp(cst)[..., None] * jnp.einsum("btn,bpn->btp", Ct, states[:, hh, c].astype(jnp.float32), precision=hi)
             if D is not None:
                 y += D[hh] * xs
             heads.append(y)
@@ -123,9 +123,16 @@ def _lowered_text(shape, Q, out_dtype, with_D) -> str:
     nc = L // Q
     plan = _plan(Q, interpret=False)
     S = jax.ShapeDtypeStruct
-    args = (S((b, L, h, p), jnp.bfloat16), S((b, L, g, n), jnp.bfloat16), S((b, L, g, n), jnp.bfloat16),
-            S((b, h, L), jnp.float32), S((b, h, L), jnp.float32), S((b, h, nc, p, n), jnp.bfloat16),
-            S((h,), jnp.float32) if with_D else None, S((b, nc, g, Q, Q), jnp.bfloat16))
+    args = (
+        S((b, L, h, p), jnp.bfloat16),
+        S((b, L, g, n), jnp.bfloat16),
+        S((b, L, g, n), jnp.bfloat16),
+        S((b, h, L), jnp.float32),
+        S((b, h, L), jnp.float32),
+        S((b, h, nc, p, n), jnp.bfloat16),
+        S((h,), jnp.float32) if with_D else None,
+        S((b, nc, g, Q, Q), jnp.bfloat16),
+    )
 
     def f(x, B, C, cs, w, st, D, cb):
         return ssd_mosaic_gpu.output(plan, x, B, C, cs, w, st, None, D, out_dtype, cb)
@@ -133,8 +140,10 @@ def _lowered_text(shape, Q, out_dtype, with_D) -> str:
     return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-LOWER_CASES = [((8, 4096, 32, 64, 1, 128), 256, jnp.bfloat16, True),  # the benchmark shape
-               ((3, 192, 6, 128, 3, 64), 64, jnp.float32, False)]  # small, odd batch/heads/groups
+LOWER_CASES = [
+    ((8, 4096, 32, 64, 1, 128), 256, jnp.bfloat16, True),  # the benchmark shape
+    ((3, 192, 6, 128, 3, 64), 64, jnp.float32, False),
+]  # small, odd batch/heads/groups
 
 
 @pytest.mark.parametrize("shape,Q,out_dtype,with_D", LOWER_CASES)
@@ -143,15 +152,18 @@ def test_lowers_for_cuda(shape, Q, out_dtype, with_D):
     assert "custom_call @mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(doc=True), "doc"),
-    (dict(Q=32), "the chunk must be one of"),
-    (dict(p=32), "headdim"),
-    (dict(n=256), "state size"),
-    (dict(out_dtype=jnp.float16), "out_dtype"),
-    (dict(g=3), "groups"),
-    (dict(x_dtype=jnp.float32), "x must be bfloat16"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(doc=True), "doc"),
+        (dict(Q=32), "the chunk must be one of"),
+        (dict(p=32), "headdim"),
+        (dict(n=256), "state size"),
+        (dict(out_dtype=jnp.float16), "out_dtype"),
+        (dict(g=3), "groups"),
+        (dict(x_dtype=jnp.float32), "x must be bfloat16"),
+    ],
+)
 def test_rejects_unsupported(change, match):
     b, L, h, p, g, n, Q = 1, 256, 4, change.get("p", 64), change.get("g", 1), change.get("n", 64), change.get("Q", 64)
     plan = dataclasses.replace(_plan(64, interpret=True), chunk=Q)
@@ -160,9 +172,19 @@ def test_rejects_unsupported(change, match):
     BC = S((b, L, g, n), jnp.bfloat16)
     doc = S((b, L), jnp.int32) if change.get("doc") else None
     with pytest.raises(ValueError, match=match):
-        ssd_mosaic_gpu.output(plan, x, BC, BC, S((b, h, L), jnp.float32), S((b, h, L), jnp.float32),
-                              S((b, h, L // Q, p, n), jnp.bfloat16), doc, None,
-                              change.get("out_dtype", jnp.float32), S((b, L // Q, g, Q, Q), jnp.bfloat16))
+        ssd_mosaic_gpu.output(
+            plan,
+            x,
+            BC,
+            BC,
+            S((b, h, L), jnp.float32),
+            S((b, h, L), jnp.float32),
+            S((b, h, L // Q, p, n), jnp.bfloat16),
+            doc,
+            None,
+            change.get("out_dtype", jnp.float32),
+            S((b, L // Q, g, Q, Q), jnp.bfloat16),
+        )
 
 
 def test_benchmark_smoke(tmp_path):
@@ -170,9 +192,14 @@ def test_benchmark_smoke(tmp_path):
     with the float32 reference."""
     _interpreter_or_skip()
     out = tmp_path / "smoke.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "mosaic_bench.py"), "--smoke", "--out",
-                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "mosaic_bench.py"), "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["triton", "mosaic"]

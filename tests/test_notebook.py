@@ -16,8 +16,7 @@ def test_state_collapse_notebook_executes(tmp_path):
     env_repo = os.environ.get("SSM_JAX_REPO")
     os.environ["SSM_JAX_REPO"] = ROOT
     try:
-        client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                         resources={"metadata": {"path": str(tmp_path)}})
+        client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
         client.execute()
     finally:
         if env_repo is None:

@@ -92,8 +92,7 @@ def test_sustained_state_norm_drift_grows_with_state_size(study, text):
     runs = runs_by_name(study)
     drift = {n: runs[n]["states"]["max_sustained_growth"] for n in ("s_T128", "m_T128", "l_T128")}
     assert drift["s_T128"] < drift["m_T128"] < drift["l_T128"]
-    assert (f"{drift['s_T128']:.2f}x (s, 0.26M) -> {drift['m_T128']:.2f}x (m, 0.79M) -> "
-            f"{drift['l_T128']:.2f}x (l, 1.57M)") in text
+    assert (f"{drift['s_T128']:.2f}x (s, 0.26M) -> {drift['m_T128']:.2f}x (m, 0.79M) -> {drift['l_T128']:.2f}x (l, 1.57M)") in text
     m_long = runs["m_T2048"]["states"]["max_sustained_growth"]
     assert m_long < drift["m_T128"]
     assert f"(m: {drift['m_T128']:.2f}x at 128 -> {m_long:.2f}x at 2048)" in text
@@ -108,8 +107,7 @@ def test_cost_of_a_short_training_length_and_the_mitigations(study, text):
     s, m, l = (excess[n] for n in ("s_T128", "m_T128", "l_T128"))
     assert s["reference_run"] == "s_T2048" and m["reference_run"] == "m_T2048" and l["reference_run"] == "l_T512"
     assert 0 < s["none"] < m["none"] and s["none"] < l["none"]
-    assert (f"by {s['none']:.3f} nats/byte (s), {m['none']:.3f} (m) and {l['none']:.3f} (l, against "
-            "T_train = 512)") in text
+    assert (f"by {s['none']:.3f} nats/byte (s), {m['none']:.3f} (m) and {l['none']:.3f} (l, against T_train = 512)") in text
     assert m["forget_more"] < m["none"] and l["forget_more"] < 0 < l["none"]
     assert f"({m['none']:.3f} -> {m['forget_more']:.3f})" in text
     assert f"({l['none']:.3f} -> {l['forget_more']:.3f})" in text
@@ -143,9 +141,15 @@ def test_study_driver_end_to_end(tmp_path):
     """run (train.py + eval.py per job) -> gather -> report -> plot on a tiny model, on this CPU."""
     study_module = _load_study_module()
     root = str(tmp_path / "collapse")
-    tiny = ["--config.model.d_model=64", "--config.model.n_layer=1", "--config.model.dtype=float32",
-            "--config.data.corpus=tiny", "--config.eval.num_batches=1", "--config.eval.batch_size=8",
-            "--config.train.batch_size=16"]  # after the driver's own flags, so these win
+    tiny = [
+        "--config.model.d_model=64",
+        "--config.model.n_layer=1",
+        "--config.model.dtype=float32",
+        "--config.data.corpus=tiny",
+        "--config.eval.num_batches=1",
+        "--config.eval.batch_size=8",
+        "--config.train.batch_size=16",
+    ]  # after the driver's own flags, so these win
     status = study_module.run_jobs(["s"], [32], root, parallel=1, deadline_s=600, steps=3, extra_train=tiny)
     log = open(os.path.join(root, "s_T32", "job.log")).read()
     assert status["s_T32"]["rc"] == 0, log[-3000:]
@@ -196,8 +200,7 @@ SC_DIR = os.path.join(ROOT, "docs", "results", "state_collapse")
 
 
 def _load_report_module():
-    spec = importlib.util.spec_from_file_location(
-        "state_collapse_report", os.path.join(ROOT, "experiments", "state_collapse_report.py"))
+    spec = importlib.util.spec_from_file_location("state_collapse_report", os.path.join(ROOT, "experiments", "state_collapse_report.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -253,8 +256,12 @@ def test_state_collapse_figures_and_commands(text):
     for png in re.findall(r"\((results/state_collapse/[\w.]+\.png)\)", text):
         assert os.path.getsize(os.path.join(ROOT, "docs", png)) > 10_000, png
     assert len(re.findall(r"results/state_collapse/[\w.]+\.png", text)) >= 3
-    for path in ("experiments/state_collapse.py", "configs/proj/state_collapse/train.py",
-                 "configs/proj/state_collapse/eval.py", "ssm_jax.data.linux_corpus"):
+    for path in (
+        "experiments/state_collapse.py",
+        "configs/proj/state_collapse/train.py",
+        "configs/proj/state_collapse/eval.py",
+        "ssm_jax.data.linux_corpus",
+    ):
         assert path in text
 
 
@@ -318,10 +325,12 @@ def test_state_collapse_claims(sc_summary, flat):
     # the evaluations the second session's deadline cut, run by hand after it: in the data, not in the status
     with open(os.path.join(SC_DIR, "status.json")) as f:
         jobs = json.load(f)["jobs"]
-    by_hand = {"eval_history_47m_T256_step2160": ("47m_T256", "eval_history/step_2160"),
-               "eval_history_47m_T256_step2520": ("47m_T256", "eval_history/step_2520"),
-               "eval_history_47m_T4096_step2016": ("47m_T4096", "eval_history/step_2016"),
-               "eval_extra_47m_T256": ("47m_T256", "eval_extra")}
+    by_hand = {
+        "eval_history_47m_T256_step2160": ("47m_T256", "eval_history/step_2160"),
+        "eval_history_47m_T256_step2520": ("47m_T256", "eval_history/step_2520"),
+        "eval_history_47m_T4096_step2016": ("47m_T4096", "eval_history/step_2016"),
+        "eval_extra_47m_T256": ("47m_T256", "eval_extra"),
+    }
     for job, (run, sub) in by_hand.items():
         assert jobs[job]["rc"] != 0 and os.path.isfile(os.path.join(SC_DIR, run, sub, "loss_vs_position_fine.npz"))
     assert "cut four evaluations (47m_T256 at steps 2,160 and 2,520 and on other text, 47m_T4096 at step 2,016)" in flat
@@ -344,8 +353,10 @@ def test_state_collapse_third_session_claims(sc_summary, flat):
     earlier = [h["documents/none"]["max_ratio"] for h in short["history"][:-1]]
     assert f"({min(earlier):.2f}-{max(earlier):.2f} in the shorter run)" in flat
     ret = [(h["states"]["retention_1x"]["max"], h["step"]) for h in hist if "states" in h]
-    assert f"peaks at {max(ret)[0]:.3f} (step {max(ret)[1]:,}; " \
-           f"{max(h['states']['retention_1x']['max'] for h in short['history']):.3f} in the shorter run)" in flat
+    assert (
+        f"peaks at {max(ret)[0]:.3f} (step {max(ret)[1]:,}; "
+        f"{max(h['states']['retention_1x']['max'] for h in short['history']):.3f} in the shorter run)" in flat
+    )
     assert f"at steps 640 to 3,840 (up to {3840 * 65536 / 1e6:.0f}M tokens)" in flat
     assert f"reached step {long['steps']:,} ({long['tokens'] / 1e6:.0f}M tokens)" in flat
     assert f"(`47m_T256_long`, {_last_train_record('47m_T256_long')['tokens_per_s'] / 1e3:.0f}K tokens/s)" in flat
@@ -362,8 +373,9 @@ def test_state_collapse_third_session_claims(sc_summary, flat):
     r16 = np.asarray(states["retention"]["16x"]["retention"])
     layer, head = np.unravel_index(r1.argmax(), r1.shape)
     assert (layer, head) == np.unravel_index(r16.argmax(), r16.shape) == tuple(states["most_grown_head"])
-    assert f"(layer {layer}, head {head}, from 0) that keeps {r1.max():.3f} of the first token at t = T_train and " \
-           f"{r16.max():.3f} at 16x T_train" in flat
+    assert (
+        f"(layer {layer}, head {head}, from 0) that keeps {r1.max():.3f} of the first token at t = T_train and {r16.max():.3f} at 16x T_train" in flat
+    )
     assert f"second half of a {states['length']:,}-token stream is {states['max_sustained_norm_growth']:.1f}x" in flat
     assert states["length"] == 16 * 256
     assert f"{big['state_size'] / long['state_size']:.1f}x the state" in flat
@@ -379,8 +391,10 @@ def test_retention_per_head_claims(flat):
     report = _load_report_module()
 
     def per_head(run):
-        return [(step, np.asarray(report.read_json(os.path.join(d, "states.json"))["retention"]["1x"]["retention"]))
-                for step, d in report.evaluated_checkpoints(os.path.join(SC_DIR, run))]  # (layers, heads) each
+        return [
+            (step, np.asarray(report.read_json(os.path.join(d, "states.json"))["retention"]["1x"]["retention"]))
+            for step, d in report.evaluated_checkpoints(os.path.join(SC_DIR, run))
+        ]  # (layers, heads) each
 
     short = [int((r > 0.05).sum()) for _, r in per_head("47m_T256")]
     assert len(short) == 8 and f"At T_train 256, {min(short)} to {max(short)} of the 192 heads keep more than 0.05" in flat
@@ -388,7 +402,7 @@ def test_retention_per_head_claims(flat):
     assert f"at 4,096 at most {max(int((r > 0.05).sum()) for _, r in long)} do" in flat
     from_step = next(step for step, r in long if r.max() > 0.05)
     argmaxes = {np.unravel_index(r.argmax(), r.shape) for step, r in long if step >= from_step}
-    (layer, _), = argmaxes
+    ((layer, _),) = argmaxes
     assert f"from step {from_step} on the largest is always the same head of layer {layer}" in flat
     assert os.path.getsize(os.path.join(SC_DIR, "retention_heads.png")) > 10_000
 

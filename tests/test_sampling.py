@@ -28,15 +28,26 @@ def top_p_by_definition(probs, p):
     return kept
 
 
-@pytest.mark.parametrize("kwargs,want", [
-    (dict(top_k=1), {1}), (dict(top_k=2), {1, 3}), (dict(top_k=5), {0, 1, 2, 3, 4}),
-    (dict(top_p=0.35), {1}), (dict(top_p=0.6), {1, 3}), (dict(top_p=0.75), {1, 3, 4}), (dict(top_p=0.9), {1, 2, 3, 4}),
-    (dict(top_p=1.0), {0, 1, 2, 3, 4}),
-    (dict(min_p=0.3), {1, 3, 4}), (dict(min_p=0.5), {1, 3}), (dict(min_p=0.0), {0, 1, 2, 3, 4}), (dict(min_p=1.0), {1}),
-    (dict(top_k=3, top_p=0.6), {1, 3}),  # top-p on what top-k kept, renormalised: 0.4/0.85 < 0.6 <= 0.7/0.85
-    (dict(top_k=3, top_p=0.5), {1, 3}),  # 0.4 / 0.85 = 0.47 < 0.5: the second token is needed
-    (dict(top_p=0.9, min_p=0.3), {1, 3, 4}),
-])
+@pytest.mark.parametrize(
+    "kwargs,want",
+    [
+        (dict(top_k=1), {1}),
+        (dict(top_k=2), {1, 3}),
+        (dict(top_k=5), {0, 1, 2, 3, 4}),
+        (dict(top_p=0.35), {1}),
+        (dict(top_p=0.6), {1, 3}),
+        (dict(top_p=0.75), {1, 3, 4}),
+        (dict(top_p=0.9), {1, 2, 3, 4}),
+        (dict(top_p=1.0), {0, 1, 2, 3, 4}),
+        (dict(min_p=0.3), {1, 3, 4}),
+        (dict(min_p=0.5), {1, 3}),
+        (dict(min_p=0.0), {0, 1, 2, 3, 4}),
+        (dict(min_p=1.0), {1}),
+        (dict(top_k=3, top_p=0.6), {1, 3}),  # top-p on what top-k kept, renormalised: 0.4/0.85 < 0.6 <= 0.7/0.85
+        (dict(top_k=3, top_p=0.5), {1, 3}),  # 0.4 / 0.85 = 0.47 < 0.5: the second token is needed
+        (dict(top_p=0.9, min_p=0.3), {1, 3, 4}),
+    ],
+)
 def test_support_sets_on_a_known_distribution(kwargs, want):
     assert support(np.log(PROBS), **kwargs) == want
 
@@ -65,7 +76,7 @@ def test_draws_cover_the_support_with_renormalised_frequencies():
     kept = np.array([0, 0.40, 0, 0.30, 0.15]) / 0.85
     np.testing.assert_allclose(counts, kept, atol=0.015)
     hot = np.asarray(sample(logits, jax.random.PRNGKey(1), temperature=0.5))  # p^2 renormalised
-    np.testing.assert_allclose(np.bincount(hot, minlength=5) / n, PROBS ** 2 / np.sum(PROBS ** 2), atol=0.015)
+    np.testing.assert_allclose(np.bincount(hot, minlength=5) / n, PROBS**2 / np.sum(PROBS**2), atol=0.015)
     greedy = np.asarray(sample(logits[:3], jax.random.PRNGKey(2), temperature=0.0, top_p=0.1))
     np.testing.assert_array_equal(greedy, [1, 1, 1])
 
@@ -76,11 +87,18 @@ def test_padded_vocabulary_is_never_drawn():
         assert int(sample(logits, jax.random.PRNGKey(0), temperature=temperature, vocab_size=5).max()) < 5
 
 
-@pytest.mark.parametrize("args,name", [
-    ((-0.1, None, None, None), "temperature"), ((1.0, 0, None, None), "top_k"), ((1.0, 9, None, None), "top_k"),
-    ((1.0, None, 0.0, None), "top_p"), ((1.0, None, 1.5, None), "top_p"), ((1.0, None, None, -0.1), "min_p"),
-    ((1.0, 2.5, None, None), "top_k"),
-])
+@pytest.mark.parametrize(
+    "args,name",
+    [
+        ((-0.1, None, None, None), "temperature"),
+        ((1.0, 0, None, None), "top_k"),
+        ((1.0, 9, None, None), "top_k"),
+        ((1.0, None, 0.0, None), "top_p"),
+        ((1.0, None, 1.5, None), "top_p"),
+        ((1.0, None, None, -0.1), "min_p"),
+        ((1.0, 2.5, None, None), "top_k"),
+    ],
+)
 def test_bad_arguments_are_named(args, name):
     with pytest.raises(ValueError, match=name):
         check_sampling_args(*args, vocab_size=8)

@@ -80,15 +80,39 @@ def _loss(run, seg, wy, ws):
 
 
 def _single(a, seg, impl="xla", mitigation=None):
-    return ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], D=a["D"], initial_state=a["initial_state"],
-               segment_ids=seg, chunk_size=CHUNK, mitigation=mitigation, impl=impl)
+    return ssd(
+        a["x"],
+        a["dt"],
+        a["A"],
+        a["B"],
+        a["C"],
+        D=a["D"],
+        initial_state=a["initial_state"],
+        segment_ids=seg,
+        chunk_size=CHUNK,
+        mitigation=mitigation,
+        impl=impl,
+    )
 
 
 def _sharded(mesh, batch_axis, impl="xla", mitigation=None):
     def run(a, seg):
         return sp.ssd_sequence_parallel(
-            a["x"], a["dt"], a["A"], a["B"], a["C"], mesh=mesh, seq_axis="seq", batch_axis=batch_axis, D=a["D"],
-            initial_state=a["initial_state"], segment_ids=seg, chunk_size=CHUNK, mitigation=mitigation, impl=impl)
+            a["x"],
+            a["dt"],
+            a["A"],
+            a["B"],
+            a["C"],
+            mesh=mesh,
+            seq_axis="seq",
+            batch_axis=batch_axis,
+            D=a["D"],
+            initial_state=a["initial_state"],
+            segment_ids=seg,
+            chunk_size=CHUNK,
+            mitigation=mitigation,
+            impl=impl,
+        )
 
     return run
 
@@ -98,8 +122,7 @@ def ssd_reference_grads(ssd_case):
     inputs, seg, wy, ws = ssd_case
     with jax.enable_x64(True):
         args = [jnp.asarray(inputs[k], jnp.float64) for k in ARG_NAMES]
-        (_, (y, state)), grads = jax.jit(jax.value_and_grad(_loss(_single, jnp.asarray(seg), wy, ws),
-                                                            argnums=range(7), has_aux=True))(*args)
+        (_, (y, state)), grads = jax.jit(jax.value_and_grad(_loss(_single, jnp.asarray(seg), wy, ws), argnums=range(7), has_aux=True))(*args)
         return np.asarray(y), np.asarray(state), [np.asarray(g) for g in grads]
 
 
@@ -128,8 +151,7 @@ def test_ssd_float32_recurrent_impl_and_input_mitigations(ssd_case):
     inputs, seg, _, _ = ssd_case
     mesh, batch_axis = make_mesh("data2_seq4")
     mitigation = M.forget_more(0.95, 0.7) | M.dt_scale(np.array([0.5, 1.0, 0.8, 0.6]))
-    want_y, want_state = ssd_reference(**inputs, segment_ids=seg, alpha_scale=0.95, b_scale=0.7,
-                                       dt_scale=np.array([0.5, 1.0, 0.8, 0.6]))
+    want_y, want_state = ssd_reference(**inputs, segment_ids=seg, alpha_scale=0.95, b_scale=0.7, dt_scale=np.array([0.5, 1.0, 0.8, 0.6]))
     plain_y, _ = ssd_reference(**inputs, segment_ids=seg)
     assert rel_err(plain_y, want_y) > 1e-3  # the mitigation matters
     a = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
@@ -146,8 +168,7 @@ def test_ssd_without_optional_inputs_and_explicit_mesh(ssd_case):
     mesh = jax.make_mesh((8,), ("seq",))
     a = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
     want_y, want_state = ssd_reference(**{k: v for k, v in inputs.items() if k not in ("D", "initial_state")})
-    y, state = jax.jit(lambda a: sp.ssd_sequence_parallel(a["x"], a["dt"], a["A"], a["B"], a["C"], mesh=mesh,
-                                                          seq_axis="seq", chunk_size=CHUNK))(a)
+    y, state = jax.jit(lambda a: sp.ssd_sequence_parallel(a["x"], a["dt"], a["A"], a["B"], a["C"], mesh=mesh, seq_axis="seq", chunk_size=CHUNK))(a)
     assert rel_err(y, want_y) < 2e-5 and rel_err(state, want_state) < 2e-5
 
 
@@ -155,22 +176,24 @@ def test_unsupported_mitigations_and_shapes_raise(ssd_case):
     inputs, _, _, _ = ssd_case
     mesh, _ = make_mesh("seq8")
     a = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
-    for mitigation, name in ((M.state_norm(1.0), "state_norm"), (M.sliding_window(16), "sliding_window"),
-                             (M.forget_more() | M.state_norm(2.0), "state_norm")):
+    for mitigation, name in (
+        (M.state_norm(1.0), "state_norm"),
+        (M.sliding_window(16), "sliding_window"),
+        (M.forget_more() | M.state_norm(2.0), "state_norm"),
+    ):
         with pytest.raises(ValueError, match=name):
-            sp.ssd_sequence_parallel(a["x"], a["dt"], a["A"], a["B"], a["C"], mesh=mesh, seq_axis="seq",
-                                     mitigation=mitigation)
+            sp.ssd_sequence_parallel(a["x"], a["dt"], a["A"], a["B"], a["C"], mesh=mesh, seq_axis="seq", mitigation=mitigation)
     with pytest.raises(ValueError, match="not divisible"):
-        sp.ssd_sequence_parallel(a["x"][:, :100], a["dt"][:, :100], a["A"], a["B"][:, :100], a["C"][:, :100],
-                                 mesh=mesh, seq_axis="seq")
+        sp.ssd_sequence_parallel(a["x"][:, :100], a["dt"][:, :100], a["A"], a["B"][:, :100], a["C"][:, :100], mesh=mesh, seq_axis="seq")
 
 
 # --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
 
-TINY = Mamba2Config(d_model=32, n_layer=2, vocab_size=61, d_state=16, headdim=8, ngroups=2, chunk_size=CHUNK,
-                    ssd_impl="xla", dtype="float32", param_dtype="float32")
+TINY = Mamba2Config(
+    d_model=32, n_layer=2, vocab_size=61, d_state=16, headdim=8, ngroups=2, chunk_size=CHUNK, ssd_impl="xla", dtype="float32", param_dtype="float32"
+)
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +202,12 @@ def model_case():
     graphdef, params = nnx.split(model)
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, TINY.vocab_size, (2, SEQLEN + 1))
-    batch = dict(inputs=jnp.asarray(tokens[:, :-1], jnp.int32), targets=jnp.asarray(tokens[:, 1:], jnp.int32),
-                 segment_ids=jnp.asarray(segment_ids()),
-                 loss_mask=jnp.asarray(rng.uniform(size=(2, SEQLEN)) > 0.1, jnp.float32))
+    batch = dict(
+        inputs=jnp.asarray(tokens[:, :-1], jnp.int32),
+        targets=jnp.asarray(tokens[:, 1:], jnp.int32),
+        segment_ids=jnp.asarray(segment_ids()),
+        loss_mask=jnp.asarray(rng.uniform(size=(2, SEQLEN)) > 0.1, jnp.float32),
+    )
     return graphdef, params, batch
 
 
@@ -229,8 +255,9 @@ def test_model_logits_and_parameter_gradients(model_case, unsharded_training):
     mesh, batch_axis = make_mesh("seq8")
 
     def loss_fn(params, batch):
-        logits = sp.sharded_apply(nnx.merge(graphdef, params), batch["inputs"], mesh=mesh, seq_axis="seq",
-                                  batch_axis=batch_axis, segment_ids=batch["segment_ids"])
+        logits = sp.sharded_apply(
+            nnx.merge(graphdef, params), batch["inputs"], mesh=mesh, seq_axis="seq", batch_axis=batch_axis, segment_ids=batch["segment_ids"]
+        )
         total, count = sp.token_loss_sums(logits, batch["targets"], batch["loss_mask"], TINY.vocab_size)
         return total / count, logits
 
@@ -252,8 +279,7 @@ def test_training_steps_match_unsharded(model_case, unsharded_training):
 
     def loss_fn(params, batch):
         # loss_chunk_size 8 on 26 positions per shard: three rematerialised chunks and a remainder of 2
-        return sp.sequence_parallel_loss(nnx.merge(graphdef, params), batch, mesh=mesh, seq_axis="seq",
-                                         batch_axis=batch_axis, loss_chunk_size=8)
+        return sp.sequence_parallel_loss(nnx.merge(graphdef, params), batch, mesh=mesh, seq_axis="seq", batch_axis=batch_axis, loss_chunk_size=8)
 
     got_params, got_losses, got_grads, num_tokens = _train(loss_fn, params, batch)
     assert float(num_tokens) == float(jnp.sum(batch["loss_mask"]))

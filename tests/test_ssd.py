@@ -22,20 +22,30 @@ def rel_err(got, want) -> float:
 
 
 def call(inputs, dtype, *, impl, chunk_size=16, segment_ids=None, mitigation=None, with_init=True, with_D=True):
-    a = {k: jnp.asarray(v, dtype if k not in ("dt", "A", "D", "initial_state") else jnp.promote_types(dtype, jnp.float32))
-         for k, v in inputs.items()}
-    return ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], D=a["D"] if with_D else None,
-               initial_state=a["initial_state"] if with_init else None,
-               segment_ids=None if segment_ids is None else jnp.asarray(segment_ids),
-               chunk_size=chunk_size, mitigation=mitigation, impl=impl)
+    a = {k: jnp.asarray(v, dtype if k not in ("dt", "A", "D", "initial_state") else jnp.promote_types(dtype, jnp.float32)) for k, v in inputs.items()}
+    return ssd(
+        a["x"],
+        a["dt"],
+        a["A"],
+        a["B"],
+        a["C"],
+        D=a["D"] if with_D else None,
+        initial_state=a["initial_state"] if with_init else None,
+        segment_ids=None if segment_ids is None else jnp.asarray(segment_ids),
+        chunk_size=chunk_size,
+        mitigation=mitigation,
+        impl=impl,
+    )
 
 
-CASES = list(itertools.product(
-    [1, 37, 64],  # seqlen: single step, odd, exact multiple
-    [1, 2],  # groups
-    [False, True],  # segment resets
-    [False, True],  # initial state
-))
+CASES = list(
+    itertools.product(
+        [1, 37, 64],  # seqlen: single step, odd, exact multiple
+        [1, 2],  # groups
+        [False, True],  # segment resets
+        [False, True],  # initial state
+    )
+)
 
 
 @pytest.mark.parametrize("seqlen,groups,resets,with_init", CASES)
@@ -64,8 +74,7 @@ def test_float32_and_bfloat16_accuracy(impl):
     assert y.dtype == jnp.float32 and state.dtype == jnp.float32
     assert rel_err(y, want_y) < 2e-5 and rel_err(state, want_state) < 2e-5  # float32 rounding only
 
-    rounded = {k: (np.asarray(jnp.asarray(v, jnp.bfloat16), np.float64) if k in ("x", "B", "C") else v)
-               for k, v in inputs.items()}
+    rounded = {k: (np.asarray(jnp.asarray(v, jnp.bfloat16), np.float64) if k in ("x", "B", "C") else v) for k, v in inputs.items()}
     want_y16, want_state16 = ssd_reference(**rounded, segment_ids=seg)
     y16, state16 = call(inputs, jnp.bfloat16, impl=impl, segment_ids=seg)
     assert y16.dtype == jnp.bfloat16 and state16.dtype == jnp.float32  # float32 accumulation
@@ -77,8 +86,7 @@ def _loss_fn(impl, chunk_size, seg, mitigation, dtype):
     weights_rng = np.random.default_rng(7)
 
     def loss(x, dt, A, B, C, D, h0):
-        y, state = ssd(x, dt, A, B, C, D=D, initial_state=h0, segment_ids=seg, chunk_size=chunk_size,
-                       mitigation=mitigation, impl=impl)
+        y, state = ssd(x, dt, A, B, C, D=D, initial_state=h0, segment_ids=seg, chunk_size=chunk_size, mitigation=mitigation, impl=impl)
         wy = jnp.asarray(weights_rng.standard_normal(y.shape), y.dtype)
         ws = jnp.asarray(weights_rng.standard_normal(state.shape), state.dtype)
         return jnp.sum(y * wy) + jnp.sum(state * ws)
@@ -86,8 +94,9 @@ def _loss_fn(impl, chunk_size, seg, mitigation, dtype):
     return loss
 
 
-@pytest.mark.parametrize("mitigation", [None, M.forget_more(0.95, 0.7), M.dt_scale(0.5), M.sliding_window(9)],
-                         ids=["none", "forget_more", "dt_scale", "window"])
+@pytest.mark.parametrize(
+    "mitigation", [None, M.forget_more(0.95, 0.7), M.dt_scale(0.5), M.sliding_window(9)], ids=["none", "forget_more", "dt_scale", "window"]
+)
 def test_gradients_of_every_input(mitigation):
     """float32 chunked gradients vs float64 recurrent gradients (x, dt, A, B, C, D and the initial state)."""
     rng = np.random.default_rng(3)
@@ -95,13 +104,10 @@ def test_gradients_of_every_input(mitigation):
     seg = jnp.asarray(random_segment_ids(rng, 2, 41, num_breaks=2))
     args = [inputs[k] for k in ARG_NAMES]
     with jax.enable_x64(True):
-        want = jax.grad(_loss_fn("recurrent", 16, seg, mitigation, jnp.float64), argnums=range(7))(
-            *[jnp.asarray(a, jnp.float64) for a in args])
+        want = jax.grad(_loss_fn("recurrent", 16, seg, mitigation, jnp.float64), argnums=range(7))(*[jnp.asarray(a, jnp.float64) for a in args])
         want = [np.asarray(w) for w in want]
-        want_xla64 = jax.grad(_loss_fn("xla", 8, seg, mitigation, jnp.float64), argnums=range(7))(
-            *[jnp.asarray(a, jnp.float64) for a in args])
-    got = jax.grad(_loss_fn("xla", 16, seg, mitigation, jnp.float32), argnums=range(7))(
-        *[jnp.asarray(a, jnp.float32) for a in args])
+        want_xla64 = jax.grad(_loss_fn("xla", 8, seg, mitigation, jnp.float64), argnums=range(7))(*[jnp.asarray(a, jnp.float64) for a in args])
+    got = jax.grad(_loss_fn("xla", 16, seg, mitigation, jnp.float32), argnums=range(7))(*[jnp.asarray(a, jnp.float32) for a in args])
     for name, g, g64, w in zip(ARG_NAMES, got, want_xla64, want):
         assert np.all(np.isfinite(np.asarray(g))), name
         assert rel_err(g64, w) < 1e-9, name  # chunked == recurrent exactly in float64
@@ -110,15 +116,21 @@ def test_gradients_of_every_input(mitigation):
 
 MITIGATION_CASES = [
     ("forget_more", M.forget_more(0.9, 0.75), dict(alpha_scale=0.9, b_scale=0.75)),
-    ("forget_more_per_head", M.forget_more(np.array([0.99, 0.9, 0.8, 1.0]), np.array([0.5, 1.0, 0.75, 0.9])),
-     dict(alpha_scale=np.array([0.99, 0.9, 0.8, 1.0]), b_scale=np.array([0.5, 1.0, 0.75, 0.9]))),
+    (
+        "forget_more_per_head",
+        M.forget_more(np.array([0.99, 0.9, 0.8, 1.0]), np.array([0.5, 1.0, 0.75, 0.9])),
+        dict(alpha_scale=np.array([0.99, 0.9, 0.8, 1.0]), b_scale=np.array([0.5, 1.0, 0.75, 0.9])),
+    ),
     ("dt_scale", M.dt_scale(0.5), dict(dt_scale=0.5)),
     ("window_1", M.sliding_window(1), dict(window=1)),
     ("window_5", M.sliding_window(5), dict(window=5)),
     ("window_23", M.sliding_window(23), dict(window=23)),  # spans several chunks of 8
     ("window_40", M.sliding_window(40), dict(window=40)),  # longer than most segments
-    ("composed", M.compose(M.forget_more(0.97, 0.8), M.dt_scale(0.7), M.sliding_window(11)),
-     dict(alpha_scale=0.97, b_scale=0.8, dt_scale=0.7, window=11)),
+    (
+        "composed",
+        M.compose(M.forget_more(0.97, 0.8), M.dt_scale(0.7), M.sliding_window(11)),
+        dict(alpha_scale=0.97, b_scale=0.8, dt_scale=0.7, window=11),
+    ),
 ]
 
 
@@ -143,7 +155,7 @@ def test_state_norm_recurrent_exact_and_chunked_bounded():
     rng = np.random.default_rng(6)
     inputs = random_ssd_inputs(rng, seqlen=50)
     _, free_state = ssd_reference(**inputs)
-    free_norms = np.sqrt((free_state ** 2).sum(axis=(-2, -1)))  # (batch, heads)
+    free_norms = np.sqrt((free_state**2).sum(axis=(-2, -1)))  # (batch, heads)
     bound = 0.5 * free_norms.min(axis=0) * np.array([0.5, 1.0, 1.5, 2.0]) / 2.0  # active for every head
     want_y, want_state = ssd_reference(**inputs, max_norm=bound)
     with jax.enable_x64(True):
@@ -181,19 +193,18 @@ def test_gradient_finite_with_extreme_decay_and_resets():
     inputs = random_ssd_inputs(rng, seqlen=33)
     inputs["dt"] = inputs["dt"] * 200.0  # alpha underflows to 0 in float32
     seg = jnp.asarray(random_segment_ids(rng, 2, 33))
-    grads = jax.grad(_loss_fn("xla", 8, seg, None, jnp.float32), argnums=range(7))(
-        *[jnp.asarray(inputs[k], jnp.float32) for k in ARG_NAMES])
+    grads = jax.grad(_loss_fn("xla", 8, seg, None, jnp.float32), argnums=range(7))(*[jnp.asarray(inputs[k], jnp.float32) for k in ARG_NAMES])
     for name, g in zip(ARG_NAMES, grads):
         assert np.all(np.isfinite(np.asarray(g))), name
 
 
 @settings(max_examples=12, deadline=None)
-@given(seqlen=st.integers(1, 40), groups=st.sampled_from([1, 2]), chunk=st.integers(1, 20), heads_per_group=st.integers(1, 3),
-       seed=st.integers(0, 2**16))
+@given(
+    seqlen=st.integers(1, 40), groups=st.sampled_from([1, 2]), chunk=st.integers(1, 20), heads_per_group=st.integers(1, 3), seed=st.integers(0, 2**16)
+)
 def test_chunked_equals_definition_on_random_shapes(seqlen, groups, chunk, heads_per_group, seed):
     rng = np.random.default_rng(seed)
-    inputs = random_ssd_inputs(rng, batch=1, seqlen=seqlen, heads=groups * heads_per_group, headdim=3,
-                               groups=groups, state=5)
+    inputs = random_ssd_inputs(rng, batch=1, seqlen=seqlen, heads=groups * heads_per_group, headdim=3, groups=groups, state=5)
     seg = random_segment_ids(rng, 1, seqlen, num_breaks=2) if seqlen > 2 else None
     want_y, want_state = ssd_reference(**inputs, segment_ids=seg)
     with jax.enable_x64(True):
@@ -209,15 +220,18 @@ def test_auto_is_xla_on_cpu():
     np.testing.assert_array_equal(np.asarray(y_auto), np.asarray(y_xla))
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(x=np.zeros((2, 5, 4))), "`x` must be"),
-    (dict(dt=np.ones((2, 5, 3))), "`dt`"),
-    (dict(A=np.ones((3,))), "`A`"),
-    (dict(B=np.ones((2, 5, 3, 16)), C=np.ones((2, 5, 3, 16))), "multiple of groups"),
-    (dict(C=np.ones((2, 5, 2, 15))), "`C`"),
-    (dict(D=np.ones((5,))), "`D`"),
-    (dict(initial_state=np.ones((2, 4, 8, 15))), "`initial_state`"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(x=np.zeros((2, 5, 4))), "`x` must be"),
+        (dict(dt=np.ones((2, 5, 3))), "`dt`"),
+        (dict(A=np.ones((3,))), "`A`"),
+        (dict(B=np.ones((2, 5, 3, 16)), C=np.ones((2, 5, 3, 16))), "multiple of groups"),
+        (dict(C=np.ones((2, 5, 2, 15))), "`C`"),
+        (dict(D=np.ones((5,))), "`D`"),
+        (dict(initial_state=np.ones((2, 4, 8, 15))), "`initial_state`"),
+    ],
+)
 def test_bad_shapes_name_the_argument(change, message):
     rng = np.random.default_rng(0)
     a = random_ssd_inputs(rng, seqlen=5)
@@ -305,8 +319,18 @@ def test_non_finite_inputs_propagate(impl, name, index, value):
     inputs[name] = np.array(inputs[name])
     inputs[name][index] = value
     a = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
-    y, state = ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], D=a["D"], initial_state=a["initial_state"],
-                   segment_ids=seg, chunk_size=64 if impl == "pallas" else 16, impl=impl)
+    y, state = ssd(
+        a["x"],
+        a["dt"],
+        a["A"],
+        a["B"],
+        a["C"],
+        D=a["D"],
+        initial_state=a["initial_state"],
+        segment_ids=seg,
+        chunk_size=64 if impl == "pallas" else 16,
+        impl=impl,
+    )
     bad_y, bad_state = ~np.isfinite(np.asarray(y)), ~np.isfinite(np.asarray(state))  # (b, l, h, p), (b, h, p, n)
     heads = [0, 1] if name == "B" else [1]  # B is read by every head of its group
     others = [h for h in range(4) if h not in heads]

@@ -137,9 +137,19 @@ def test_gradients_equal_float64_finite_differences():
 def test_ssd_impl_stepwise_equals_recurrent_with_state_norm_and_window_fallback():
     inputs, seg = problem(37, 2, seed=7)
     a = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
-    call = lambda impl, mitigation: ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], D=a["D"],
-                                        initial_state=a["initial_state"], segment_ids=jnp.asarray(seg),
-                                        mitigation=mitigation, impl=impl, chunk_size=16)
+    call = lambda impl, mitigation: ssd(
+        a["x"],
+        a["dt"],
+        a["A"],
+        a["B"],
+        a["C"],
+        D=a["D"],
+        initial_state=a["initial_state"],
+        segment_ids=jnp.asarray(seg),
+        mitigation=mitigation,
+        impl=impl,
+        chunk_size=16,
+    )
     for mitigation in (M.state_norm(jnp.asarray(BOUND)), M.forget_more()):
         (y, state), (want_y, want_state) = call("stepwise", mitigation), call("recurrent", mitigation)
         assert rel_err(y, want_y) < 1e-5 and rel_err(state, want_state) < 1e-5  # float32, same inputs

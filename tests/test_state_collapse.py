@@ -51,9 +51,14 @@ def _grouped_corpus(directory: str) -> None:
                 w.add(plays[i].doc_id, ids[i])
             runs.append({"name": f"group{g}", "documents": 2, "tokens": int(sum(ids[i].size for i in members))})
     validation = w.close()
-    write_manifest(directory, tokenizer={"name": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
-                   token_dtype="uint16", splits={"train": train, "validation": validation},
-                   source={"what": "bundled Shakespeare plays (test)"}, groups={"validation": runs})
+    write_manifest(
+        directory,
+        tokenizer={"name": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+        token_dtype="uint16",
+        splits={"train": train, "validation": validation},
+        source={"what": "bundled Shakespeare plays (test)"},
+        groups={"validation": runs},
+    )
 
 
 def test_group_stream_reads_each_group_in_order_and_refuses_to_run_past_it():
@@ -74,10 +79,23 @@ def test_the_study_driver_end_to_end(tmp_path):
     study, root = tmp_path / "study", tmp_path / "runs"
     for name in ("corpus", "lr_corpus"):
         _grouped_corpus(str(study / name))
-    cmd = [sys.executable, os.path.join(ROOT, "experiments", "state_collapse.py"), "daemon", "--smoke",
-           "--study", str(study), "--root", str(root), "--budget_s", "1500", "--eval_reserve_s", "300"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1700,
-                          env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})  # one CPU device
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "experiments", "state_collapse.py"),
+        "daemon",
+        "--smoke",
+        "--study",
+        str(study),
+        "--root",
+        str(root),
+        "--budget_s",
+        "1500",
+        "--eval_reserve_s",
+        "300",
+    ]
+    done = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=1700, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    )  # one CPU device
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     status = json.load(open(root / "status.json"))
     assert status["done"] and status["lr_check"]["chosen"] in state_collapse.SMOKE.lr_candidates
@@ -107,8 +125,14 @@ def test_the_study_driver_end_to_end(tmp_path):
     # --evaluate_only: trains nothing, reruns only the evaluation that is missing, keeps status.json
     shutil.rmtree(run / "eval_history")
     before = (root / "status.json").read_text()
-    done = subprocess.run(cmd + ["--evaluate_only"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    done = subprocess.run(
+        cmd + ["--evaluate_only"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert (root / "status.json").read_text() == before
     again = json.load(open(root / "evaluate_status.json"))["jobs"]

@@ -33,8 +33,7 @@ def _write(directory, splits_docs: dict, *, groups=None, compression="zstd", per
             for doc_id, tokens in docs:
                 w.add(doc_id, tokens)
         splits[split] = w.close()
-    write_manifest(directory, tokenizer=TOKENIZER, token_dtype="uint16", splits=splits, source={"test": True},
-                   groups=groups)
+    write_manifest(directory, tokenizer=TOKENIZER, token_dtype="uint16", splits=splits, source={"test": True}, groups=groups)
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "uint32"])
@@ -91,8 +90,7 @@ def test_subset_keeps_whole_documents(tmp_path):
     val = _docs(12, 100, 101)
     groups = {"validation": [{"name": f"g{i}", "documents": 4, "tokens": 0} for i in range(3)]}
     _write(tmp_path / "full", {"train": train, "validation": val}, groups=groups)
-    manifest = write_subset(tmp_path / "full", tmp_path / "sub", train_tokens=500, group_tokens=250, num_groups=2,
-                            compression="uncompressed")
+    manifest = write_subset(tmp_path / "full", tmp_path / "sub", train_tokens=500, group_tokens=250, num_groups=2, compression="uncompressed")
     sub = TokenCorpus(tmp_path / "sub")
     kept = sub.documents("train")
     assert [d.doc_id for d in kept] == [d for d, _ in train[: len(kept)]]
@@ -111,8 +109,7 @@ def test_token_pipeline_equals_the_text_pipeline():
     from ssm_jax.data import make_map_dataset
 
     tok = ByteTokenizer()
-    docs = [Document(f"d{i}", "".join(chr(97 + int(c)) for c in RNG.integers(0, 26, size=int(RNG.integers(30, 90)))))
-            for i in range(15)]
+    docs = [Document(f"d{i}", "".join(chr(97 + int(c)) for c in RNG.integers(0, 26, size=int(RNG.integers(30, 90))))) for i in range(15)]
     kw = dict(mode="concat", seq_len=37, batch_size=3, seed=5, shuffle=True, num_epochs=1)
     a = make_map_dataset(docs, tok, **kw)
     b = make_token_map_dataset([np.array(tok.encode(d.text)) for d in docs], tok.eos_id, **kw)

@@ -23,8 +23,13 @@ def _batch(rng, b=4, l=32, vocab=257, docs=True, cont=0):
     inputs = rng.integers(0, vocab, (b, l)).astype(np.int32)
     targets = rng.integers(0, vocab, (b, l)).astype(np.int32)
     seg = np.cumsum(rng.random((b, l)) < 0.05, axis=1).astype(np.int32) if docs else np.zeros((b, l), np.int32)
-    return {"inputs": inputs, "targets": targets, "segment_ids": seg, "loss_mask": np.ones((b, l), np.float32),
-            "is_continuation": np.full((b,), cont, np.int32)}
+    return {
+        "inputs": inputs,
+        "targets": targets,
+        "segment_ids": seg,
+        "loss_mask": np.ones((b, l), np.float32),
+        "is_continuation": np.full((b,), cont, np.int32),
+    }
 
 
 def _setup(cfg=CFG, lr=1e-2, carry_batch=None, **step_kw):
@@ -177,8 +182,10 @@ def test_tbptt_carry_continues_the_stream_and_resets():
     ev = jax.jit(train_lib.make_eval_step(graphdef, use_segment_ids=False))
     rng = np.random.default_rng(4)
     long = _batch(rng, b=2, l=64, docs=False)
-    half = lambda sl, cont: {**{k: long[k][:, sl] for k in ("inputs", "targets", "segment_ids", "loss_mask")},  # noqa: E731
-                             "is_continuation": np.full((2,), cont, np.int32)}
+    half = lambda sl, cont: {
+        **{k: long[k][:, sl] for k in ("inputs", "targets", "segment_ids", "loss_mask")},  # noqa: E731
+        "is_continuation": np.full((2,), cont, np.int32),
+    }
     carry = train_lib.zero_carry(CFG, 2)
     full, _ = ev(params, long, None)
     a, carry = ev(params, half(slice(0, 32), 0), carry)
@@ -232,8 +239,7 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_loads_back(tmp_path):
     import os
 
     workdir = str(tmp_path / "run")
-    config = tiny_config(**{"train.num_steps": 4, "eval.every_steps": 2, "checkpoint.every_steps": 2,
-                             "log.tensorboard": True, "log.plot": True})
+    config = tiny_config(**{"train.num_steps": 4, "eval.every_steps": 2, "checkpoint.every_steps": 2, "log.tensorboard": True, "log.plot": True})
     summary = train_lib.train_and_evaluate(config, workdir)
     assert summary["step"] == 4 and summary["num_skipped"] == 0
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -256,8 +262,7 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_loads_back(tmp_path):
 
 
 def test_nan_policy_stop_raises_with_the_step(tmp_path):
-    config = tiny_config(**{"train.num_steps": 4, "optim.lr": 1e30, "optim.warmup_steps": 0,
-                             "train.nan_policy": "stop", "eval.every_steps": 0})
+    config = tiny_config(**{"train.num_steps": 4, "optim.lr": 1e30, "optim.warmup_steps": 0, "train.nan_policy": "stop", "eval.every_steps": 0})
     with pytest.raises(FloatingPointError, match=r"step 2: non-finite"):
         train_lib.train_and_evaluate(config, str(tmp_path / "run"))
 
@@ -268,11 +273,22 @@ def test_fine_tuning_from_another_run_as_the_readme_shows(tmp_path, compilation_
 
     source, target = str(tmp_path / "source"), str(tmp_path / "passkey")
     train_lib.train_and_evaluate(resume_config(), source)
-    argv = ["train.py", f"--config={os.path.join(CONFIG_DIR, 'passkey_finetune.py')}:{source}", f"--workdir={target}",
-            "--config.data.seq_len=256", "--config.data.passkey_max_context=240", "--config.train.batch_size=8",
-            "--config.eval.batch_size=8", "--config.eval.num_batches=1", "--config.train.num_steps=2",
-            "--config.optim.warmup_steps=0", "--config.optim.lr=1e-7", "--config.train.progress_bar=False",
-            "--config.log.tensorboard=False", "--config.log.plot=False"]
+    argv = [
+        "train.py",
+        f"--config={os.path.join(CONFIG_DIR, 'passkey_finetune.py')}:{source}",
+        f"--workdir={target}",
+        "--config.data.seq_len=256",
+        "--config.data.passkey_max_context=240",
+        "--config.train.batch_size=8",
+        "--config.eval.batch_size=8",
+        "--config.eval.num_batches=1",
+        "--config.train.num_steps=2",
+        "--config.optim.warmup_steps=0",
+        "--config.optim.lr=1e-7",
+        "--config.train.progress_bar=False",
+        "--config.log.tensorboard=False",
+        "--config.log.plot=False",
+    ]
     summary = train_lib.train_and_evaluate(parse_flags(argv), target)
     assert summary["step"] == 2 and np.isfinite(summary["validation"]["loss"])
 

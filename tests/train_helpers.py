@@ -32,9 +32,17 @@ TINY_OVERRIDES = {"train.batch_size": 8, "eval.batch_size": 8}  # one row per vi
 # The run of the resume tests: 6 steps, checkpoints at steps 2, 4 and 6, one validation batch at the end; streams
 # with truncated BPTT and gradient accumulation, so that the carry, the data position, the RNG and the optimiser
 # state all have to come back for a resumed run to repeat the losses of an uninterrupted one.
-RESUME_OVERRIDES = {"data.mode": "stream", "train.tbptt": True, "train.grad_accum_steps": 2, "train.batch_size": 16,
-                    "train.num_steps": 6, "checkpoint.every_steps": 2, "checkpoint.max_to_keep": 3,
-                    "eval.every_steps": 0, "eval.num_batches": 1}
+RESUME_OVERRIDES = {
+    "data.mode": "stream",
+    "train.tbptt": True,
+    "train.grad_accum_steps": 2,
+    "train.batch_size": 16,
+    "train.num_steps": 6,
+    "checkpoint.every_steps": 2,
+    "checkpoint.max_to_keep": 3,
+    "eval.every_steps": 0,
+    "eval.num_batches": 1,
+}
 
 
 def tiny_config(**overrides: Any):
@@ -77,8 +85,11 @@ def validation_losses(workdir: str) -> Dict[int, float]:
     return losses
 
 
-_CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
-                  "jax_persistent_cache_min_entry_size_bytes": 0}
+_CACHE_OPTIONS = {
+    "jax_compilation_cache_dir": None,
+    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+}
 
 
 @pytest.fixture(scope="session")
@@ -97,9 +108,14 @@ def compilation_cache(tmp_path_factory) -> Iterator[str]:
 
 def subprocess_env(cache_dir: str, devices: int = 8) -> Dict[str, str]:
     """Environment of a ``train.py`` subprocess: CPU, ``devices`` virtual devices, the session's cache."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
     return env
 

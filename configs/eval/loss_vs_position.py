@@ -1,6 +1,6 @@
 """Loss vs position to 1M tokens on held-out documents and on the paper's newlines prompt.
 
-    python eval.py --config=configs/eval/loss_vs_position.py --config.checkpoint=<dir>
+python eval.py --config=configs/eval/loss_vs_position.py --config.checkpoint=<dir>
 """
 
 from ssm_jax.train_config import load_sibling_config

@@ -1,6 +1,6 @@
 """A passkey retrieval sweep: 10 depth buckets x context lengths from T_train / 2 to 64 T_train.
 
-    python eval.py --config=configs/eval/passkey.py --config.checkpoint=<dir>
+python eval.py --config=configs/eval/passkey.py --config.checkpoint=<dir>
 """
 
 from ssm_jax.train_config import load_sibling_config

@@ -77,6 +77,7 @@ def prepare(loaded: LoadedModel, data: HeldOutData, config: Any) -> EvalModel:
         return stream.take(list(range(n)), loaded.train_len + 1)  # (n, T_train + 1)
 
     params = {name: config[name].to_dict() for name in MITIGATION_NAMES[1:]}
-    built, described = build_mitigations(parse_list(config.mitigations), loaded.model, train_len=loaded.train_len,
-                                         params=params, calibration_tokens=calibration_tokens)
+    built, described = build_mitigations(
+        parse_list(config.mitigations), loaded.model, train_len=loaded.train_len, params=params, calibration_tokens=calibration_tokens
+    )
     return EvalModel(loaded=loaded, data=data, mitigations=built, mitigation_params=described)

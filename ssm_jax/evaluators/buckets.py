@@ -69,9 +69,9 @@ def _add(idx: np.ndarray, nll: np.ndarray, rows: Sequence[int], sums: np.ndarray
     lo = int(idx[0])
     span = int(idx[-1]) - lo + 1
     for i, row in enumerate(rows):
-        sums[row, lo:lo + span] += np.bincount(idx - lo, weights=nll[i], minlength=span)
+        sums[row, lo : lo + span] += np.bincount(idx - lo, weights=nll[i], minlength=span)
     if counts is not None:
-        counts[lo:lo + span] += np.bincount(idx - lo, minlength=span)
+        counts[lo : lo + span] += np.bincount(idx - lo, minlength=span)
 
 
 def stream_bucketed_losses(
@@ -101,8 +101,12 @@ def stream_bucketed_losses(
     n_log = len(log_edges) - 1
     n_fine = -(-length // fine_width)
     out = BucketedLosses(
-        log_edges=np.asarray(log_edges), log_sums=np.zeros((num_prompts, n_log)), log_counts=np.zeros(n_log),
-        fine_width=int(fine_width), fine_sums=np.zeros((num_prompts, n_fine)), fine_counts=np.zeros(n_fine),
+        log_edges=np.asarray(log_edges),
+        log_sums=np.zeros((num_prompts, n_log)),
+        log_counts=np.zeros(n_log),
+        fine_width=int(fine_width),
+        fine_sums=np.zeros((num_prompts, n_fine)),
+        fine_counts=np.zeros(n_fine),
     )
     start_time = time.perf_counter()
     for first in range(0, num_prompts, batch_size):
@@ -119,14 +123,21 @@ def stream_bucketed_losses(
             prev = new[:, -1:]
             t = np.arange(done + 1, done + c + 1)  # (c,) tokens read at each prediction
             counts_too = first == 0  # every batch covers the same positions: count them once
-            _add(np.searchsorted(log_edges, t, side="right") - 1, nll, rows, out.log_sums,
-                 out.log_counts if counts_too else None)
+            _add(np.searchsorted(log_edges, t, side="right") - 1, nll, rows, out.log_sums, out.log_counts if counts_too else None)
             _add(bucket_index(t, fine_width), nll, rows, out.fine_sums, out.fine_counts if counts_too else None)
             done += c
             if done >= next_log or done == length:
                 rate = (done * len(rows) + first * length) / max(time.perf_counter() - start_time, 1e-9)
-                logging.info("%s prompts %d-%d: %d / %d tokens (%.0f tok/s), mean loss of this chunk %.3f",
-                             label, rows[0], rows[-1], done, length, rate, float(nll.mean()))
+                logging.info(
+                    "%s prompts %d-%d: %d / %d tokens (%.0f tok/s), mean loss of this chunk %.3f",
+                    label,
+                    rows[0],
+                    rows[-1],
+                    done,
+                    length,
+                    rate,
+                    float(nll.mean()),
+                )
                 while next_log <= done:
                     next_log += log_every
     out.seconds = time.perf_counter() - start_time

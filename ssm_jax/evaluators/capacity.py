@@ -42,18 +42,18 @@ def load_run(path: str, *, mitigation: str = "none", source: str = "documents") 
         if file == loss_file:
             curve = data["sources"].get(source, {}).get("curves", {}).get(mitigation)
             if curve is None or curve.get("collapse") is None:
-                raise ValueError(f"{loss_file}: no collapse verdict for config.capacity.source={source!r}, "
-                                 f"config.capacity.mitigation={mitigation!r}; it has sources "
-                                 f"{sorted(data['sources'])}")
+                raise ValueError(
+                    f"{loss_file}: no collapse verdict for config.capacity.source={source!r}, "
+                    f"config.capacity.mitigation={mitigation!r}; it has sources "
+                    f"{sorted(data['sources'])}"
+                )
             run["collapsed"] = bool(curve["collapse"]["collapsed"])
             run["length"] = data["length"]
         else:
             res = data["results"].get(mitigation)
             if res is None:
-                raise ValueError(f"{pk_file}: no passkey results for config.capacity.mitigation={mitigation!r}; it "
-                                 f"has {sorted(data['results'])}")
-            run["passkey_accuracy"] = {int(k): float(v) for k, v in
-                                       zip(data["context_lengths"], res["accuracy_by_length"]) if v is not None}
+                raise ValueError(f"{pk_file}: no passkey results for config.capacity.mitigation={mitigation!r}; it has {sorted(data['results'])}")
+            run["passkey_accuracy"] = {int(k): float(v) for k, v in zip(data["context_lengths"], res["accuracy_by_length"]) if v is not None}
     if run.get("state_size") is None or run.get("train_len") is None:
         raise ValueError(f"{directory}: the JSON files lack model.state_size / model.train_len")
     return run
@@ -63,8 +63,9 @@ def study(runs: Sequence[str], *, mitigation: str = "none", source: str = "docum
     """The state-capacity study over evaluation output directories (globs allowed)."""
     paths = expand_runs(runs)
     if not paths:
-        raise ValueError("config.capacity.runs='': lists no evaluation directories; accepted: output directories "
-                         "of earlier evaluations or globs of them")
+        raise ValueError(
+            "config.capacity.runs='': lists no evaluation directories; accepted: output directories of earlier evaluations or globs of them"
+        )
     loaded = [load_run(p, mitigation=mitigation, source=source) for p in paths]
     result = capacity_lib.capacity_study(loaded)
     result.update(runs=loaded, mitigation=mitigation, source=source)
@@ -88,12 +89,16 @@ def summarize(result: Mapping[str, Any]) -> List[str]:
     """Capacities per state size, our fits and the paper's."""
     lines = ["## State capacity", "", "| N_S (M) | T_train tried | T_forget (K) | T_recall (K) |", "|---|---|---|---|"]
     for p in result["points"]:
-        lines.append(f"| {p['n_s_millions']:.4f} | {p['train_lens']} | {fmt(p.get('t_forget_k'))} "
-                     f"({p.get('t_forget_bound', '-')}) | {fmt(p.get('t_recall_k'))} |")
+        lines.append(
+            f"| {p['n_s_millions']:.4f} | {p['train_lens']} | {fmt(p.get('t_forget_k'))} "
+            f"({p.get('t_forget_bound', '-')}) | {fmt(p.get('t_recall_k'))} |"
+        )
     f, r = result["fits"]["forget"], result["fits"]["recall"]
-    lines += ["", "Fits (N_S in millions, T in K tokens):",
-              f"- T_forget = {f['a']:.3f} N_S + {f['b']:.3f} (rmse {f['rmse']:.3f})" if f else "- T_forget: not fitted",
-              f"- T_recall = {r['a']:.3f} ({r['b']:.3f}^N_S - 1) + {r['c']:.3f} (rmse {r['rmse']:.3f})"
-              if r else "- T_recall: not fitted",
-              "- paper: T_forget = 5.172 N_S - 4.469; T_recall = 4.756 (1.365^N_S - 1) - 0.742"]
+    lines += [
+        "",
+        "Fits (N_S in millions, T in K tokens):",
+        f"- T_forget = {f['a']:.3f} N_S + {f['b']:.3f} (rmse {f['rmse']:.3f})" if f else "- T_forget: not fitted",
+        f"- T_recall = {r['a']:.3f} ({r['b']:.3f}^N_S - 1) + {r['c']:.3f} (rmse {r['rmse']:.3f})" if r else "- T_recall: not fitted",
+        "- paper: T_forget = 5.172 N_S - 4.469; T_recall = 4.756 (1.365^N_S - 1) - 0.742",
+    ]
     return lines + [f"- note: {n}" for n in result["notes"]] + [""]

@@ -28,8 +28,19 @@ from ssm_jax.evaluators.named_mitigations import MITIGATION_NAMES
 from ssm_jax.evaluators.streams import SOURCES, HeldOutData, group_stream_tokens, heldout_documents, token_corpus
 
 __all__ = [
-    "MODES", "MODEL_MODES", "DTYPES", "base_config", "parse_list", "parse_length", "parse_lengths", "parse_steps",
-    "expand_runs", "loss_bucket_width", "states_every", "validate_config", "validate_for_model",
+    "MODES",
+    "MODEL_MODES",
+    "DTYPES",
+    "base_config",
+    "parse_list",
+    "parse_length",
+    "parse_lengths",
+    "parse_steps",
+    "expand_runs",
+    "loss_bucket_width",
+    "states_every",
+    "validate_config",
+    "validate_for_model",
 ]
 
 MODES = ("loss_vs_position", "passkey", "states", "capacity")  # also the order in which they run
@@ -49,7 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train_len = 0  # T_train; 0: from the training config (else 2048, the public checkpoints')
     c.dtype = "float32"  # compute dtype
     c.random_model = ml_collections.ConfigDict(  # Mamba2Config fields of checkpoint="random" (smoke tests)
-        dict(d_model=64, n_layer=2, vocab_size=257, d_state=16, headdim=32, chunk_size=64))
+        dict(d_model=64, n_layer=2, vocab_size=257, d_state=16, headdim=32, chunk_size=64)
+    )
     c.output_dir = ""  # "": <checkpoint>/eval ("eval_output" without a checkpoint directory)
     c.modes = "loss_vs_position,passkey"  # any of MODES
     c.seed = 0  # prompt order, passkey digits and depths
@@ -64,8 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sliding_window = ml_collections.ConfigDict(dict(window=0))  # 0: T_train
 
     # Held-out documents; "" / -1: from the training config when there is one.
-    c.data = ml_collections.ConfigDict(dict(corpus="", validation_fraction=-1.0, split_seed=-1, local_data_dir="",
-                                            local_name="", tokens_dir=""))
+    c.data = ml_collections.ConfigDict(dict(corpus="", validation_fraction=-1.0, split_seed=-1, local_data_dir="", local_name="", tokens_dir=""))
 
     c.loss = ml_collections.ConfigDict()
     # documents | newlines (the paper's prompt of newline characters) | shakespeare | kjv (bundled corpora)
@@ -216,8 +227,11 @@ class _Errors:
         """Each comma-separated item a mitigation name or several joined by ``+``."""
         for spec in parse_list(self.value(path)) or [""]:
             if not all(p.strip() in MITIGATION_NAMES for p in spec.split("+")):
-                self.bad(path, f"{spec!r} is not a mitigation; accepted: {', '.join(MITIGATION_NAMES)}, "
-                               "'+' composing several (comma-separated where a list is accepted)")
+                self.bad(
+                    path,
+                    f"{spec!r} is not a mitigation; accepted: {', '.join(MITIGATION_NAMES)}, "
+                    "'+' composing several (comma-separated where a list is accepted)",
+                )
 
     def lengths(self, path: str, *, single: bool = False) -> None:
         """Each item a whole number of tokens >= 1 or a positive multiple of T_train (``"8x"``)."""
@@ -248,8 +262,11 @@ def _check_checkpoint(e: _Errors, modes: Sequence[str]) -> None:
     if not any(m in MODEL_MODES for m in modes):
         return
     if not config.checkpoint:
-        e.bad("checkpoint", f"is required by the modes {', '.join(m for m in modes if m in MODEL_MODES)}; accepted: "
-                            "a train.py work directory, a from_pretrained directory or 'random'")
+        e.bad(
+            "checkpoint",
+            f"is required by the modes {', '.join(m for m in modes if m in MODEL_MODES)}; accepted: "
+            "a train.py work directory, a from_pretrained directory or 'random'",
+        )
         return
     try:
         kind = loading.checkpoint_kind(config.checkpoint)
@@ -280,8 +297,10 @@ def _check_capacity(e: _Errors, modes: Sequence[str]) -> None:
         return
     runs = expand_runs(e.config.capacity.runs)
     if not runs and "loss_vs_position" not in modes:
-        e.bad("capacity.runs", "lists no evaluation directories; give directories or globs of earlier "
-                               "evaluations, or add loss_vs_position to config.modes")
+        e.bad(
+            "capacity.runs",
+            "lists no evaluation directories; give directories or globs of earlier evaluations, or add loss_vs_position to config.modes",
+        )
     from ssm_jax.evaluators.capacity import load_run
 
     for run in runs:  # each run's verdict and accuracies must be there for the chosen curve
@@ -314,13 +333,14 @@ def validate_config(config: Any) -> None:
     # data
     from ssm_jax.data import CORPUS_NAMES
 
-    if e.choice("data.corpus", ("",) + CORPUS_NAMES + ("local", "tokens")) and config.data.corpus == "local" and not (
-            os.path.isdir(config.data.local_data_dir)):
-        e.bad("data.local_data_dir", "must be the directory of a corpus prepared with build_local_corpus "
-                                     "when data.corpus='local'")
+    if (
+        e.choice("data.corpus", ("",) + CORPUS_NAMES + ("local", "tokens"))
+        and config.data.corpus == "local"
+        and not (os.path.isdir(config.data.local_data_dir))
+    ):
+        e.bad("data.local_data_dir", "must be the directory of a corpus prepared with build_local_corpus when data.corpus='local'")
     if config.data.tokens_dir and not os.path.isfile(os.path.join(config.data.tokens_dir, "manifest.json")):
-        e.bad("data.tokens_dir", "must be a token corpus directory holding manifest.json (python -m "
-                                 "ssm_jax.data.linux_corpus writes one)")
+        e.bad("data.tokens_dir", "must be a token corpus directory holding manifest.json (python -m ssm_jax.data.linux_corpus writes one)")
     vf = config.data.validation_fraction
     if not (_is_num(vf) and (vf == -1 or 0 <= vf < 1)):
         e.bad("data.validation_fraction", "must be in [0, 1) (0: every document) or -1 (from the training config)")
@@ -357,8 +377,10 @@ def validate_for_model(config: Any, train_len: int, data: HeldOutData, tokenizer
     from ssm_jax.data import CORPUS_NAMES
 
     if data.corpus == "local" and not os.path.isdir(data.local_data_dir):  # the held-out documents
-        e.bad("data.local_data_dir", "must be the directory of the local corpus the model trained on "
-                                     f"(the training config names {data.local_data_dir!r})")
+        e.bad(
+            "data.local_data_dir",
+            f"must be the directory of the local corpus the model trained on (the training config names {data.local_data_dir!r})",
+        )
     elif data.corpus == "tokens" and tokenizer is not None:
         try:
             longest = group_stream_tokens(token_corpus(data, tokenizer))
@@ -366,31 +388,37 @@ def validate_for_model(config: Any, train_len: int, data: HeldOutData, tokenizer
             e.bad("data.tokens_dir", f"{err}; accepted: a token corpus of the model's tokenizer with a validation split")
         else:  # each prompt row reads one held-out group: the stream (and its next token) must fit in it
             for mode, field in (("loss_vs_position", "loss.length"), ("states", "states.length")):
-                if mode in modes and longest is not None and (
-                        mode == "states" or "documents" in parse_list(config.loss.sources)):
+                if mode in modes and longest is not None and (mode == "states" or "documents" in parse_list(config.loss.sources)):
                     need = parse_length(config[field.split(".")[0]].length, train_len) + 1
                     if need > longest:
-                        e.bad(field, f"needs {need} tokens per prompt, but the shortest held-out group of "
-                                     f"{data.tokens_dir} holds {longest}; accepted: at most {longest - 1}")
+                        e.bad(
+                            field,
+                            f"needs {need} tokens per prompt, but the shortest held-out group of "
+                            f"{data.tokens_dir} holds {longest}; accepted: at most {longest - 1}",
+                        )
     elif data.corpus != "local" and data.corpus not in CORPUS_NAMES:
-        e.bad("data.corpus", f"the training config names corpus {data.corpus!r}; accepted: "
-                             f"{', '.join(CORPUS_NAMES + ('local', 'tokens'))}")
+        e.bad("data.corpus", f"the training config names corpus {data.corpus!r}; accepted: {', '.join(CORPUS_NAMES + ('local', 'tokens'))}")
     elif data.corpus != "local":
         try:
             heldout_documents(data)
         except ValueError as err:
-            e.bad("data.validation_fraction", f"splits corpus {data.corpus!r} into no held-out or training "
-                                              f"document: {err}")
+            e.bad("data.validation_fraction", f"splits corpus {data.corpus!r} into no held-out or training document: {err}")
     if "loss_vs_position" in modes:
         width = loss_bucket_width(config, train_len)
         first_after = -(-train_len // width) * width + 1  # start of the first bucket beyond T_train
         if train_len // width < 2:
-            e.bad("loss.bucket_width", f"T_train={train_len} spans {train_len // width} bucket(s) of {width}; the "
-                                       "collapse reference excludes the first bucket, so T_train must span at least 2: "
-                                       f"accepted 1 .. {max(1, train_len // 2)}")
+            e.bad(
+                "loss.bucket_width",
+                f"T_train={train_len} spans {train_len // width} bucket(s) of {width}; the "
+                "collapse reference excludes the first bucket, so T_train must span at least 2: "
+                f"accepted 1 .. {max(1, train_len // 2)}",
+            )
         elif parse_length(config.loss.length, train_len) < first_after:
-            e.bad("loss.length", f"is {parse_length(config.loss.length, train_len)} tokens; the collapse rule needs "
-                                 f"at least {first_after} (a bucket of {width} beyond T_train={train_len})")
+            e.bad(
+                "loss.length",
+                f"is {parse_length(config.loss.length, train_len)} tokens; the collapse rule needs "
+                f"at least {first_after} (a bucket of {width} beyond T_train={train_len})",
+            )
     if "passkey" in modes:
         lengths = parse_lengths(config.passkey.context_lengths, train_len)
         if lengths[0] < 1:
@@ -407,8 +435,11 @@ def validate_for_model(config: Any, train_len: int, data: HeldOutData, tokenizer
     if "states" in modes:
         length, every = parse_length(config.states.length, train_len), states_every(config, train_len)
         if length < 2 * train_len:
-            e.bad("states.length", f"is {length} tokens; state-norm growth compares the stream's second half with "
-                                   f"T_train={train_len}: accepted >= {2 * train_len} ('2x')")
+            e.bad(
+                "states.length",
+                f"is {length} tokens; state-norm growth compares the stream's second half with "
+                f"T_train={train_len}: accepted >= {2 * train_len} ('2x')",
+            )
         if every > train_len or train_len % every:
             e.bad("states.every", f"must divide T_train={train_len} (records fall on T_train); 0 picks one")
     e.raise_any(f"invalid eval config for this model (T_train={train_len})")

@@ -66,14 +66,18 @@ def curve_json(b: BucketedLosses, train_len: int, *, factor: float, unigram_loss
     mean = per_prompt.mean(axis=0)  # (log buckets,)
     edges = b.log_edges
     centers = np.sqrt(edges[:-1] * (edges[1:] - 1).clip(min=edges[:-1]))  # geometric bucket centres
-    verdict = diagnostics.collapse_verdict(b.fine_mean().mean(axis=0), train_len, width=b.fine_width, factor=factor,
-                                           unigram_loss=unigram_loss)
+    verdict = diagnostics.collapse_verdict(b.fine_mean().mean(axis=0), train_len, width=b.fine_width, factor=factor, unigram_loss=unigram_loss)
     return {
-        "positions": centers, "loss": mean, "perplexity": np.exp(mean), "count": b.log_counts,
-        "per_prompt_loss": per_prompt, "collapse": verdict.to_json(),
+        "positions": centers,
+        "loss": mean,
+        "perplexity": np.exp(mean),
+        "count": b.log_counts,
+        "per_prompt_loss": per_prompt,
+        "collapse": verdict.to_json(),
         "loss_at_train_len": float(np.interp(np.log(train_len), np.log(centers), mean)),
         "loss_at_end": float(mean[-1]),
-        "seconds": b.seconds, "tokens_per_second": b.tokens / max(b.seconds, 1e-9),
+        "seconds": b.seconds,
+        "tokens_per_second": b.tokens / max(b.seconds, 1e-9),
     }
 
 
@@ -94,32 +98,55 @@ def run(model: Optional[EvalModel], config: Any) -> Dict[str, Any]:
     sources = parse_list(lc.sources)
     unigram = {source: float(lc.unigram_loss) or corpus_unigram_loss(model, source) for source in sources}
     result: Dict[str, Any] = {
-        "length": length, "num_prompts": num_prompts, "batch_size": int(lc.batch_size),
-        "chunk_len": int(lc.chunk_len), "train_len": train_len, "bucket_edges": edges, "fine_width": width,
-        "collapse_factor": float(lc.collapse_factor), "unigram_loss": unigram,
+        "length": length,
+        "num_prompts": num_prompts,
+        "batch_size": int(lc.batch_size),
+        "chunk_len": int(lc.chunk_len),
+        "train_len": train_len,
+        "bucket_edges": edges,
+        "fine_width": width,
+        "collapse_factor": float(lc.collapse_factor),
+        "unigram_loss": unigram,
         "unigram_loss_source": "config" if lc.unigram_loss else "the text each source streams",
         "position_definition": "t = tokens read before the predicted token (1 .. length)",
-        "seed": int(config.seed), "model": model.describe(), "mitigations": dict(model.mitigation_params),
+        "seed": int(config.seed),
+        "model": model.describe(),
+        "mitigations": dict(model.mitigation_params),
         "sources": {},
     }
     fine_curves: Dict[str, np.ndarray] = {}
     for source in sources:
         curves = {}
         for name, mitigation in model.mitigations.items():
-            stream = make_stream(source, model.loaded.tokenizer, model.data, num_rows=num_prompts,
-                                 seed=int(config.seed))  # the same prompts for every mitigation
+            stream = make_stream(
+                source, model.loaded.tokenizer, model.data, num_rows=num_prompts, seed=int(config.seed)
+            )  # the same prompts for every mitigation
             b = stream_bucketed_losses(
-                model.loaded.model, stream, length, num_prompts=num_prompts, log_edges=edges, fine_width=width,
-                batch_size=windowed_rows_per_call(int(lc.batch_size), int(lc.chunk_len),
-                                                  getattr(mitigation, "window", None), model.loaded.config.nheads),
-                chunk_len=int(lc.chunk_len), mitigation=mitigation,
+                model.loaded.model,
+                stream,
+                length,
+                num_prompts=num_prompts,
+                log_edges=edges,
+                fine_width=width,
+                batch_size=windowed_rows_per_call(
+                    int(lc.batch_size), int(lc.chunk_len), getattr(mitigation, "window", None), model.loaded.config.nheads
+                ),
+                chunk_len=int(lc.chunk_len),
+                mitigation=mitigation,
                 label=f"{source}/{name}",
             )
             curves[name] = curve_json(b, train_len, factor=float(lc.collapse_factor), unigram_loss=unigram[source])
             fine_curves[f"{source}__{name}"] = b.fine_mean()  # (prompts, fixed buckets)
-            logging.info("%s/%s: loss %.3f at T_train, %.3f at %d; collapsed=%s (%.1fs)", source, name,
-                         curves[name]["loss_at_train_len"], curves[name]["loss_at_end"], length,
-                         curves[name]["collapse"]["collapsed"], b.seconds)
+            logging.info(
+                "%s/%s: loss %.3f at T_train, %.3f at %d; collapsed=%s (%.1fs)",
+                source,
+                name,
+                curves[name]["loss_at_train_len"],
+                curves[name]["loss_at_end"],
+                length,
+                curves[name]["collapse"]["collapsed"],
+                b.seconds,
+            )
             result["sources"][source] = {"curves": curves, "unigram_loss": unigram[source]}
             _write(out_dir, dict(result, complete=False), fine_curves, width)
 
@@ -129,8 +156,10 @@ def run(model: Optional[EvalModel], config: Any) -> Dict[str, Any]:
         png = f"loss_vs_position_{source}.png"
         plots.plot_loss_vs_position(
             {name: {"positions": c["positions"], "loss": c["loss"]} for name, c in s["curves"].items()},
-            os.path.join(out_dir, png), train_len=train_len,
-            title=f"{source}: perplexity vs position ({num_prompts} prompts)")
+            os.path.join(out_dir, png),
+            train_len=train_len,
+            title=f"{source}: perplexity vs position ({num_prompts} prompts)",
+        )
         files.append(png)
     result["files"] = files
     write_json(os.path.join(out_dir, "loss_vs_position.json"), result)
@@ -139,19 +168,28 @@ def run(model: Optional[EvalModel], config: Any) -> Dict[str, Any]:
 
 def summarize(result: Mapping[str, Any]) -> List[str]:
     """The markdown table of every curve's loss at T_train and at the end, and its collapse verdict."""
-    lines = [f"## Loss vs position ({result['num_prompts']} prompts of {result['length']:,} tokens)", "",
-             f"Collapse rule: a loss (averaged over prompts and buckets of {result['fine_width']} positions) beyond "
-             f"T_train above {result['collapse_factor']:g}x the largest within T_train, the first bucket excluded. "
-             "Unigram loss (nats/token, " + result["unigram_loss_source"] + "): " +
-             ", ".join(f"{k} {v:.3f}" for k, v in result["unigram_loss"].items()) + ".", "",
-             "| source | mitigation | loss @ T_train | loss @ end | reference | max ratio after T_train | collapsed | "
-             "first collapse position | first position above unigram | tok/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Loss vs position ({result['num_prompts']} prompts of {result['length']:,} tokens)",
+        "",
+        f"Collapse rule: a loss (averaged over prompts and buckets of {result['fine_width']} positions) beyond "
+        f"T_train above {result['collapse_factor']:g}x the largest within T_train, the first bucket excluded. "
+        "Unigram loss (nats/token, "
+        + result["unigram_loss_source"]
+        + "): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in result["unigram_loss"].items())
+        + ".",
+        "",
+        "| source | mitigation | loss @ T_train | loss @ end | reference | max ratio after T_train | collapsed | "
+        "first collapse position | first position above unigram | tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for source, s in result["sources"].items():
         for name, c in s["curves"].items():
             v = c["collapse"]
-            lines.append(f"| {source} | {name} | {fmt(c['loss_at_train_len'])} | {fmt(c['loss_at_end'])} | "
-                         f"{fmt(v['reference'])} | {fmt(v['max_ratio'], 2)} | {fmt(v['collapsed'])} | "
-                         f"{fmt(v['first_position'])} | {fmt(v['first_position_above_unigram'])} | "
-                         f"{c['tokens_per_second']:.0f} |")
+            lines.append(
+                f"| {source} | {name} | {fmt(c['loss_at_train_len'])} | {fmt(c['loss_at_end'])} | "
+                f"{fmt(v['reference'])} | {fmt(v['max_ratio'], 2)} | {fmt(v['collapsed'])} | "
+                f"{fmt(v['first_position'])} | {fmt(v['first_position_above_unigram'])} | "
+                f"{c['tokens_per_second']:.0f} |"
+            )
     return lines + [""]

@@ -64,12 +64,17 @@ def build_mitigations(
                     raise ValueError("state_norm needs calibration tokens (held-out prompts of the training length)")
                 from ssm_jax.diagnostics import calibrate_state_norm
 
-                taus["tau"] = calibrate_state_norm(model, calibration_tokens(), every=max(1, train_len // 8),
-                                                   reduce=reduce, margin=margin)  # (layers, heads)
+                taus["tau"] = calibrate_state_norm(
+                    model, calibration_tokens(), every=max(1, train_len // 8), reduce=reduce, margin=margin
+                )  # (layers, heads)
             tau = taus["tau"]
             return mitigations_lib.state_norm(jnp.asarray(tau, jnp.float32)), {
-                "margin": margin, "reduce": reduce, "calibration_len": int(train_len), "tau_min": float(tau.min()),
-                "tau_mean": float(tau.mean()), "tau_max": float(tau.max()),
+                "margin": margin,
+                "reduce": reduce,
+                "calibration_len": int(train_len),
+                "tau_min": float(tau.min()),
+                "tau_mean": float(tau.mean()),
+                "tau_max": float(tau.max()),
             }
         raise ValueError(f"unknown mitigation {name!r}; accepted: {', '.join(MITIGATION_NAMES)} (join with '+')")
 

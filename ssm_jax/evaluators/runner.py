@@ -52,9 +52,14 @@ def evaluate_checkpoint(config: Any, output_dir: str, step: Optional[int]) -> Di
     model = None
     if any(evaluator(m).NEEDS_MODEL for m in modes):
         loaded = loading.load_model(
-            config.checkpoint, step=-1 if step is None else step, tokenizer=config.tokenizer,
-            train_len=int(config.train_len), dtype=config.dtype, random_model=config.random_model.to_dict(),
-            seed=int(config.seed))
+            config.checkpoint,
+            step=-1 if step is None else step,
+            tokenizer=config.tokenizer,
+            train_len=int(config.train_len),
+            dtype=config.dtype,
+            random_model=config.random_model.to_dict(),
+            seed=int(config.seed),
+        )
         data = resolve_data(config.data, loaded.data)
         validate_for_model(config, loaded.train_len, data, loaded.tokenizer)
         model = prepare(loaded, data, config)
@@ -67,8 +72,7 @@ def evaluate_checkpoint(config: Any, output_dir: str, step: Optional[int]) -> Di
         files += results[mode]["files"]
         sections.append(module.summarize(results[mode]))
     results["files"] = files + ["summary.md"]
-    results["summary"] = summary_lib.compose(results["model"], sections, results["files"],
-                                             time.perf_counter() - t_start)
+    results["summary"] = summary_lib.compose(results["model"], sections, results["files"], time.perf_counter() - t_start)
     write_text(os.path.join(output_dir, "summary.md"), results["summary"])
     return results
 
@@ -80,26 +84,31 @@ def headline(results: Mapping[str, Any]) -> Dict[str, Any]:
     for source, s in results.get("loss_vs_position", {}).get("sources", {}).items():
         for name, c in s["curves"].items():
             v = c["collapse"]
-            out[f"{source}/{name}"] = {k: v[k] for k in ("collapsed", "max_ratio", "first_position",
-                                                         "first_position_above_unigram")}
+            out[f"{source}/{name}"] = {k: v[k] for k in ("collapsed", "max_ratio", "first_position", "first_position_above_unigram")}
     st = results.get("states")
     if st:
-        out["states"] = {"max_sustained_norm_growth": st["max_sustained_norm_growth"], **{
-            f"max_retention_{k}": None if r is None else float(r["retention"].max())
-            for k, r in st["retention"].items()}}
+        out["states"] = {
+            "max_sustained_norm_growth": st["max_sustained_norm_growth"],
+            **{f"max_retention_{k}": None if r is None else float(r["retention"].max()) for k, r in st["retention"].items()},
+        }
     return out
 
 
 def _index_summary(checkpoint: str, index: List[Dict[str, Any]]) -> str:
-    lines = [f"# Evaluation of {len(index)} checkpoints of `{checkpoint}`", "",
-             "| step | curve | collapsed | max ratio | first collapse position | first position above unigram |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Evaluation of {len(index)} checkpoints of `{checkpoint}`",
+        "",
+        "| step | curve | collapsed | max ratio | first collapse position | first position above unigram |",
+        "|---|---|---|---|---|---|",
+    ]
     fmt = summary_lib.fmt
     for entry in index:
         for name, h in entry["headline"].items():
             if name != "states":
-                lines.append(f"| {entry['step']:,} | {name} | {fmt(h['collapsed'])} | {fmt(h['max_ratio'], 2)} | "
-                             f"{fmt(h['first_position'])} | {fmt(h['first_position_above_unigram'])} |")
+                lines.append(
+                    f"| {entry['step']:,} | {name} | {fmt(h['collapsed'])} | {fmt(h['max_ratio'], 2)} | "
+                    f"{fmt(h['first_position'])} | {fmt(h['first_position_above_unigram'])} |"
+                )
     lines.append("")
     lines += [f"- step {e['step']:,}: states {e['headline']['states']}" for e in index if "states" in e["headline"]]
     lines += ["Each step's own summary: " + ", ".join(f"{e['output_dir']}/summary.md" for e in index), ""]

@@ -23,8 +23,20 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["SOURCES", "HeldOutData", "resolve_data", "heldout_documents", "heldout_token_documents",
-           "source_token_documents", "token_corpus", "group_stream_tokens", "DocumentStream", "GroupStream", "RepeatStream", "make_stream"]
+__all__ = [
+    "SOURCES",
+    "HeldOutData",
+    "resolve_data",
+    "heldout_documents",
+    "heldout_token_documents",
+    "source_token_documents",
+    "token_corpus",
+    "group_stream_tokens",
+    "DocumentStream",
+    "GroupStream",
+    "RepeatStream",
+    "make_stream",
+]
 
 SOURCES = ("documents", "newlines", "shakespeare", "kjv")
 BUNDLED_SOURCES = ("shakespeare", "kjv")  # sources that are a whole bundled corpus
@@ -84,8 +96,10 @@ def token_corpus(data: HeldOutData, tokenizer: Any) -> Any:
 
     corpus = TokenCorpus(data.tokens_dir)
     if corpus.tokenizer["vocab_size"] != tokenizer.vocab_size or corpus.tokenizer["eos_id"] != tokenizer.eos_id:
-        raise ValueError(f"data.tokens_dir={data.tokens_dir!r} was tokenised with {corpus.tokenizer}, which is not the "
-                         f"model's tokenizer (vocab_size {tokenizer.vocab_size}, eos_id {tokenizer.eos_id})")
+        raise ValueError(
+            f"data.tokens_dir={data.tokens_dir!r} was tokenised with {corpus.tokenizer}, which is not the "
+            f"model's tokenizer (vocab_size {tokenizer.vocab_size}, eos_id {tokenizer.eos_id})"
+        )
     if "validation" not in corpus.splits:
         raise ValueError(f"data.tokens_dir={data.tokens_dir!r} has no validation split (splits: {corpus.splits})")
     return corpus
@@ -164,8 +178,10 @@ class GroupStream:
             raise ValueError("GroupStream needs at least one group")
         eos = np.array([eos_id], np.int32)
         self._names = [name for name, _ in groups]
-        self._tokens = [np.concatenate([piece for doc in docs for piece in (np.asarray(doc, np.int32), eos)])
-                        if docs else np.zeros((0,), np.int32) for _, docs in groups]  # per group: (tokens,)
+        self._tokens = [
+            np.concatenate([piece for doc in docs for piece in (np.asarray(doc, np.int32), eos)]) if docs else np.zeros((0,), np.int32)
+            for _, docs in groups
+        ]  # per group: (tokens,)
         self._offsets = [0] * num_rows
 
     def take(self, rows: Sequence[int], n: int) -> np.ndarray:
@@ -175,10 +191,12 @@ class GroupStream:
             g = row % len(self._tokens)
             start = self._offsets[row]
             if start + n > self._tokens[g].size:
-                raise ValueError(f"prompt row {row} needs {start + n} tokens of held-out group {self._names[g]!r}, "
-                                 f"which holds {self._tokens[g].size} (EOS included); accepted: prompts of at most "
-                                 f"{min(t.size for t in self._tokens)} tokens on this corpus")
-            out[i] = self._tokens[g][start:start + n]
+                raise ValueError(
+                    f"prompt row {row} needs {start + n} tokens of held-out group {self._names[g]!r}, "
+                    f"which holds {self._tokens[g].size} (EOS included); accepted: prompts of at most "
+                    f"{min(t.size for t in self._tokens)} tokens on this corpus"
+                )
+            out[i] = self._tokens[g][start : start + n]
             self._offsets[row] = start + n
         return out
 
@@ -203,8 +221,7 @@ class RepeatStream:
         return out
 
 
-def make_stream(source: str, tokenizer: Any, data: HeldOutData, *, num_rows: int,
-                seed: int) -> Union[DocumentStream, GroupStream, RepeatStream]:
+def make_stream(source: str, tokenizer: Any, data: HeldOutData, *, num_rows: int, seed: int) -> Union[DocumentStream, GroupStream, RepeatStream]:
     """A token stream for ``source`` (one of :data:`SOURCES`) with ``num_rows`` rows."""
     if source == "newlines":
         return RepeatStream(tokenizer.encode("\n"))

@@ -21,14 +21,16 @@ def fmt(value: Any, digits: int = 3) -> str:
 def model_lines(model: Mapping[str, Any]) -> List[str]:
     """One line on the evaluated model: where it comes from, its tokenizer, sizes, state size and T_train."""
     step = "" if model.get("step") is None else f", step {model['step']:,}"
-    return [f"Model: `{model['path']}` ({model['kind']}{step}), tokenizer {model['tokenizer']}, "
-            f"{model['params']:,} parameters, state N_S = {model['state_size']:,} "
-            f"({model['n_layer']} layers x {model['nheads']} heads x {model['headdim']} x {model['d_state']}), "
-            f"T_train = {model['train_len']:,}.", ""]
+    return [
+        f"Model: `{model['path']}` ({model['kind']}{step}), tokenizer {model['tokenizer']}, "
+        f"{model['params']:,} parameters, state N_S = {model['state_size']:,} "
+        f"({model['n_layer']} layers x {model['nheads']} heads x {model['headdim']} x {model['d_state']}), "
+        f"T_train = {model['train_len']:,}.",
+        "",
+    ]
 
 
-def compose(model: Optional[Mapping[str, Any]], sections: Sequence[List[str]], files: Sequence[str],
-            seconds: float) -> str:
+def compose(model: Optional[Mapping[str, Any]], sections: Sequence[List[str]], files: Sequence[str], seconds: float) -> str:
     """The whole summary: title, model line, the evaluators' sections, the files written and the time."""
     lines = ["# Evaluation summary", ""] + (model_lines(model) if model else [])
     for section in sections:

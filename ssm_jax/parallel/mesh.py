@@ -146,7 +146,11 @@ def _fsdp_spec(shape: Sequence[int], fsdp_size: int, min_fsdp_size: int) -> P:
 
 
 def partition_spec(
-    path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES, *,
+    path: str,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Sequence[Rule] = DEFAULT_RULES,
+    *,
     min_fsdp_size: int = 2**12,
 ) -> P:
     """The ``PartitionSpec`` of one array (see the module docstring). Scalars are always replicated."""
@@ -173,9 +177,7 @@ def _check_spec(path: str, shape: Sequence[int], spec: P, mesh: Mesh) -> None:
             raise ValueError(f"partition rule {spec} for {path!r}: dimension {dim} is not divisible by {size}")
 
 
-def tree_partition_specs(
-    tree: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES, *, min_fsdp_size: int = 2**12
-) -> Any:
+def tree_partition_specs(tree: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES, *, min_fsdp_size: int = 2**12) -> Any:
     """A pytree of ``PartitionSpec`` matching ``tree`` (arrays or ``ShapeDtypeStruct`` leaves)."""
 
     def spec(path, leaf):
@@ -184,9 +186,7 @@ def tree_partition_specs(
     return jax.tree_util.tree_map_with_path(spec, tree)
 
 
-def tree_shardings(
-    tree: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES, *, min_fsdp_size: int = 2**12
-) -> Any:
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES, *, min_fsdp_size: int = 2**12) -> Any:
     """A pytree of ``NamedSharding`` matching ``tree``."""
     specs = tree_partition_specs(tree, mesh, rules, min_fsdp_size=min_fsdp_size)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))

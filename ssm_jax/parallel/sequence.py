@@ -181,8 +181,17 @@ def ssd_in_shard(
     varying = _vma(x, dt, A, B, C, D, segment_ids, initial_state) | {axis_name}
     zero_state = _pvary(jnp.zeros((b, h, p, n), acc), varying)
     y0, local_state = _local_ssd(
-        x, dt, A, B, C, D=D, chunk_size=chunk_size, initial_state=zero_state, segment_ids=segment_ids,
-        mitigation=mitigation, impl=impl,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D=D,
+        chunk_size=chunk_size,
+        initial_state=zero_state,
+        segment_ids=segment_ids,
+        mitigation=mitigation,
+        impl=impl,
     )
     local_state = local_state.astype(acc)
 
@@ -213,8 +222,7 @@ def ssd_in_shard(
 
     # 4. The incoming state's contribution to this shard's outputs.
     # Head h reads group h // (h / g): contract per group, never materialising C repeated over heads.
-    correction = jnp.einsum("blgn,bgkpn->blgkp", C.astype(acc), h_in.reshape(b, g, h // g, p, n),
-                            precision=_precision(acc)).reshape(b, l, h, p)
+    correction = jnp.einsum("blgn,bgkpn->blgkp", C.astype(acc), h_in.reshape(b, g, h // g, p, n), precision=_precision(acc)).reshape(b, l, h, p)
     y = (y0.astype(acc) + weight[..., None] * correction).astype(x.dtype)
     return y, final_state
 
@@ -242,7 +250,8 @@ def _local_ssd(*args, impl: str, **kwargs):
         warnings.warn(
             "ssm_jax.parallel.sequence: the Pallas SSD kernels do not support shard_map(check_vma=True) yet "
             f"({str(e).splitlines()[0][:120]}...); the sequence shards use impl='xla'.",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning,
+            stacklevel=3,
         )
         return ssd(*args, impl="xla", **kwargs)
 
@@ -293,10 +302,7 @@ def ssd_sequence_parallel(
         raise ValueError(f"ssd_sequence_parallel: `x` must be (batch, seqlen, heads, headdim), got {tuple(x.shape)}")
     num_shards = mesh.shape[seq_axis]
     if x.shape[1] % num_shards:
-        raise ValueError(
-            f"ssd_sequence_parallel: seqlen {x.shape[1]} is not divisible by the {num_shards} devices of mesh "
-            f"axis {seq_axis!r}"
-        )
+        raise ValueError(f"ssd_sequence_parallel: seqlen {x.shape[1]} is not divisible by the {num_shards} devices of mesh axis {seq_axis!r}")
 
     seq_args = {"x": x, "dt": dt, "B": B, "C": C}
     if segment_ids is not None:
@@ -312,16 +318,22 @@ def ssd_sequence_parallel(
     head_specs = {k: P() for k in per_head}
     batch_specs = {k: P(batch_axis) for k in batch_only}
     in_specs = (seq_specs, head_specs, batch_specs)
-    args = tuple(
-        {k: _place(v, mesh, specs[k]) for k, v in group.items()}
-        for group, specs in zip((seq_args, per_head, batch_only), in_specs)
-    )
+    args = tuple({k: _place(v, mesh, specs[k]) for k, v in group.items()} for group, specs in zip((seq_args, per_head, batch_only), in_specs))
 
     def body(seq, heads, batch):
         return ssd_in_shard(
-            seq["x"], seq["dt"], heads["A"], seq["B"], seq["C"], axis_name=seq_axis, D=heads.get("D"),
-            chunk_size=chunk_size, initial_state=batch.get("initial_state"), segment_ids=seq.get("segment_ids"),
-            mitigation=mitigation, impl=impl,
+            seq["x"],
+            seq["dt"],
+            heads["A"],
+            seq["B"],
+            seq["C"],
+            axis_name=seq_axis,
+            D=heads.get("D"),
+            chunk_size=chunk_size,
+            initial_state=batch.get("initial_state"),
+            segment_ids=seq.get("segment_ids"),
+            mitigation=mitigation,
+            impl=impl,
         )
 
     out_specs = (_spec(batch_axis, seq_axis, 4), P(batch_axis))
@@ -354,10 +366,7 @@ def mixer_in_shard(
     halo = cfg.d_conv - 1
     b, l = u.shape[:2]
     if num_shards > 1 and l < halo:
-        raise ValueError(
-            f"sequence sharding needs at least d_conv - 1 = {halo} positions per shard, got {l} "
-            f"(seqlen / {num_shards} devices)"
-        )
+        raise ValueError(f"sequence sharding needs at least d_conv - 1 = {halo} positions per shard, got {l} (seqlen / {num_shards} devices)")
 
     z, xBC_raw, dt_raw = mixer.project(u)
     conv_prefix = None
@@ -372,17 +381,24 @@ def mixer_in_shard(
             padded_doc = document_ids(padded_seg, padded_seg.shape)
     inputs = mixer.ssm_inputs_from_projection(z, xBC_raw, dt_raw, conv_prefix=conv_prefix, padded_doc=padded_doc)
     y, _ = ssd_in_shard(
-        inputs.x, inputs.dt, inputs.A, inputs.B, inputs.C, axis_name=axis_name, D=mixer.D[...].astype(jnp.float32),
-        chunk_size=cfg.chunk_size, segment_ids=segment_ids, mitigation=mitigation, impl=impl,
+        inputs.x,
+        inputs.dt,
+        inputs.A,
+        inputs.B,
+        inputs.C,
+        axis_name=axis_name,
+        D=mixer.D[...].astype(jnp.float32),
+        chunk_size=cfg.chunk_size,
+        segment_ids=segment_ids,
+        mitigation=mitigation,
+        impl=impl,
     )
     return mixer.output(y, inputs.z)
 
 
 def _check_divisible(seqlen: int, mesh: Mesh, seq_axis: str, where: str) -> None:
     if seqlen % mesh.shape[seq_axis]:
-        raise ValueError(
-            f"{where}: seqlen {seqlen} is not divisible by the {mesh.shape[seq_axis]} devices of mesh axis {seq_axis!r}"
-        )
+        raise ValueError(f"{where}: seqlen {seqlen} is not divisible by the {mesh.shape[seq_axis]} devices of mesh axis {seq_axis!r}")
 
 
 def sharded_apply(
@@ -411,17 +427,12 @@ def sharded_apply(
 
     def body(state, seq):
         local_model = nnx.merge(graphdef, state)
-        return local_model(seq["input_ids"], segment_ids=seq.get("segment_ids"), mitigation=mitigation, impl=impl,
-                           sequence_axis=seq_axis)
+        return local_model(seq["input_ids"], segment_ids=seq.get("segment_ids"), mitigation=mitigation, impl=impl, sequence_axis=seq_axis)
 
-    return jax.shard_map(
-        body, mesh=mesh, in_specs=(P(), {k: tokens_spec for k in seq}), out_specs=P(batch_axis, seq_axis, None)
-    )(state, seq)
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), {k: tokens_spec for k in seq}), out_specs=P(batch_axis, seq_axis, None))(state, seq)
 
 
-def token_loss_sums(
-    logits: Array, targets: Array, loss_mask: Optional[Array] = None, vocab_size: Optional[int] = None
-) -> Tuple[Array, Array]:
+def token_loss_sums(logits: Array, targets: Array, loss_mask: Optional[Array] = None, vocab_size: Optional[int] = None) -> Tuple[Array, Array]:
     """``(sum of masked next-token cross-entropy, sum of the mask)`` over the given positions, in float32.
 
     ``vocab_size``: logits of ids ``>= vocab_size`` (the vocabulary padding) are left out of the softmax,
@@ -436,9 +447,7 @@ def token_loss_sums(
     return jnp.sum((log_z - picked) * mask), jnp.sum(mask)
 
 
-def chunked_lm_loss_sums(
-    model, hidden: Array, targets: Array, loss_mask: Optional[Array], *, chunk_size: int = 0
-) -> Tuple[Array, Array]:
+def chunked_lm_loss_sums(model, hidden: Array, targets: Array, loss_mask: Optional[Array], *, chunk_size: int = 0) -> Tuple[Array, Array]:
     """:func:`token_loss_sums` of ``model``'s logits on ``hidden (b, l, d_model)`` (vocabulary padding excluded).
 
     With ``chunk_size > 0`` the logits are built ``chunk_size`` positions at a time inside a rematerialised
@@ -499,21 +508,18 @@ def sequence_parallel_loss(
     _check_divisible(inputs.shape[1], mesh, seq_axis, "sequence_parallel_loss")
     graphdef, state = nnx.split(model)
     tokens_spec = P(batch_axis, seq_axis)
-    seq = {k: _place(batch[k], mesh, tokens_spec) for k in ("inputs", "targets", "segment_ids", "loss_mask")
-           if batch.get(k) is not None}
+    seq = {k: _place(batch[k], mesh, tokens_spec) for k in ("inputs", "targets", "segment_ids", "loss_mask") if batch.get(k) is not None}
     reduce_axes = (seq_axis,) + (() if batch_axis is None else tuple(_as_tuple(batch_axis)))
 
     def body(state, seq):
         local_model = nnx.merge(graphdef, state)
-        hidden, _ = local_model.hidden_states(seq["inputs"], segment_ids=seq.get("segment_ids"),
-                                              mitigation=mitigation, impl=impl, sequence_axis=seq_axis)
-        total, count = chunked_lm_loss_sums(local_model, hidden, seq["targets"], seq.get("loss_mask"),
-                                            chunk_size=loss_chunk_size)
+        hidden, _ = local_model.hidden_states(
+            seq["inputs"], segment_ids=seq.get("segment_ids"), mitigation=mitigation, impl=impl, sequence_axis=seq_axis
+        )
+        total, count = chunked_lm_loss_sums(local_model, hidden, seq["targets"], seq.get("loss_mask"), chunk_size=loss_chunk_size)
         return jax.lax.psum(total, reduce_axes), jax.lax.psum(count, reduce_axes)
 
-    total, count = jax.shard_map(
-        body, mesh=mesh, in_specs=(P(), {k: tokens_spec for k in seq}), out_specs=(P(), P())
-    )(state, seq)
+    total, count = jax.shard_map(body, mesh=mesh, in_specs=(P(), {k: tokens_spec for k in seq}), out_specs=(P(), P()))(state, seq)
     return total / jnp.maximum(count, 1.0), count
 
 

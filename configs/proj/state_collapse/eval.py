@@ -37,8 +37,10 @@ def parse_arg(arg: str) -> tuple[int, str, bool]:
     if smoke:
         parts = parts[:-1]
     if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) < 1 or parts[1] not in PARTS:
-        raise ValueError(f"configs/proj/state_collapse/eval.py: argument {arg!r} must be '<T_train>,<part>[,smoke]' "
-                         f"with T_train a positive integer and part one of {', '.join(PARTS)}")
+        raise ValueError(
+            f"configs/proj/state_collapse/eval.py: argument {arg!r} must be '<T_train>,<part>[,smoke]' "
+            f"with T_train a positive integer and part one of {', '.join(PARTS)}"
+        )
     return int(parts[0]), parts[1], smoke
 
 

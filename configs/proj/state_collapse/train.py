@@ -32,17 +32,20 @@ def parse_arg(arg: str) -> tuple[str, int, int]:
     the accepted values."""
     parts = arg.split(",")
     if len(parts) not in (2, 3) or parts[0] not in SIZES or not all(p.isdigit() for p in parts[1:]):
-        raise ValueError(f"configs/proj/state_collapse/train.py: argument {arg!r} must be '<size>,<T_train>[,<steps>]' "
-                         f"with size one of {', '.join(SIZES)}, T_train a power of two dividing {TOKENS_PER_STEP} and "
-                         f"steps a multiple of {NUM_CHECKPOINTS}")
+        raise ValueError(
+            f"configs/proj/state_collapse/train.py: argument {arg!r} must be '<size>,<T_train>[,<steps>]' "
+            f"with size one of {', '.join(SIZES)}, T_train a power of two dividing {TOKENS_PER_STEP} and "
+            f"steps a multiple of {NUM_CHECKPOINTS}"
+        )
     train_len = int(parts[1])
     num_steps = int(parts[2]) if len(parts) == 3 else NUM_STEPS
     if train_len < 1 or TOKENS_PER_STEP % train_len or train_len & (train_len - 1):
-        raise ValueError(f"configs/proj/state_collapse/train.py: T_train={train_len} must be a power of two dividing "
-                         f"{TOKENS_PER_STEP}")
+        raise ValueError(f"configs/proj/state_collapse/train.py: T_train={train_len} must be a power of two dividing {TOKENS_PER_STEP}")
     if num_steps < NUM_CHECKPOINTS or num_steps % NUM_CHECKPOINTS:
-        raise ValueError(f"configs/proj/state_collapse/train.py: steps={num_steps} must be a positive multiple of "
-                         f"{NUM_CHECKPOINTS} (the checkpoints are evenly spaced)")
+        raise ValueError(
+            f"configs/proj/state_collapse/train.py: steps={num_steps} must be a positive multiple of "
+            f"{NUM_CHECKPOINTS} (the checkpoints are evenly spaced)"
+        )
     return parts[0], train_len, num_steps
 
 
@@ -52,10 +55,15 @@ def get_config(arg: str = "47m,1024"):
     d_model, n_layer = SIZES[size]
     config = paper_small_config(d_model=d_model, n_layer=n_layer, lr=PEAK_LR)
     config.model.update(chunk_size=min(256, train_len))
-    config.data.update(corpus="tokens", tokens_dir="data/linux-6.1", tokenizer="neox", mode="concat",
-                       seq_len=train_len, num_threads=4)
-    config.train.update(batch_size=TOKENS_PER_STEP // train_len, num_steps=num_steps, grad_accum_steps=1,
-                        log_every=32, loss_chunk_size=min(1024, train_len), progress_bar=False)
+    config.data.update(corpus="tokens", tokens_dir="data/linux-6.1", tokenizer="neox", mode="concat", seq_len=train_len, num_threads=4)
+    config.train.update(
+        batch_size=TOKENS_PER_STEP // train_len,
+        num_steps=num_steps,
+        grad_accum_steps=1,
+        log_every=32,
+        loss_chunk_size=min(1024, train_len),
+        progress_bar=False,
+    )
     config.optim.update(warmup_steps=100, decay_fraction=0.2, decay_shape="sqrt")
     config.eval.update(every_steps=checkpoint_every, num_batches=8, batch_size=max(1, TOKENS_PER_STEP // train_len // 2))
     config.checkpoint.update(every_steps=checkpoint_every, max_to_keep=NUM_CHECKPOINTS, async_save=True)
