@@ -118,3 +118,17 @@ def test_stepwise_bench_smoke(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["impl"] for r in rows] == ["recurrent", "stepwise"]
     assert rows[1]["rel_err_y"] < 1e-5 and rows[1]["rel_err_state"] < 1e-5
+
+
+def test_decode_bench_tiny(tmp_path):
+    """``decode_bench.py --tiny`` as a script: a cold and a cached process per batch size, both decoding the same
+    greedy tokens (the script checks the digests), every timing positive."""
+    out = tmp_path / "decode.json"
+    _run_script(
+        "decode_bench.py", "--tiny", "--batches", "2", "--n_short", "2", "--n_long", "5", "--prompt_len", "19", "--repeats", "1", "--out", str(out)
+    )
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["batch"] == 2
+    for run in (result["cold"], result["cached"]):
+        assert run["time_to_first_token_s"] > 0 and run["generate_long_s"] > 0 and run["generate_short_s"] > 0
+    assert result["cold"]["tokens_sha256"] == result["cached"]["tokens_sha256"]
