@@ -11,6 +11,13 @@ length (2K, 8K, 32K) and SSD implementation (``xla``: the pure-jnp chunked scan;
 when they import and run) the batch is "filled": ``--tokens_per_batch`` tokens per step (default 128K),
 halved on out-of-memory; without rematerialisation first, then with ``remat=True``.
 
+With ``--remat_policies none,full,dots`` the batch is fixed instead (``--tokens_per_batch`` / seq len) and
+every rematerialisation policy of ``ssm_jax.model.REMAT_POLICIES`` named is measured at it, its step time
+and peak memory side by side (a policy that runs out of memory gets a row that says so):
+
+    python benchmarks/train_throughput.py --seq_lens 8192,32768 --impls pallas --tokens_per_batch 32768 \
+        --remat_policies none,full,dots --out docs/benchmarks/remat_h200.json
+
 MFU = model FLOPs per token (``train_lib.model_flops_per_token``: 3 x forward matmul work of the
 projections, conv, SSD and LM head) x tokens/s / peak. Peak: ``--peak_tflops`` or the spec sheet's dense
 bf16 rate of the device (H200 / H100 SXM: 989 TFLOP/s); the script also measures a large bf16 matmul and
@@ -135,7 +142,12 @@ def run(args) -> dict:
         except Exception as e:  # noqa: BLE001
             print(f"matmul measurement failed: {e}", file=sys.stderr)
     rows = []
-    for impl in args.impls.split(","):
+    if args.remat_policies:
+        for impl in args.impls.split(","):
+            for seq_len in [int(s) for s in args.seq_lens.split(",")]:
+                for policy in args.remat_policies.split(","):
+                    rows.append(_policy_row(base.replace(ssd_impl=impl, remat=policy), impl, seq_len, args, peak, matmul))
+    for impl in args.impls.split(",") if not args.remat_policies else ():
         for seq_len in [int(s) for s in args.seq_lens.split(",")]:
             row = {"impl": impl, "seq_len": seq_len}
             tokens = max(args.tokens_per_batch, seq_len)
@@ -193,6 +205,30 @@ def run(args) -> dict:
     }
 
 
+def _policy_row(cfg, impl: str, seq_len: int, args, peak, matmul) -> dict:
+    """One rematerialisation policy at the fixed batch ``--tokens_per_batch // seq_len``."""
+    from ssm_jax import train_lib
+
+    batch = max(1, args.tokens_per_batch // seq_len)
+    row = {"impl": impl, "seq_len": seq_len, "batch": batch, "remat": cfg.remat}
+    try:
+        res = bench_one(cfg, seq_len, batch, steps=args.steps, warmup=args.warmup, loss_chunk=min(args.loss_chunk, seq_len))
+    except Exception as e:  # noqa: BLE001
+        row["error"] = "out of memory" if _is_oom(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    else:
+        achieved = train_lib.model_flops_per_token(cfg, seq_len) * res["tokens_per_s"] / 1e12
+        row.update(
+            **res,
+            model_tflops_per_s=achieved,
+            mfu=None if peak is None else achieved / peak,
+            frac_of_matmul=None if matmul is None else achieved / matmul,
+        )
+    print(json.dumps(row), flush=True)
+    jax.clear_caches()
+    gc.collect()
+    return row
+
+
 def markdown(result: dict) -> str:
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
@@ -227,6 +263,7 @@ def main(argv=None) -> None:
     p.add_argument("--peak_tflops", type=float, default=0.0, help="override the device's peak bf16 TFLOP/s")
     p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke run)")
     p.add_argument("--no_matmul", action="store_true", help="skip the matmul-rate measurement")
+    p.add_argument("--remat_policies", default="", help="comma-separated remat policy names (none, full, dots): each at the fixed batch")
     args = p.parse_args(argv)
     result = run(args)
     if args.out:

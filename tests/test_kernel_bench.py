@@ -132,3 +132,17 @@ def test_decode_bench_tiny(tmp_path):
     for run in (result["cold"], result["cached"]):
         assert run["time_to_first_token_s"] > 0 and run["generate_long_s"] > 0 and run["generate_short_s"] > 0
     assert result["cold"]["tokens_sha256"] == result["cached"]["tokens_sha256"]
+
+
+def test_train_throughput_remat_policies_tiny(tmp_path):
+    """``train_throughput.py --remat_policies``: each policy at the same fixed batch, the same training step (the
+    same loss after it: rematerialisation recomputes, it does not change the arithmetic), its peak memory reported."""
+    out = tmp_path / "remat.json"
+    _run_script(
+        "train_throughput.py", "--tiny", "--seq_lens", "96", "--impls", "xla", "--tokens_per_batch", "192", "--steps", "1",
+        "--warmup", "1", "--remat_policies", "none,full", "--out", str(out),
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["remat"], r["batch"], r["seq_len"]) for r in rows] == [("none", 2, 96), ("full", 2, 96)]
+    assert all("error" not in r and r["peak_memory_gb"] > 0 and r["step_ms"] > 0 for r in rows), rows
+    assert rows[0]["final_loss"] == pytest.approx(rows[1]["final_loss"], rel=1e-4)
