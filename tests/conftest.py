@@ -5,6 +5,11 @@ import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", ""))
+# `python -m pytest` puts the checkout's root first on sys.path, where our `kernels/` folder (installed as
+# `ssm_jax.kernels`) would shadow Hugging Face's `kernels` package, which transformers (>= 5.25) imports. The
+# tests import the installed package, so the root comes off the path.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
