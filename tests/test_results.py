@@ -450,3 +450,9 @@ def test_readme_results_paragraph(sc_summary):
     assert all(r["final"]["documents/none"]["num_prompts"] == 32 for r in evaluated)  # streamed past 64x T_train:
     assert all(r["final"]["documents/none"]["windows"].get("64x") is not None for r in evaluated)
     assert "at least 64x its training length on 32 held-out kernel directories" in readme
+    big = runs["85m_T256"]
+    r1, r16 = big["final_states"]["retention_1x"]["max"], big["final_states"]["retention_16x"]["max"]
+    assert f"evaluated once at `T_train` 256 ({big['final_step'] * 65536 / 1e6:.0f}M tokens)" in readme
+    assert f"keeps {r1:.3f} of the first token at `T_train` and {r16:.3f} at 16x" in readme
+    assert f"does not collapse (ratio {big['final']['documents/none']['max_ratio']:.2f})" in readme
+    assert not big["final"]["documents/none"]["collapsed"]
