@@ -572,6 +572,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = sub.add_parser("gather", help="copy the raw outputs RESULTS.md reads (experiments/state_collapse_report.py)")
     p.add_argument("--root", required=True)
     p.add_argument("--corpus", default=None, help="the study corpus (prepare's <out>/corpus): its manifest")
+    p.add_argument("--corpus_file", default="corpus_manifest.json", help="the name the corpus manifest is written under")
     p.add_argument("--out", required=True)
     p = sub.add_parser("report", help="summary.json, figures and the tables of docs/RESULTS.md from the raw outputs")
     p.add_argument("--results", required=True)
@@ -595,7 +596,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     elif args.command == "gather":
         import state_collapse_report
 
-        print(f"{args.out}: {len(state_collapse_report.gather(args.root, args.out, args.corpus))} files")
+        print(f"{args.out}: {len(state_collapse_report.gather(args.root, args.out, args.corpus, args.corpus_file))} files")
     elif args.command == "report":
         import state_collapse_report
 

@@ -100,14 +100,15 @@ def _merged_status(new: str, old: str) -> Dict[str, Any]:
     return {**merged, **status, "jobs": jobs, "sessions": sessions}
 
 
-def gather(root: str, out: str, corpus: Optional[str] = None) -> List[str]:
+def gather(root: str, out: str, corpus: Optional[str] = None, corpus_file: str = "corpus_manifest.json") -> List[str]:
     """Copies the raw outputs of every run under ``root`` into ``out`` (see the module docstring), and the
     manifest of the study's ``corpus`` (package, version, sha256, filters, token counts, held-out groups)
-    as ``corpus_manifest.json``. Gathering a later session's root adds to what is there."""
+    as ``corpus_file`` (another name for a session whose runs read another subset). Gathering a later
+    session's root adds to what is there."""
     copied = []
     if corpus:
-        _copy(os.path.join(corpus, "manifest.json"), os.path.join(out, "corpus_manifest.json"))
-        copied.append("corpus_manifest.json")
+        _copy(os.path.join(corpus, "manifest.json"), os.path.join(out, corpus_file))
+        copied.append(corpus_file)
     status = _merged_status(os.path.join(root, "status.json"), os.path.join(out, "status.json"))
     from ssm_jax.io import write_json
 

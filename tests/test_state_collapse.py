@@ -147,6 +147,33 @@ def test_the_study_driver_end_to_end(tmp_path):
     assert "runs/tiny_T128/eval_final/loss_vs_position_fine.npz" in names
     assert not any("/checkpoints/" in n or "jax_cache" in n for n in names)
 
+    # gather: the raw outputs and the corpus manifest, under the name a session's subset needs
+    gathered = tmp_path / "gathered"
+    script = os.path.join(ROOT, "experiments", "state_collapse.py")
+    done = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "gather",
+            "--root",
+            str(root),
+            "--corpus",
+            str(study / "corpus"),
+            "--corpus_file",
+            "corpus_manifest_whole_split.json",
+            "--out",
+            str(gathered),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert (gathered / "corpus_manifest_whole_split.json").read_text() == (study / "corpus" / "manifest.json").read_text()
+    assert not (gathered / "corpus_manifest.json").exists()
+    assert os.path.isfile(gathered / "tiny_T128" / "eval_final" / "loss_vs_position.json")
+
 
 def test_a_prompt_longer_than_the_held_out_groups_is_refused_before_loading(tmp_path):
     from ssm_jax.evaluators.config import validate_for_model
