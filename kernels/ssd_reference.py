@@ -70,8 +70,10 @@ def ssd_recurrent(
     b, l, h, p = x.shape
     n = B.shape[-1]
     acc = accumulation_dtype(x.dtype)
-    Bh = expand_groups(B, h).astype(acc)  # (b, l, h, n)
-    Ch = expand_groups(C, h).astype(acc)  # (b, l, h, n)
+    # Cast before broadcasting to heads: the gradient of a group is the sum over its heads, which then runs
+    # in the accumulation dtype (the other order sums up to 24 bf16 terms in bf16: 6e-3 relative error).
+    Bh = expand_groups(B.astype(acc), h)  # (b, l, h, n)
+    Ch = expand_groups(C.astype(acc), h)  # (b, l, h, n)
     u = x.astype(acc) * dt_in[..., None]  # (b, l, h, p)
     reset = jnp.zeros((b, l), bool) if doc is None else jnp.concatenate([jnp.zeros((b, 1), bool), doc[:, 1:] != doc[:, :-1]], axis=1)
     h0 = jnp.zeros((b, h, p, n), acc) if initial_state is None else initial_state.astype(acc)

@@ -426,6 +426,6 @@ def _chunked_windowed_output(x, dt_in, log_a, B, C, initial_state, doc, q, windo
         if doc is not None:
             keep = keep & (doc == 0)[:, :, None]
         weight = jnp.where(keep, jnp.exp(jnp.where(keep, prefix, 0.0)), 0.0)  # (b, l, h)
-        Ch = expand_groups(C, h).astype(acc)
+        Ch = expand_groups(C.astype(acc), h)  # (b, l, h, n); cast first: the heads' gradients sum in acc
         y = y + weight[..., None] * jnp.einsum("bhpn,blhn->blhp", initial_state.astype(acc), Ch, precision=prec)
     return y
