@@ -142,11 +142,35 @@ def run(args) -> dict:
         except Exception as e:  # noqa: BLE001
             print(f"matmul measurement failed: {e}", file=sys.stderr)
     rows = []
+    result = {
+        "benchmark": "train_throughput",
+        "model": "tiny" if args.tiny else "mamba2-130m",
+        "device": getattr(device, "device_kind", str(device)),
+        "num_devices_used": 1,
+        "backend": device.platform,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "peak_tflops": peak,
+        "measured_matmul_tflops": matmul,
+        "steps": args.steps,
+        "tokens_per_batch_target": args.tokens_per_batch,
+        "loss_chunk_size": args.loss_chunk,
+        "rows": rows,
+        "complete": False,
+        "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
+    }
+
+    def record(row: dict) -> None:
+        """Keeps a finished row, and rewrites ``--out`` with every row so far (``complete`` stays false until
+        the last), so a run cut short by a device call's time limit keeps what it measured."""
+        rows.append(row)
+        write(result, args.out)
+
     if args.remat_policies:
         for impl in args.impls.split(","):
             for seq_len in [int(s) for s in args.seq_lens.split(",")]:
                 for policy in args.remat_policies.split(","):
-                    rows.append(_policy_row(base.replace(ssd_impl=impl, remat=policy), impl, seq_len, args, peak, matmul))
+                    record(_policy_row(base.replace(ssd_impl=impl, remat=policy), impl, seq_len, args, peak, matmul))
     for impl in args.impls.split(",") if not args.remat_policies else ():
         for seq_len in [int(s) for s in args.seq_lens.split(",")]:
             row = {"impl": impl, "seq_len": seq_len}
@@ -184,25 +208,24 @@ def run(args) -> dict:
             if not done:
                 row["error"] = "out of memory even at batch 1 with remat"
             print(json.dumps(row), flush=True)
-            rows.append(row)
+            record(row)
             jax.clear_caches()
             gc.collect()
-    return {
-        "benchmark": "train_throughput",
-        "model": "tiny" if args.tiny else "mamba2-130m",
-        "device": getattr(device, "device_kind", str(device)),
-        "num_devices_used": 1,
-        "backend": device.platform,
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-        "peak_tflops": peak,
-        "measured_matmul_tflops": matmul,
-        "steps": args.steps,
-        "tokens_per_batch_target": args.tokens_per_batch,
-        "loss_chunk_size": args.loss_chunk,
-        "rows": rows,
-        "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
-    }
+    result["complete"] = True
+    write(result, args.out)
+    return result
+
+
+def write(result: dict, out: str) -> None:
+    """Writes ``result`` to ``out`` (nothing when ``out`` is empty) through a temporary file, so a kill
+    mid-write leaves the previous version."""
+    if not out:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, out)
 
 
 def _policy_row(cfg, impl: str, seq_len: int, args, peak, matmul) -> dict:
@@ -265,11 +288,15 @@ def main(argv=None) -> None:
     p.add_argument("--no_matmul", action="store_true", help="skip the matmul-rate measurement")
     p.add_argument("--remat_policies", default="", help="comma-separated remat policy names (none, full, dots): each at the fixed batch")
     args = p.parse_args(argv)
-    result = run(args)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    if args.remat_policies:
+        from ssm_jax.model import remat_policy_name
+
+        for name in args.remat_policies.split(","):
+            try:
+                remat_policy_name(name, "--remat_policies")
+            except ValueError as e:
+                p.error(str(e))
+    result = run(args)  # writes --out after every row, and at the end with "complete": true
     print(markdown(result))
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -142,7 +143,56 @@ def test_train_throughput_remat_policies_tiny(tmp_path):
         "train_throughput.py", "--tiny", "--seq_lens", "96", "--impls", "xla", "--tokens_per_batch", "192", "--steps", "1",
         "--warmup", "1", "--remat_policies", "none,full", "--out", str(out),
     )  # fmt: skip
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["complete"] and not os.path.exists(str(out) + ".tmp")
     assert [(r["remat"], r["batch"], r["seq_len"]) for r in rows] == [("none", 2, 96), ("full", 2, 96)]
     assert all("error" not in r and r["peak_memory_gb"] > 0 and r["step_ms"] > 0 for r in rows), rows
     assert rows[0]["final_loss"] == pytest.approx(rows[1]["final_loss"], rel=1e-4)
+
+
+def test_train_throughput_keeps_finished_rows_when_killed(tmp_path):
+    """A run cut short (a device call's time limit kills it) leaves the rows it finished in ``--out``, marked
+    incomplete: the script rewrites the file after every row. Killed here with SIGKILL once the first row is in."""
+    out = tmp_path / "remat.json"
+    argv = ["--tiny", "--seq_lens", "96", "--impls", "xla", "--tokens_per_batch", "192", "--steps", "1", "--warmup", "1"]
+    argv += ["--remat_policies", "none,full,dots,none,full,dots", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "train_throughput.py"), *argv],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    try:
+        deadline = time.time() + 600
+        while not out.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert out.exists(), "no row was written"
+    finally:
+        proc.kill()
+        proc.wait()
+    result = json.loads(out.read_text())
+    assert not result["complete"] and 1 <= len(result["rows"]) < 6
+    assert result["rows"][0]["remat"] == "none" and result["rows"][0]["step_ms"] > 0
+
+
+def test_train_throughput_refuses_an_unknown_remat_policy_before_measuring(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "train_throughput.py"),
+            "--tiny",
+            "--remat_policies",
+            "none,sometimes",
+            "--out",
+            str(tmp_path / "x.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert proc.returncode == 2 and "--remat_policies" in proc.stderr and "'sometimes'" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
