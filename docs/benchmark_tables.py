@@ -317,6 +317,22 @@ def streaming_memory() -> str:
     )
 
 
+def gpu_suite() -> str:
+    """The latest recorded run of the GPU test suite (``benchmarks/gpu_suite.py``): when, where, the counts and
+    each test's outcome, with the assertion of any that failed."""
+    data = load("gpu_suite_h200.json")
+    c = data["counts"]
+    rows = []
+    for t in data["tests"]:
+        note = t.get("message", "").splitlines()[0] if t["outcome"] != "passed" else ""
+        rows.append([f"`{t['name'].split('::', 1)[1]}`", t["outcome"], f"{t['seconds']:.1f}", note.replace("|", "/")])
+    return (
+        f"Run on {data['date']} at commit `{data['commit']}` on an {data['device']} (compute capability "
+        f"{data['compute_capability']}, jax {data['jax']}, flax {data['flax']}): {c['passed']} passed, {c['failed']} failed, "
+        f"{c['error']} errors, {c['skipped']} skipped.\n\n" + table(["test", "outcome", "s", "failure"], rows)
+    )
+
+
 # ------------------------------------------------------------------------------------------------ README
 
 
@@ -387,6 +403,7 @@ TABLES: Dict[str, Callable[[], str]] = {
     "stream_goal": stream_goal,
     "stepwise": stepwise,
     "streaming_memory": streaming_memory,
+    "gpu_suite": gpu_suite,
 }
 BLOCK = re.compile(r"<!-- table:(\w+) -->\n(.*?)<!-- /table:\1 -->", re.S)
 

@@ -110,17 +110,18 @@ def test_sliding_window_sizes_match_the_json(tables):
 
 
 # Files whose JSON names neither its command nor its benchmark: the script that writes that layout.
-WRITTEN_BY = {"streaming_memory_h200.json": "benchmarks/streaming_memory.py"}
+WRITTEN_BY = {"streaming_memory_h200.json": "benchmarks/streaming_memory.py", "gpu_suite_h200.json": "benchmarks/gpu_suite.py"}
 
 
 def _script_of(name: str, data: dict) -> str:
     meta = data.get("meta", data)
-    if "command" in meta:
-        return re.match(r"python (benchmarks/\w+\.py) ", meta["command"]).group(1)
+    script = re.match(r"python (benchmarks/\w+\.py) ", meta.get("command", ""))
+    if script:
+        return script.group(1)
     if "benchmark" in data:
         candidates = [f"benchmarks/{data['benchmark']}.py", f"benchmarks/{data['benchmark']}_bench.py"]
         return next(c for c in candidates if os.path.isfile(os.path.join(ROOT, c)))
-    return WRITTEN_BY[name]
+    return WRITTEN_BY[name]  # a JSON whose command is not its script's (gpu_suite records the pytest command)
 
 
 def test_docs_benchmarks_holds_only_script_written_json_that_the_docs_cite():
@@ -137,3 +138,14 @@ def test_docs_benchmarks_holds_only_script_written_json_that_the_docs_cite():
     for doc in ("README.md", "docs/benchmarks.md"):
         for name in set(re.findall(r"docs/benchmarks/([\w.]+\.json)", _read(doc))):
             assert os.path.isfile(os.path.join(JSON_DIR, name)), f"{doc} cites a missing {name}"
+
+
+def test_gpu_suite_record_is_pytest_s_own_report():
+    """The GPU suite's record: counts that add up to its tests, and the failed ones named with their assertion."""
+    data = json.loads(_read("docs/benchmarks/gpu_suite_h200.json"))
+    outcomes = [t["outcome"] for t in data["tests"]]
+    assert {k: outcomes.count(k) for k in data["counts"]} == data["counts"] and len(outcomes) == 9
+    assert data["device"] == "NVIDIA H200" and data["compute_capability"].startswith("9") and data["backend"] == "gpu"
+    assert data["returncode"] == (1 if data["counts"]["failed"] else 0)
+    assert all(t["message"] for t in data["tests"] if t["outcome"] == "failed")
+    assert data["command"].startswith("python -m pytest -m gpu ")
