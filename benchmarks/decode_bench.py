@@ -48,7 +48,7 @@ def measure(batch: int, args: argparse.Namespace, started: float) -> dict:
     time_to_first = time.time() - started
 
     def timed(n: int) -> tuple[float, np.ndarray]:
-        inference.generate(model, prompt, n)  # compiles the decode loop for n steps
+        inference.generate(model, prompt, n)  # warm-up (the decode block is compiled once for every n)
         best, tokens = float("inf"), None
         for _ in range(args.repeats):
             t0 = time.perf_counter()

@@ -92,22 +92,24 @@ def _compiled(graphdef) -> dict:
         logits, cache = model.forward_with_cache(token[:, None], cache, mitigation=mitigation)
         return token, logits[:, -1], cache, done
 
-    def decode(state, first_logits, cache, keys, mitigation, options):
-        """``len(keys)`` decoding steps in one compiled loop that ends early once every row is done."""
-        b, num_tokens = first_logits.shape[0], keys.shape[0]
+    def decode(state, logits, cache, done, keys, num_steps, mitigation, options):
+        """One block of decoding: ``num_steps <= len(keys)`` steps (a traced count, so every request shares one
+        compiled block) in a loop that ends early once every row is done. Returns the block's tokens
+        ``(b, len(keys))`` (``pad_token_id`` after the steps taken) and the loop state to continue from."""
+        b, block = logits.shape[0], keys.shape[0]
 
         def cond(carry):
             i, _, _, done, _ = carry
-            return (i < num_tokens) & ~jnp.all(done)
+            return (i < num_steps) & ~jnp.all(done)
 
         def body(carry):
             i, logits, cache, done, out = carry
             token, logits, cache, done = decode_step(state, logits, cache, keys[i], done, mitigation, options)
             return i + 1, logits, cache, done, out.at[:, i].set(token)
 
-        out = jnp.full((b, num_tokens), options.pad_token_id, jnp.int32)
-        carry = (jnp.int32(0), first_logits, cache, jnp.zeros((b,), bool), out)
-        return jax.lax.while_loop(cond, body, carry)[-1]
+        out = jnp.full((b, block), options.pad_token_id, jnp.int32)
+        _, logits, cache, done, out = jax.lax.while_loop(cond, body, (jnp.int32(0), logits, cache, done, out))
+        return out, logits, cache, done
 
     return dict(
         forward=jax.jit(forward),
@@ -264,6 +266,11 @@ def stream_losses(
     return np.concatenate(losses, axis=1)
 
 
+# Decoding runs in blocks of this many steps: one compiled block serves every ``max_new_tokens`` (a loop over
+# ``keys.shape[0]`` steps would compile anew for each length), at one host round trip per block.
+DECODE_BLOCK = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class _DecodeOptions:
     """The static settings of a decoding loop (hashable: a compile-time argument)."""
@@ -332,13 +339,25 @@ def generate(
         None if eos_token_id is None else int(eos_token_id),
         int(pad),
     )
-    keys = jax.random.split(jax.random.PRNGKey(0) if rng is None else rng, int(max_new_tokens))  # one per step
+    n = int(max_new_tokens)
+    keys = jax.random.split(jax.random.PRNGKey(0) if rng is None else rng, n)  # (n, 2): one per step
     fns, state = _split(model)
-    if on_token is None:
-        return np.asarray(fns["decode"](state, last_logits, cache, keys, mitigation, options=options))
-    out = np.full((input_ids.shape[0], int(max_new_tokens)), options.pad_token_id, np.int32)
     logits, done = last_logits, jnp.zeros((input_ids.shape[0],), bool)
-    for i in range(int(max_new_tokens)):
+    if on_token is None:
+        keys = jnp.concatenate([keys, jnp.zeros((-n % DECODE_BLOCK, 2), keys.dtype)])  # whole blocks of keys
+        blocks = []
+        for start in range(0, n, DECODE_BLOCK):
+            steps = min(DECODE_BLOCK, n - start)
+            tokens, logits, cache, done = fns["decode"](
+                state, logits, cache, done, keys[start : start + DECODE_BLOCK], jnp.int32(steps), mitigation, options=options
+            )
+            blocks.append(tokens[:, :steps])
+            if eos_token_id is not None and start + steps < n and bool(jnp.all(done)):
+                blocks.append(jnp.full((tokens.shape[0], n - start - steps), options.pad_token_id, jnp.int32))
+                break
+        return np.asarray(jnp.concatenate(blocks, axis=1))
+    out = np.full((input_ids.shape[0], n), options.pad_token_id, np.int32)
+    for i in range(n):
         token, logits, cache, done = fns["decode_step"](state, logits, cache, keys[i], done, mitigation, options=options)
         out[:, i] = np.asarray(token)
         on_token(out[:, i].copy())

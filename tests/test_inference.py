@@ -106,6 +106,32 @@ def test_greedy_generation_equals_argmax_of_full_forward(model, ids):
     np.testing.assert_array_equal(generated, argmax)
 
 
+def test_decoding_in_blocks_compiles_once_for_every_length(model, ids, monkeypatch):
+    """``generate`` decodes in blocks of ``DECODE_BLOCK`` steps with a traced step count: every
+    ``max_new_tokens`` reuses one compiled block (a 4-step block here, so the lengths below cross blocks), and the
+    tokens equal the step-by-step path's (``on_token``), sampled with the same per-step keys, and stopping at EOS."""
+    monkeypatch.setattr(inference, "DECODE_BLOCK", 4)
+    prompt = ids[:, :25]
+    fns, _ = inference._split(model)
+    before = fns["decode"]._cache_size()
+    greedy = {n: inference.generate(model, prompt, n, chunk_len=8) for n in (1, 4, 9)}
+    assert fns["decode"]._cache_size() - before <= 1  # one block program (none if an earlier test compiled it)
+    for n in (1, 4):
+        np.testing.assert_array_equal(greedy[n], greedy[9][:, :n])
+    seq = jnp.concatenate([prompt, jnp.asarray(greedy[9])], axis=1)
+    np.testing.assert_array_equal(greedy[9], full_logits(model, seq)[:, 24:-1, : CFG.vocab_size].argmax(-1))
+    key = jax.random.PRNGKey(7)
+    sampled = inference.generate(model, prompt, 9, temperature=1.0, rng=key, chunk_len=8)
+    stepwise = inference.generate(model, prompt, 9, temperature=1.0, rng=key, chunk_len=8, on_token=lambda t: None)
+    np.testing.assert_array_equal(sampled, stepwise)
+    eos = int(sampled[0, 5])  # row 0 stops in the second block
+    pad = CFG.padded_vocab_size - 1
+    stopped = inference.generate(model, prompt, 9, temperature=1.0, rng=key, chunk_len=8, eos_token_id=eos, pad_token_id=pad)
+    want = inference.generate(model, prompt, 9, temperature=1.0, rng=key, chunk_len=8, eos_token_id=eos, pad_token_id=pad, on_token=lambda t: None)
+    np.testing.assert_array_equal(stopped, want)
+    assert stopped.shape == (prompt.shape[0], 9) and (stopped[0, 6:] == pad).all()
+
+
 def test_top_k_sampling_stays_in_top_k(model, ids):
     prompt = ids[:1, :10]
     last, _ = inference.prefill(model, prompt)
