@@ -429,6 +429,8 @@ def test_retention_per_head_claims(flat):
     argmaxes = {np.unravel_index(r.argmax(), r.shape) for step, r in long if step >= from_step}
     ((layer, _),) = argmaxes
     assert f"from step {from_step} on the largest is always the same head of layer {layer}" in flat
+    big = [int((r > 0.05).sum()) for _, r in per_head("85m_T256_long")]
+    assert len(big) == 8 and f"has {min(big)} to\n{max(big)} of its 288 heads above 0.05".replace("\n", " ") in flat
     assert os.path.getsize(os.path.join(SC_DIR, "retention_heads.png")) > 10_000
 
 
