@@ -110,6 +110,19 @@ LR_GROUP_TOKENS = 65_536
 PART_BYTES = 150 * 2**20  # bytes of uncompressed shards per packed part, before xz
 
 
+def corpus_missing(corpus_dir: str) -> Optional[str]:
+    """None once the corpus is complete: its manifest and every shard file the manifest names. Otherwise what is
+    missing. The parts of the corpus arrive one device call at a time, and the part that holds the manifest
+    need not be the last (a training started on the manifest alone failed on a shard still to come)."""
+    from ssm_jax.data.token_shards import read_manifest  # checks the manifest and that each shard it names exists
+
+    try:
+        read_manifest(corpus_dir)
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
 def run_name(size: str, train_len: int, tag: str = "") -> str:
     return f"{size}_T{train_len}" + (f"_{tag}" if tag else "")
 
@@ -449,9 +462,9 @@ def daemon(
 
     corpus_dir = os.path.join(study, "corpus")
     waited = time.time()
-    while not os.path.isfile(os.path.join(corpus_dir, "manifest.json")):
+    while (missing := corpus_missing(corpus_dir)) is not None:
         if time.time() - waited > wait_for_corpus_s:
-            raise RuntimeError(f"{corpus_dir}/manifest.json did not arrive within {wait_for_corpus_s:.0f}s")
+            raise RuntimeError(f"{corpus_dir}: the study corpus is incomplete after {wait_for_corpus_s:.0f}s ({missing})")
         time.sleep(2)
     trains = []
     for run in plan.runs:

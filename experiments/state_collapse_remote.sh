@@ -26,9 +26,19 @@ status() {
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 }
 
+# Each part is unpacked beside .study/ and its files renamed into place (atomic on one filesystem), manifests
+# last, so the daemon, which waits for a manifest and every shard it names, never sees a half-written shard.
 unpack() {
   mkdir -p .study
-  for p in "$1"/part*.tar.xz; do tar -xJf "$p" -C .study; echo "unpacked $p"; done
+  for p in "$1"/part*.tar.xz; do
+    rm -rf .study.stage && mkdir -p .study.stage
+    tar -xJf "$p" -C .study.stage
+    (cd .study.stage && find . -type d -exec mkdir -p ../.study/{} \; \
+      && find . -type f ! -name manifest.json -exec mv {} ../.study/{} \; \
+      && find . -type f -name manifest.json -exec mv {} ../.study/{} \;)
+    rm -rf .study.stage
+    echo "unpacked $p"
+  done
   du -sh .study/* || true
 }
 

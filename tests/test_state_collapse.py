@@ -186,3 +186,46 @@ def test_a_prompt_longer_than_the_held_out_groups_is_refused_before_loading(tmp_
     data = HeldOutData(corpus="tokens", tokens_dir=str(tmp_path / "corpus"))
     with pytest.raises(ValueError, match=rf"config.loss.length=.*needs {shortest + 1} tokens.*at most {shortest - 1}"):
         validate_for_model(config, 64, data, get_tokenizer("neox"))
+
+
+def test_the_corpus_counts_as_arrived_only_with_every_shard_its_manifest_names(tmp_path):
+    """The daemon waits for the corpus this way: a manifest alone (its part unpacked before a shard's part) is
+    not enough, and what is missing is named."""
+    corpus = tmp_path / "corpus"
+    _grouped_corpus(str(corpus))
+    assert state_collapse.corpus_missing(str(corpus)) is None
+    shard = sorted(corpus.glob("train-*"))[-1]
+    shard.rename(tmp_path / shard.name)
+    assert shard.name in state_collapse.corpus_missing(str(corpus))
+    assert "manifest" in state_collapse.corpus_missing(str(tmp_path / "nothing_here"))
+
+
+def test_the_remote_script_unpacks_parts_into_place_through_a_staging_directory(tmp_path):
+    """``state_collapse_remote.sh part DIR``: every part's files end up under .study/ (shards of two parts in
+    one directory), through a staging directory that is gone afterwards."""
+    corpus = tmp_path / "built" / "corpus"
+    _grouped_corpus(str(corpus))
+    files = sorted(p.name for p in corpus.iterdir())
+    parts = tmp_path / "repo" / "parts"
+    parts.mkdir(parents=True)
+    for i, names in enumerate((files[: len(files) // 2], files[len(files) // 2 :])):
+        with tarfile.open(parts / f"part{i}.tar.xz", "w:xz") as tar:
+            for name in names:
+                tar.add(corpus / name, arcname=f"corpus/{name}")
+    (tmp_path / "repo" / "experiments").mkdir()
+    shutil.copy(os.path.join(ROOT, "experiments", "state_collapse_remote.sh"), tmp_path / "repo" / "experiments")
+    (tmp_path / "repo" / "runs" / "state_collapse").mkdir(parents=True)
+    (tmp_path / "repo" / "runs" / "state_collapse" / "daemon.log").write_text("waiting for the corpus\n")
+    done = subprocess.run(
+        ["bash", str(tmp_path / "repo" / "experiments" / "state_collapse_remote.sh"), "part", "parts"],
+        cwd=tmp_path / "repo",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    study = tmp_path / "repo" / ".study" / "corpus"
+    assert sorted(p.name for p in study.iterdir()) == files
+    assert all((study / f).read_bytes() == (corpus / f).read_bytes() for f in files)
+    assert not (tmp_path / "repo" / ".study.stage").exists()
+    assert state_collapse.corpus_missing(str(study)) is None
