@@ -116,20 +116,33 @@ def main() -> None:
         print(json.dumps(measure(args.child, args, args.started)))
         return
     batches = [int(b) for b in args.batches.split(",")]
+    results = []
+    summary = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("child", "started", "out")},
+        "results": results,
+        "complete": False,  # true once every batch size is in: a run cut short keeps the batches it finished
+        "command": "python benchmarks/decode_bench.py " + " ".join(sys.argv[1:]),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = args.cache_dir or os.path.join(tmp, "jax_cache")
-        results = [run_batch(b, args, cache_dir) for b in batches]
-    summary = {"config": {k: v for k, v in vars(args).items() if k not in ("child", "started", "out")}, "results": results}
+        for b in batches:
+            results.append(run_batch(b, args, cache_dir))
+            _write(args.out, summary)
+    summary["complete"] = True
+    _write(args.out, summary)
     print("| batch | first token, cold (s) | first token, cached (s) | ms/token |\n|---|---|---|---|")
     for r in results:
         print(
             f"| {r['batch']} | {r['cold']['time_to_first_token_s']:.1f} | {r['cached']['time_to_first_token_s']:.1f} | "
             f"{r['cached']['ms_per_token']:.3f} |"
         )
-    if args.out:
+
+
+def _write(out: str | None, summary: dict) -> None:
+    if out:
         from ssm_jax.io import write_json
 
-        write_json(args.out, summary)
+        write_json(out, summary)
 
 
 if __name__ == "__main__":

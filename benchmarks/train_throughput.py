@@ -46,6 +46,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ssm_jax.io import write_json  # noqa: E402
+
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v4": 275.0, "TPU v6": 918.0}
 
 
@@ -217,15 +219,10 @@ def run(args) -> dict:
 
 
 def write(result: dict, out: str) -> None:
-    """Writes ``result`` to ``out`` (nothing when ``out`` is empty) through a temporary file, so a kill
-    mid-write leaves the previous version."""
-    if not out:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, out)
+    """Writes ``result`` to ``out`` atomically (a kill mid-write leaves the previous version); nothing when
+    ``out`` is empty."""
+    if out:
+        write_json(out, result)
 
 
 def _policy_row(cfg, impl: str, seq_len: int, args, peak, matmul) -> dict:
