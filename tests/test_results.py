@@ -398,6 +398,7 @@ def test_state_collapse_fourth_session_claims(sc_summary, flat):
     assert f"between {min(r16s):.3f} and {max(r16s):.3f} at 16x T_train" in flat
     assert f"{min(growth):.1f}x to {max(growth):.1f}x its level within T_train" in flat
     assert min(r1s) > 0.98 and sum(r > 0.95 for r in r16s) >= 6  # "above 0.99 ... 0.95-0.99 at 16x over most of training"
+    assert f"ours keeps about {np.median(r16s):.2f} at 4K over most of training" in flat
     assert all(h["states"]["retention_1x"]["heads_above_0.5"] == 3 for h in hist) and "3 of 288 keep more than half" in flat
     assert all(h["states"]["retention_1x"]["median"] < 1e-6 for h in hist)
     # no collapse: the ratio over training on 16 prompts, and at the end on 32
