@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 import pathlib
-import tarfile
 
 import numpy as np
 import pytest
 
+import debian_packages
 from ssm_jax.data import linux_corpus as lc
 from ssm_jax.data.token_shards import TokenCorpus
 from ssm_jax.data.tokenization import get_tokenizer
@@ -46,33 +45,12 @@ def _tree() -> dict[str, bytes]:
     return {k: (v if isinstance(v, bytes) else v.encode()) for k, v in files.items()}
 
 
-def _tar_xz(files: dict[str, bytes], prefix: str) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
-        for path, data in sorted(files.items()):
-            info = tarfile.TarInfo(f"{prefix}/{path}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def _deb(inner: bytes) -> bytes:
-    """A Debian package (ar archive) whose data.tar.xz holds usr/src/linux-source-6.1.tar.xz."""
-    data = _tar_xz({"usr/src/linux-source-6.1.tar.xz": inner}, ".")
-    out = bytearray(b"!<arch>\n")
-    for name, payload in (("debian-binary", b"2.0\n"), ("control.tar.xz", _tar_xz({"control": b"x"}, ".")), ("data.tar.xz", data)):
-        header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(payload):<10}`\n".encode()
-        assert len(header) == 60
-        out += header + payload + (b"\n" if len(payload) % 2 else b"")
-    return bytes(out)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("linux")
     files = _tree()
     deb = tmp / "linux-source-6.1_test_all.deb"
-    deb.write_bytes(_deb(_tar_xz(files, "linux-source-6.1")))
+    deb.write_bytes(debian_packages.deb({"usr/src/linux-source-6.1.tar.xz": debian_packages.tar_xz(files, "linux-source-6.1")}))
     manifest = lc.build_corpus(deb, tmp / "corpus", num_heldout_units=2, seed=0, unit_min_bytes=2_000, unit_max_bytes=6_000, tokens_per_shard=3_000)
     return files, tmp / "corpus", manifest
 

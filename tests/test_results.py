@@ -484,3 +484,18 @@ def test_readme_results_paragraph(sc_summary):
     assert f"keeps {r1:.3f} of the first token at `T_train` and {r16:.3f} at 16x" in readme
     assert f"does not collapse (ratio {big['final']['documents/none']['max_ratio']:.2f})" in readme
     assert not big["final"]["documents/none"]["collapsed"]
+
+
+def test_rfc_corpus_record(flat):
+    """The prose corpus RESULTS.md names, from the manifest its builder wrote (``python -m ssm_jax.data.rfc_corpus
+    --download``; copied from the corpus directory)."""
+    with open(os.path.join(SC_DIR, "corpus_manifest_rfc.json")) as f:
+        manifest = json.load(f)
+    src = manifest["source"]
+    assert src["packages"][0].startswith("doc-rfc-") and len(src["input_sha256"]) == len(src["packages"]) == 8
+    splits = manifest["splits"]
+    documents = sum(s["documents"] for s in splits.values())
+    tokens = sum(s["tokens"] for s in splits.values())
+    assert documents == src["file_counts"]["kept"] and f"({documents:,} documents, about {tokens / 1e6:.0f}M tokens" in flat
+    assert round(268_435_456 / splits["train"]["tokens"]) == 3 and "would read it about three times" in flat
+    assert len(manifest["groups"]["validation"]) == 32 and min(g["tokens"] for g in manifest["groups"]["validation"]) >= 262_144
