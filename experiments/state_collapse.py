@@ -76,11 +76,12 @@ class Plan:
 # 47m model's predicted T_forget (about 4,000 tokens by the paper's fit with the conv state counted:
 # experiments/state_collapse_report.py) from both sides, T_train 256 (189M tokens) and 4,096; the third trained
 # 47m at 256 again on twice the tokens, and 85m at 256 (113M tokens at its evaluated checkpoint), which grew a head
-# that does not forget within 16 T_train without collapsing. None collapsed. This plan follows that head: 85m at
-# T_train 256 alone on the GPU for 4,096 steps (268M tokens, 0.94 of one pass over the whole training split, so no
-# token is seen twice: about 12 minutes at 407K tokens/s, leaving the lease time for the evaluations and, should it
-# collapse, the mitigations), every checkpoint evaluated as it appears.
-STUDY = Plan(runs=(Run("85m", 256, 4096, "long"),), lr=4e-3, memory_fraction=(("train", "0.62"), ("eval", "0.3")))
+# that does not forget within 16 T_train without collapsing. The fourth trained 85m at T_train 256 alone for 4,096
+# steps (268M tokens): the head was there from the first checkpoint, and still no collapse. This plan asks whether
+# code is the reason: both sizes at T_train 256 on the RFC prose corpus (ssm_jax.data.rfc_corpus; prepared with
+# `prepare --corpus data/rfc --train_tokens 82000000 --group_tokens 262144`: its whole training split and 32
+# prompts of 262,144 tokens), 2,560 steps each (168M tokens, two passes), side by side, every checkpoint evaluated.
+STUDY = Plan(runs=(Run("85m", 256, 2560, "rfc"), Run("47m", 256, 2560, "rfc")), lr=4e-3, memory_fraction=(("train", "0.36"), ("eval", "0.22")))
 # The same driver end to end on a CPU in a few minutes (tests/test_state_collapse.py).
 SMOKE = Plan(
     runs=(Run("tiny", 128, 16),),
@@ -132,11 +133,14 @@ def run_name(size: str, train_len: int, tag: str = "") -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def prepare(corpus: str, out: str, train_tokens: int = STUDY_TRAIN_TOKENS) -> List[str]:
+def prepare(
+    corpus: str, out: str, train_tokens: int = STUDY_TRAIN_TOKENS, group_tokens: int = STUDY_GROUP_TOKENS, num_groups: int = STUDY_GROUPS
+) -> List[str]:
     """Writes the study's corpus subset (whole training documents from the start of the split until
-    ``train_tokens``) and the learning-rate check's under ``out`` and packs both into ``out/part<i>.tar.xz``
-    files of about :data:`PART_BYTES` each (the study's manifest in the last part, so the study corpus is
-    complete only when every part is there). Returns the part paths."""
+    ``train_tokens``, and ``num_groups`` held-out groups of ``group_tokens``: 64x the longest T_train the
+    prompts serve) and the learning-rate check's (no larger than the study's) under ``out`` and packs both
+    into ``out/part<i>.tar.xz`` files of about :data:`PART_BYTES` each (the study's manifest in the last
+    part). Returns the part paths."""
     from ssm_jax.data.token_shards import MANIFEST, write_subset
 
     study, lr = os.path.join(out, "corpus"), os.path.join(out, "lr_corpus")
@@ -144,8 +148,11 @@ def prepare(corpus: str, out: str, train_tokens: int = STUDY_TRAIN_TOKENS) -> Li
         if os.path.exists(path):
             raise FileExistsError(f"{path} exists; remove {out} to prepare again")
     # Uncompressed records: xz over whole shards packs tokens about twice as tightly as zstd per record.
-    write_subset(corpus, study, train_tokens=train_tokens, group_tokens=STUDY_GROUP_TOKENS, num_groups=STUDY_GROUPS, compression="uncompressed")
-    write_subset(corpus, lr, train_tokens=LR_TRAIN_TOKENS, group_tokens=LR_GROUP_TOKENS, num_groups=LR_GROUPS, compression="uncompressed")
+    write_subset(corpus, study, train_tokens=train_tokens, group_tokens=group_tokens, num_groups=num_groups, compression="uncompressed")
+    lr_sizes = dict(
+        train_tokens=min(LR_TRAIN_TOKENS, train_tokens), group_tokens=min(LR_GROUP_TOKENS, group_tokens), num_groups=min(LR_GROUPS, num_groups)
+    )
+    write_subset(corpus, lr, **lr_sizes, compression="uncompressed")
     files = [os.path.join("lr_corpus", f) for f in sorted(os.listdir(lr))]
     shards = sorted(f for f in os.listdir(study) if f != MANIFEST)
     shards.sort(key=lambda f: not f.startswith("validation"))  # held-out prompts first
@@ -570,6 +577,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument(
         "--train_tokens", type=int, default=STUDY_TRAIN_TOKENS, help="training tokens of the subset (whole documents from the start of the split)"
     )
+    p.add_argument("--group_tokens", type=int, default=STUDY_GROUP_TOKENS, help="tokens of each held-out prompt: 64x the longest T_train")
+    p.add_argument("--num_groups", type=int, default=STUDY_GROUPS, help="held-out prompts")
     p = sub.add_parser("daemon", help="run the learning-rate check, the runs and their evaluations")
     p.add_argument("--study", required=True, help="the unpacked output of prepare")
     p.add_argument("--root", required=True)
@@ -592,7 +601,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--markdown", default=os.path.join(ROOT, "docs", "RESULTS.md"))
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        prepare(args.corpus, args.out, args.train_tokens)
+        prepare(args.corpus, args.out, args.train_tokens, args.group_tokens, args.num_groups)
     elif args.command == "daemon":
         daemon(
             args.study,

@@ -229,3 +229,17 @@ def test_the_remote_script_unpacks_parts_into_place_through_a_staging_directory(
     assert all((study / f).read_bytes() == (corpus / f).read_bytes() for f in files)
     assert not (tmp_path / "repo" / ".study.stage").exists()
     assert state_collapse.corpus_missing(str(study)) is None
+
+
+def test_prepare_writes_the_subsets_and_packs_them_manifest_last(tmp_path):
+    """``prepare`` on a small corpus: the study subset (its training prefix and held-out groups of the asked size)
+    and the learning-rate subset (never larger), packed into parts whose last holds the study's manifest."""
+    _grouped_corpus(str(tmp_path / "full"))
+    parts = state_collapse.prepare(str(tmp_path / "full"), str(tmp_path / "out"), train_tokens=60_000, group_tokens=20_000, num_groups=2)
+    members = [tarfile.open(p).getnames() for p in parts]
+    assert members[-1][-1] == "corpus/manifest.json" and not any("corpus/manifest.json" in m for m in members[:-1])
+    study = TokenCorpus(tmp_path / "out" / "corpus")
+    assert study.manifest["splits"]["train"]["tokens"] >= 60_000 and len(study.groups("validation")) == 2
+    assert all(sum(d.tokens.size for d in docs) >= 20_000 for _, docs in study.groups("validation"))
+    lr = TokenCorpus(tmp_path / "out" / "lr_corpus")
+    assert lr.manifest["splits"]["train"]["tokens"] <= study.manifest["splits"]["train"]["tokens"]
