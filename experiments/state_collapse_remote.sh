@@ -2,7 +2,7 @@
 # The state-collapse study on a remote GPU machine, one step per call of the machine (each call is at most
 # 10 minutes; the machine and its files persist between back-to-back calls):
 #
-#   start PART_DIR BUDGET_S [EVAL_RESERVE_S]
+#   start PART_DIR BUDGET_S [EVAL_RESERVE_S]  (PART_DIR may hold no part: a first call with only the wheels)
 #                             install the carried wheels (.whl/), unpack PART_DIR/part*.tar.xz into .study/,
 #                             check the GPU stack, start `experiments/state_collapse.py daemon` in its own
 #                             session (it outlives the call) with BUDGET_S seconds for everything, training
@@ -30,6 +30,7 @@ status() {
 # last, so the daemon, which waits for a manifest and every shard it names, never sees a half-written shard.
 unpack() {
   mkdir -p .study
+  shopt -s nullglob  # a directory without parts is fine: the first call may carry only the wheels
   for p in "$1"/part*.tar.xz; do
     rm -rf .study.stage && mkdir -p .study.stage
     tar -xJf "$p" -C .study.stage

@@ -229,6 +229,11 @@ def test_the_remote_script_unpacks_parts_into_place_through_a_staging_directory(
     assert all((study / f).read_bytes() == (corpus / f).read_bytes() for f in files)
     assert not (tmp_path / "repo" / ".study.stage").exists()
     assert state_collapse.corpus_missing(str(study)) is None
+    (tmp_path / "repo" / "none").mkdir()  # a call that carries no part (only wheels) unpacks nothing
+    done = subprocess.run(
+        ["bash", "experiments/state_collapse_remote.sh", "part", "none"], cwd=tmp_path / "repo", capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and sorted(p.name for p in study.iterdir()) == files, done.stderr
 
 
 def test_prepare_writes_the_subsets_and_packs_them_manifest_last(tmp_path):
