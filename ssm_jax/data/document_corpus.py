@@ -16,19 +16,21 @@ and a ``manifest.json`` that records the builder's ``source`` record, the split 
 
 from __future__ import annotations
 
+import argparse
 import collections
 import hashlib
 import io
 import os
 import pathlib
-from typing import Any, Iterator
+import tempfile
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from ssm_jax.data.token_shards import TokenShardWriter, read_manifest, write_manifest
 from ssm_jax.data.tokenization import get_tokenizer
 
-__all__ = ["read_deb_data_member", "sha256_file", "heldout_units", "write_corpus"]
+__all__ = ["read_deb_data_member", "sha256_file", "heldout_units", "refuse_existing", "write_corpus", "builder_main"]
 
 
 def read_deb_data_member(deb: str | os.PathLike[str]) -> bytes:
@@ -53,6 +55,12 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: f.read(2**20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def refuse_existing(out: str | os.PathLike[str]) -> None:
+    """FileExistsError when ``out`` already holds a corpus (builders call it before minutes of reading)."""
+    if (pathlib.Path(out) / "manifest.json").exists():
+        raise FileExistsError(f"{pathlib.Path(out) / 'manifest.json'} exists; remove {os.fspath(out)} to rebuild")
 
 
 def _hash_key(seed: int, name: str) -> bytes:
@@ -122,9 +130,8 @@ def write_corpus(
 ) -> dict:
     """Splits ``{path: text}`` (module docstring), tokenizes it with GPT-NeoX and writes the corpus under ``out``
     with ``source`` (plus the split settings) as the manifest's source record; returns the checked manifest."""
+    refuse_existing(out)
     out = pathlib.Path(out)
-    if (out / "manifest.json").exists():
-        raise FileExistsError(f"{out / 'manifest.json'} exists; remove {out} to rebuild")
     sizes = {p: len(t.encode("utf-8")) for p, t in texts.items()}
     units = heldout_units(sizes, num_units=num_heldout_units, seed=seed, min_bytes=unit_min_bytes, max_bytes=unit_max_bytes)
     unit_set = set(units)
@@ -159,3 +166,32 @@ def write_corpus(
     tok = {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
     write_manifest(out, tokenizer=tok, token_dtype="uint16", splits=splits, source=record, groups={"validation": groups})
     return read_manifest(out)
+
+
+def builder_main(
+    argv: list[str] | None,
+    *,
+    doc: str,
+    source_help: str,
+    download_help: str,
+    download: Callable[[pathlib.Path], str | os.PathLike[str]],
+    build: Callable[..., dict],
+    num_heldout_units: int,
+    download_prefix: str,
+) -> None:
+    """The command line every builder shares: ``--out`` and exactly one of ``--source`` and ``--download``
+    (``download(directory)`` fetches the source into a new temporary directory and returns it), then
+    ``build(source, out, num_heldout_units=, seed=)`` and a line per split."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output corpus directory")
+    parser.add_argument("--source", help=source_help)
+    parser.add_argument("--download", action="store_true", help=download_help)
+    parser.add_argument("--num_heldout_units", type=int, default=num_heldout_units)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if bool(args.source) == bool(args.download):
+        parser.error("give exactly one of --source and --download")
+    source = args.source or download(pathlib.Path(tempfile.mkdtemp(prefix=download_prefix)))
+    manifest = build(source, args.out, num_heldout_units=args.num_heldout_units, seed=args.seed)
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens, {len(info['shards'])} shards")

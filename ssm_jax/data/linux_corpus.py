@@ -39,7 +39,6 @@ Output: a :mod:`ssm_jax.data.token_shards` corpus (uint16 token ids in ArrayReco
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import io
@@ -49,12 +48,11 @@ import re
 import subprocess
 import sys
 import tarfile
-import tempfile
 from typing import Iterator
 
 
 from ssm_jax.data import document_corpus
-from ssm_jax.data.document_corpus import read_deb_data_member, sha256_file, write_corpus
+from ssm_jax.data.document_corpus import builder_main, read_deb_data_member, refuse_existing, sha256_file, write_corpus
 
 __all__ = [
     "PACKAGE",
@@ -201,9 +199,7 @@ def build_corpus(
     tokens_per_shard: int = 16 * 2**20,
 ) -> dict:
     """Builds the token corpus of ``source`` (see the module docstring) under ``out``; returns the manifest."""
-    out = pathlib.Path(out)
-    if (out / "manifest.json").exists():
-        raise FileExistsError(f"{out / 'manifest.json'} exists; remove {out} to rebuild")
+    refuse_existing(out)  # before minutes of reading
     source_path = pathlib.Path(source)
     print(f"reading {source_path} ...", file=sys.stderr)
     texts, counts = select_files(iter_source_files(source_path))
@@ -263,21 +259,16 @@ def _download(directory: pathlib.Path) -> pathlib.Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output corpus directory")
-    parser.add_argument("--source", help="a .deb, linux-source-*.tar.xz or unpacked tree")
-    parser.add_argument("--download", action="store_true", help=f"apt-get download {PACKAGE}={VERSION} first")
-    parser.add_argument("--num_heldout_units", type=int, default=NUM_HELDOUT_UNITS)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if bool(args.source) == bool(args.download):
-        parser.error("give exactly one of --source and --download")
-    source = args.source
-    if args.download:
-        source = _download(pathlib.Path(tempfile.mkdtemp(prefix="linux-source-")))
-    manifest = build_corpus(source, args.out, num_heldout_units=args.num_heldout_units, seed=args.seed)
-    for split, info in manifest["splits"].items():
-        print(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens, {len(info['shards'])} shards")
+    builder_main(
+        argv,
+        doc=__doc__,
+        source_help="a .deb, linux-source-*.tar.xz or unpacked tree",
+        download_help=f"apt-get download {PACKAGE}={VERSION} first",
+        download=_download,
+        build=build_corpus,
+        num_heldout_units=NUM_HELDOUT_UNITS,
+        download_prefix="linux-source-",
+    )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ of one period and area); whole blocks are held out for evaluation.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gzip
 import hashlib
@@ -43,10 +42,9 @@ import re
 import subprocess
 import sys
 import tarfile
-import tempfile
 from typing import Iterator
 
-from ssm_jax.data.document_corpus import read_deb_data_member, sha256_file, write_corpus
+from ssm_jax.data.document_corpus import builder_main, read_deb_data_member, refuse_existing, sha256_file, write_corpus
 
 __all__ = ["PACKAGES", "VERSION", "RfcText", "iter_rfc_texts", "clean_rfc", "select_rfcs", "build_corpus", "private_apt_config", "main"]
 
@@ -165,8 +163,7 @@ def build_corpus(
     tokens_per_shard: int = 16 * 2**20,
 ) -> dict:
     """Builds the token corpus of ``source`` (see the module docstring) under ``out``; returns the manifest."""
-    if (pathlib.Path(out) / "manifest.json").exists():
-        raise FileExistsError(f"{pathlib.Path(out) / 'manifest.json'} exists; remove {out} to rebuild")  # before minutes of reading
+    refuse_existing(out)  # before minutes of reading
     source_path = pathlib.Path(source)
     print(f"reading {source_path} ...", file=sys.stderr)
     texts, counts = select_rfcs(iter_rfc_texts(source_path))
@@ -240,19 +237,16 @@ def _download(directory: pathlib.Path) -> pathlib.Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output corpus directory")
-    parser.add_argument("--source", help="the directory of the doc-rfc-*.deb files, or an unpacked tree")
-    parser.add_argument("--download", action="store_true", help=f"apt-get download the {len(PACKAGES)} doc-rfc packages ({VERSION}) first")
-    parser.add_argument("--num_heldout_units", type=int, default=NUM_HELDOUT_UNITS)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if bool(args.source) == bool(args.download):
-        parser.error("give exactly one of --source and --download")
-    source = args.source or _download(pathlib.Path(tempfile.mkdtemp(prefix="doc-rfc-")))
-    manifest = build_corpus(source, args.out, num_heldout_units=args.num_heldout_units, seed=args.seed)
-    for split, info in manifest["splits"].items():
-        print(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens, {len(info['shards'])} shards")
+    builder_main(
+        argv,
+        doc=__doc__,
+        source_help="the directory of the doc-rfc-*.deb files, or an unpacked tree",
+        download_help=f"apt-get download the {len(PACKAGES)} doc-rfc packages ({VERSION}) first",
+        download=_download,
+        build=build_corpus,
+        num_heldout_units=NUM_HELDOUT_UNITS,
+        download_prefix="doc-rfc-",
+    )
 
 
 if __name__ == "__main__":
