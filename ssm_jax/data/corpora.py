@@ -78,7 +78,7 @@ def strip_gutenberg_boilerplate(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     starts = list(_GUTENBERG_START.finditer(text))
     if starts:
-        text = text[starts[-1].end():]
+        text = text[starts[-1].end() :]
     end = _GUTENBERG_END.search(text)
     if end:
         text = text[: end.start()]
@@ -150,9 +150,7 @@ def _split_key(doc_id: str, seed: int) -> bytes:
     return hashlib.sha256(f"{seed}\x00{doc_id}".encode("utf-8")).digest()
 
 
-def split_documents(
-    docs: Sequence[Document], validation_fraction: float, seed: int = 0
-) -> tuple[list[Document], list[Document]]:
+def split_documents(docs: Sequence[Document], validation_fraction: float, seed: int = 0) -> tuple[list[Document], list[Document]]:
     """Splits documents into (train, validation) by whole document, deterministically.
 
     Documents are ranked by a seeded hash of their ``doc_id`` and the first
@@ -169,9 +167,7 @@ def split_documents(
     if validation_fraction > 0:
         n_val = max(1, n_val)
     if n_val >= len(docs) and validation_fraction > 0:
-        raise ValueError(
-            f"validation_fraction={validation_fraction} of {len(docs)} documents leaves no training document"
-        )
+        raise ValueError(f"validation_fraction={validation_fraction} of {len(docs)} documents leaves no training document")
     ranked = sorted(range(len(docs)), key=lambda i: _split_key(ids[i], seed))
     val_idx = set(ranked[:n_val])
     train = [d for i, d in enumerate(docs) if i not in val_idx]
@@ -191,8 +187,7 @@ def unigram_entropy_bits(docs: Iterable[Document], tokenizer: Tokenizer, *, incl
     return unigram_entropy_bits_of_tokens(ids, tokenizer.vocab_size, tokenizer.eos_id if include_eos else None)
 
 
-def unigram_entropy_bits_of_tokens(doc_tokens: Iterable[np.ndarray], vocab_size: int,
-                                   eos_id: int | None = None) -> float:
+def unigram_entropy_bits_of_tokens(doc_tokens: Iterable[np.ndarray], vocab_size: int, eos_id: int | None = None) -> float:
     """:func:`unigram_entropy_bits` of already tokenised documents; ``eos_id`` (if given) is counted once per
     document, as the pipelines append it."""
     counts = np.zeros(vocab_size, dtype=np.int64)

@@ -166,10 +166,7 @@ def make_passkey_example(
 
     minimum = len(ids(0))
     if context_tokens < minimum:
-        raise ValueError(
-            f"context_tokens={context_tokens} is below the shortest passkey prompt ({minimum} tokens "
-            f"for this tokenizer)"
-        )
+        raise ValueError(f"context_tokens={context_tokens} is below the shortest passkey prompt ({minimum} tokens for this tokenizer)")
     per_sentence = len(tokenizer.encode(" " + " ".join(FILLER_SENTENCES))) / len(FILLER_SENTENCES)
     guess = int((context_tokens - minimum) / per_sentence)
     n = _largest_fitting(lambda m: len(ids(m)) <= context_tokens, guess)
@@ -187,9 +184,7 @@ def _answer_ids(tokenizer: Tokenizer, passkey: str) -> np.ndarray:
     return np.asarray(tokenizer.encode(" " + passkey), dtype=np.int32)
 
 
-def make_passkey_training_example(
-    tokenizer: Tokenizer, *, seq_len: int, context_tokens: int, depth: float, passkey: str
-) -> dict[str, np.ndarray]:
+def make_passkey_training_example(tokenizer: Tokenizer, *, seq_len: int, context_tokens: int, depth: float, passkey: str) -> dict[str, np.ndarray]:
     """A fine-tuning example: the prompt followed by the answer " {passkey}", padded with EOS.
 
     Returns the batch-row dict of the pipelines (``inputs``, ``targets``, ``segment_ids``,
@@ -199,12 +194,8 @@ def make_passkey_training_example(
     """
     answer = _answer_ids(tokenizer, passkey)
     if context_tokens + len(answer) > seq_len + 1:
-        raise ValueError(
-            f"context_tokens={context_tokens} plus {len(answer)} answer tokens exceed seq_len+1={seq_len + 1}"
-        )
-    example = make_passkey_example(
-        tokenizer, context_tokens, depth, np.random.default_rng(0), passkey=passkey
-    )
+        raise ValueError(f"context_tokens={context_tokens} plus {len(answer)} answer tokens exceed seq_len+1={seq_len + 1}")
+    example = make_passkey_example(tokenizer, context_tokens, depth, np.random.default_rng(0), passkey=passkey)
     prompt_len = len(example.prompt_ids)
     sequence = np.full((seq_len + 1,), tokenizer.eos_id, dtype=np.int32)
     sequence[:prompt_len] = example.prompt_ids
@@ -226,8 +217,14 @@ class _PasskeySource:
     """Element ``i``: a training example drawn with ``np.random.default_rng([seed, i])``."""
 
     def __init__(
-        self, tokenizer: Tokenizer, *, seq_len: int, seed: int, min_context_tokens: int,
-        max_context_tokens: int, num_examples: int | None,
+        self,
+        tokenizer: Tokenizer,
+        *,
+        seq_len: int,
+        seed: int,
+        min_context_tokens: int,
+        max_context_tokens: int,
+        num_examples: int | None,
     ) -> None:
         self._tokenizer = tokenizer
         self._seq_len = seq_len
@@ -250,15 +247,10 @@ class _PasskeySource:
         low = max(self._min, shortest)
         high = min(self._max, self._seq_len + 1 - answer_len)
         if high < low:
-            raise ValueError(
-                f"seq_len={self._seq_len} cannot hold a passkey prompt of >= {low} tokens plus "
-                f"{answer_len} answer tokens"
-            )
+            raise ValueError(f"seq_len={self._seq_len} cannot hold a passkey prompt of >= {low} tokens plus {answer_len} answer tokens")
         context_tokens = int(rng.integers(low, high + 1))
         depth = float(rng.uniform(0.0, 1.0))
-        return make_passkey_training_example(
-            self._tokenizer, seq_len=self._seq_len, context_tokens=context_tokens, depth=depth, passkey=passkey
-        )
+        return make_passkey_training_example(self._tokenizer, seq_len=self._seq_len, context_tokens=context_tokens, depth=depth, passkey=passkey)
 
 
 def make_passkey_map_dataset(
@@ -281,23 +273,20 @@ def make_passkey_map_dataset(
     not depend on sharding or on iteration order. ``num_examples=None`` gives an endless dataset.
     Shard ``s`` of ``shard_count`` reads examples ``s, s + shard_count, ...``.
     """
-    validate_common_args(
-        seq_len=seq_len, batch_size=batch_size, shard_index=shard_index, shard_count=shard_count, num_epochs=None
-    )
+    validate_common_args(seq_len=seq_len, batch_size=batch_size, shard_index=shard_index, shard_count=shard_count, num_epochs=None)
     if max_context_tokens is None:
         max_context_tokens = seq_len + 1
     if min_context_tokens < 0 or max_context_tokens < min_context_tokens:
-        raise ValueError(
-            f"need 0 <= min_context_tokens <= max_context_tokens; got {min_context_tokens}, {max_context_tokens}"
-        )
+        raise ValueError(f"need 0 <= min_context_tokens <= max_context_tokens; got {min_context_tokens}, {max_context_tokens}")
     if num_examples is not None and num_examples // shard_count < batch_size:
-        raise ValueError(
-            f"num_examples={num_examples} gives fewer than batch_size={batch_size} examples per shard "
-            f"(shard_count={shard_count})"
-        )
+        raise ValueError(f"num_examples={num_examples} gives fewer than batch_size={batch_size} examples per shard (shard_count={shard_count})")
     source = _PasskeySource(
-        tokenizer, seq_len=seq_len, seed=seed, min_context_tokens=min_context_tokens,
-        max_context_tokens=max_context_tokens, num_examples=num_examples,
+        tokenizer,
+        seq_len=seq_len,
+        seed=seed,
+        min_context_tokens=min_context_tokens,
+        max_context_tokens=max_context_tokens,
+        num_examples=num_examples,
     )
     source[0]  # Fails early, with a clear message, if seq_len cannot hold any example.
     per_shard = len(source) // shard_count
@@ -321,8 +310,14 @@ def make_passkey_dataset(
 ) -> grain.IterDataset:
     """:func:`make_passkey_map_dataset` as a resumable ``grain.IterDataset`` of dict batches."""
     ds = make_passkey_map_dataset(
-        tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed, min_context_tokens=min_context_tokens,
-        max_context_tokens=max_context_tokens, num_examples=num_examples, shard_index=shard_index,
+        tokenizer,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        min_context_tokens=min_context_tokens,
+        max_context_tokens=max_context_tokens,
+        num_examples=num_examples,
+        shard_index=shard_index,
         shard_count=shard_count,
     )
     return to_iter_dataset(ds, num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)

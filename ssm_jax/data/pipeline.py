@@ -255,9 +255,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
-def validate_common_args(
-    *, seq_len: int, batch_size: int, shard_index: int, shard_count: int, num_epochs: int | None
-) -> None:
+def validate_common_args(*, seq_len: int, batch_size: int, shard_index: int, shard_count: int, num_epochs: int | None) -> None:
     """Raises ValueError naming the first invalid argument shared by all pipeline builders."""
     _check_int("seq_len", seq_len, 1)
     _check_int("batch_size", batch_size, 1)
@@ -305,7 +303,10 @@ def make_token_map_dataset(
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of the accepted modes: {', '.join(MODES)}")
     validate_common_args(
-        seq_len=seq_len, batch_size=batch_size, shard_index=shard_index, shard_count=shard_count,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        shard_index=shard_index,
+        shard_count=shard_count,
         num_epochs=num_epochs,
     )
     doc_tokens = list(doc_tokens)
@@ -314,8 +315,15 @@ def make_token_map_dataset(
 
     if mode == "stream":
         source = _StreamSource(
-            doc_tokens, eos_id, seq_len=seq_len, batch_size=batch_size, seed=seed,
-            shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
+            doc_tokens,
+            eos_id,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            num_epochs=num_epochs,
+            shard_index=shard_index,
+            shard_count=shard_count,
         )
         return grain.MapDataset.source(source)
 
@@ -359,8 +367,16 @@ def make_dataset(
     See :func:`make_map_dataset` for the other arguments.
     """
     ds = make_map_dataset(
-        docs, tokenizer, mode=mode, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=shuffle,
-        num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
+        docs,
+        tokenizer,
+        mode=mode,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        shard_index=shard_index,
+        shard_count=shard_count,
     )
     return to_iter_dataset(ds, num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
 

@@ -91,9 +91,7 @@ class LocalTextCorpus(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version(_VERSION)
     RELEASE_NOTES = {_VERSION: "Documents from a local directory, split by a hash of doc_id."}
 
-    def __init__(
-        self, *, source_dir: str | os.PathLike[str] | None = None, validation_fraction: float = 0.05, **kwargs: Any
-    ) -> None:
+    def __init__(self, *, source_dir: str | os.PathLike[str] | None = None, validation_fraction: float = 0.05, **kwargs: Any) -> None:
         if not 0.0 <= validation_fraction < 1.0:
             raise ValueError(f"validation_fraction={validation_fraction!r} must be in [0, 1)")
         self._source_dir = source_dir

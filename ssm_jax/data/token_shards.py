@@ -107,8 +107,15 @@ class TokenShardWriter:
     returns the split's manifest entry. Use as a context manager or call :meth:`close` yourself.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], split: str, *, token_dtype: str = "uint16",
-                 tokens_per_shard: int = 16 * 2**20, compression: str = "zstd") -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        split: str,
+        *,
+        token_dtype: str = "uint16",
+        tokens_per_shard: int = 16 * 2**20,
+        compression: str = "zstd",
+    ) -> None:
         from array_record.python.array_record_module import ArrayRecordWriter
 
         if token_dtype not in TOKEN_DTYPES:
@@ -161,8 +168,7 @@ class TokenShardWriter:
             if shard["tmp"].exists():
                 os.replace(shard["tmp"], self._dir / name)
             entries.append({"file": name, "documents": shard["documents"], "tokens": shard["tokens"]})
-        return {"shards": entries, "documents": sum(e["documents"] for e in entries),
-                "tokens": sum(e["tokens"] for e in entries)}
+        return {"shards": entries, "documents": sum(e["documents"] for e in entries), "tokens": sum(e["tokens"] for e in entries)}
 
     def __enter__(self) -> "TokenShardWriter":
         return self
@@ -171,17 +177,28 @@ class TokenShardWriter:
         self.close()
 
 
-def write_manifest(directory: str | os.PathLike[str], *, tokenizer: Mapping[str, Any], token_dtype: str,
-                   splits: Mapping[str, Mapping[str, Any]], source: Mapping[str, Any],
-                   groups: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> pathlib.Path:
+def write_manifest(
+    directory: str | os.PathLike[str],
+    *,
+    tokenizer: Mapping[str, Any],
+    token_dtype: str,
+    splits: Mapping[str, Mapping[str, Any]],
+    source: Mapping[str, Any],
+    groups: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> pathlib.Path:
     """Writes ``manifest.json`` atomically; ``groups[split]`` is a list of ``{"name", "documents", "tokens"}``
     runs of consecutive documents covering the split in order."""
     for key in ("name", "vocab_size", "eos_id"):
         if key not in tokenizer:
             raise ValueError(f"tokenizer must have a {key!r} entry, got {dict(tokenizer)}")
-    manifest = {"format": FORMAT, "tokenizer": dict(tokenizer), "token_dtype": token_dtype,
-                "splits": {k: dict(v) for k, v in splits.items()}, "groups": {k: list(v) for k, v in (groups or {}).items()},
-                "source": dict(source)}
+    manifest = {
+        "format": FORMAT,
+        "tokenizer": dict(tokenizer),
+        "token_dtype": token_dtype,
+        "splits": {k: dict(v) for k, v in splits.items()},
+        "groups": {k: list(v) for k, v in (groups or {}).items()},
+        "source": dict(source),
+    }
     for split, runs in manifest["groups"].items():
         if split not in manifest["splits"]:
             raise ValueError(f"groups given for split {split!r}, which is not written")
@@ -205,8 +222,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise CorpusFormatError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CorpusFormatError(f"{path}: format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                                f"expected {FORMAT!r}")
+        raise CorpusFormatError(f"{path}: format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}")
     if manifest.get("token_dtype") not in TOKEN_DTYPES:
         raise CorpusFormatError(f"{path}: token_dtype {manifest.get('token_dtype')!r} is not one of {TOKEN_DTYPES}")
     for split, info in manifest.get("splits", {}).items():
@@ -249,8 +265,10 @@ class TokenCorpus:
         paths = [os.fspath(self.directory / s["file"]) for s in info["shards"]]
         records = grain.sources.ArrayRecordDataSource(paths) if paths else []
         if len(records) != info["documents"]:
-            raise CorpusFormatError(f"{self.directory}: split {split!r} holds {len(records)} records, the manifest "
-                                    f"says {info['documents']} (a shard is truncated or was replaced)")
+            raise CorpusFormatError(
+                f"{self.directory}: split {split!r} holds {len(records)} records, the manifest "
+                f"says {info['documents']} (a shard is truncated or was replaced)"
+            )
         return _SplitSource(records, self.token_dtype)
 
     def documents(self, split: str) -> list[TokenDocument]:
@@ -285,9 +303,16 @@ class _SplitSource:
         return decode_record(self._records[int(index)], self._dtype)
 
 
-def write_subset(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, train_tokens: int,
-                 group_tokens: int, num_groups: int, eval_split: str = "validation",
-                 compression: str = "zstd") -> dict[str, Any]:
+def write_subset(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    train_tokens: int,
+    group_tokens: int,
+    num_groups: int,
+    eval_split: str = "validation",
+    compression: str = "zstd",
+) -> dict[str, Any]:
     """Writes a smaller corpus: whole documents from the start of ``train`` until at least ``train_tokens``,
     and the first ``num_groups`` groups of ``eval_split``, each cut after the first document that brings it to
     ``group_tokens`` (whole documents; a group that is shorter is an error).
@@ -298,8 +323,7 @@ def write_subset(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, tr
     """
     corpus = TokenCorpus(src)
     if train_tokens < 1 or group_tokens < 1 or num_groups < 1:
-        raise ValueError(f"train_tokens={train_tokens}, group_tokens={group_tokens} and num_groups={num_groups} "
-                         "must all be >= 1")
+        raise ValueError(f"train_tokens={train_tokens}, group_tokens={group_tokens} and num_groups={num_groups} must all be >= 1")
     dst = pathlib.Path(dst)
     splits, groups = {}, {}
     with TokenShardWriter(dst, "train", token_dtype=corpus.token_dtype, compression=compression) as writer:
@@ -328,14 +352,17 @@ def write_subset(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, tr
                 kept += 1
                 total += doc.tokens.size + 1  # + the EOS that follows each document in a stream
             if total < group_tokens:
-                raise ValueError(f"{src}: group {name!r} of {eval_split!r} holds {total} tokens, fewer than "
-                                 f"group_tokens={group_tokens}")
+                raise ValueError(f"{src}: group {name!r} of {eval_split!r} holds {total} tokens, fewer than group_tokens={group_tokens}")
             runs.append({"name": name, "documents": kept, "tokens": total - kept})
     splits[eval_split] = writer.close()
     groups[eval_split] = runs
     source = dict(corpus.manifest["source"])
-    source["subset_of"] = {"directory": os.fspath(src), "train_tokens": train_tokens, "group_tokens": group_tokens,
-                           "num_groups": num_groups, "eval_split": eval_split}
-    write_manifest(dst, tokenizer=corpus.tokenizer, token_dtype=corpus.token_dtype, splits=splits,
-                   source=source, groups=groups)
+    source["subset_of"] = {
+        "directory": os.fspath(src),
+        "train_tokens": train_tokens,
+        "group_tokens": group_tokens,
+        "num_groups": num_groups,
+        "eval_split": eval_split,
+    }
+    write_manifest(dst, tokenizer=corpus.tokenizer, token_dtype=corpus.token_dtype, splits=splits, source=source, groups=groups)
     return read_manifest(dst)

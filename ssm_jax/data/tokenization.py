@@ -98,9 +98,7 @@ class NeoXTokenizer:
         self._tok = tokenizers.Tokenizer.from_file(str(path))
         size = self._tok.get_vocab_size(with_added_tokens=True)
         if size != NEOX_VOCAB_SIZE:
-            raise ValueError(
-                f"tokenizer file {path} has {size} ids; the GPT-NeoX-20B tokenizer has {NEOX_VOCAB_SIZE}"
-            )
+            raise ValueError(f"tokenizer file {path} has {size} ids; the GPT-NeoX-20B tokenizer has {NEOX_VOCAB_SIZE}")
         eos = self._tok.token_to_id(NEOX_EOS_TOKEN)
         if eos is None:
             raise ValueError(f"tokenizer file {path} lacks the EOS token {NEOX_EOS_TOKEN!r}")
